@@ -1,0 +1,352 @@
+"""Forward SDEs of Score SDE (Song et al., ICLR 2021): VE, VP and sub-VP, and their reverses.
+
+Each SDE object carries everything its callers need, so no caller dispatches on the SDE's class:
+  - the drift f(x, t), the diffusion g(t) and the divergence of the drift div_x f(x, t), used by the score
+    Fokker-Planck regularizer (`score_fpe.py`);
+  - how the network's time label is formed from t and how the network's output becomes a score
+    (`network_time_label`, `score_from_output`, used by `models.utils.get_score_fn`);
+  - the smallest time used for sampling and likelihoods (`sampling_eps`).
+
+Tensors may have any shape (B, ...): per-sample coefficients are broadcast over the trailing dimensions.
+"""
+
+import abc
+import math
+
+import numpy as np
+import torch
+
+import utils
+
+
+def _expand(coeff, x):
+  """Reshapes a per-sample coefficient of shape (B,) to broadcast against x of shape (B, ...)."""
+  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
+
+
+def _data_dim(x):
+  """Number of dimensions D of one sample of the batch x."""
+  return math.prod(x.shape[1:])
+
+
+def _sum_except_batch(x):
+  return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+class SDE(abc.ABC):
+  """SDE abstract class. Functions are designed for a mini-batch of inputs."""
+
+  # Smallest time used for sampling and likelihood computation (Score SDE's `sampling_eps`).
+  sampling_eps = 1e-3
+
+  def __init__(self, N):
+    """Construct an SDE.
+
+    Args:
+      N: number of discretization time steps.
+    """
+    super().__init__()
+    self.N = N
+
+  @property
+  @abc.abstractmethod
+  def T(self):
+    """End time of the SDE."""
+
+  @abc.abstractmethod
+  def drift(self, x, t):
+    """The drift f(x, t)."""
+
+  @abc.abstractmethod
+  def diffusion(self, t):
+    """The diffusion coefficient g(t), shape (B,)."""
+
+  @abc.abstractmethod
+  def drift_divergence(self, x, t):
+    """div_x f(x, t), shape (B,)."""
+
+  def sde(self, x, t):
+    """Returns (f(x, t), g(t))."""
+    return self.drift(x, t), self.diffusion(t)
+
+  @abc.abstractmethod
+  def marginal_prob(self, x, t):
+    """Parameters (mean, std) of the perturbation kernel p_t(x(t) | x(0) = x)."""
+
+  @abc.abstractmethod
+  def prior_sampling(self, shape):
+    """Generate one sample from the prior distribution, $p_T(x)$."""
+
+  @abc.abstractmethod
+  def prior_logp(self, z):
+    """Compute log-density of the prior distribution, per sample of the batch z."""
+
+  @abc.abstractmethod
+  def network_time_label(self, t, continuous):
+    """The time conditioning the network is trained with, for times t of shape (B,)."""
+
+  @abc.abstractmethod
+  def score_from_output(self, output, x, t, continuous):
+    """Turns the network's output at (x, t) into the score."""
+
+  def discretize(self, x, t):
+    """Discretize the SDE in the form: x_{i+1} = x_i + f_i(x_i) + G_i z_i.
+
+    Useful for reverse diffusion sampling and probabiliy flow sampling.
+    Defaults to Euler-Maruyama discretization.
+
+    Args:
+      x: a torch tensor
+      t: a torch float representing the time step (from 0 to `self.T`)
+
+    Returns:
+      f, G
+    """
+    dt = 1 / self.N
+    drift, diffusion = self.sde(x, t)
+    f = drift * dt
+    G = diffusion * math.sqrt(dt)
+    return f, G
+
+  def reverse(self, score_fn, probability_flow=False):
+    """Create the reverse-time SDE/ODE.
+
+    Args:
+      score_fn: A time-dependent score-based model that takes x and t and returns the score.
+      probability_flow: If `True`, create the reverse-time ODE used for probability flow sampling.
+    """
+    return ReverseSDE(self, score_fn, probability_flow)
+
+
+class ReverseSDE:
+  """The reverse-time SDE dx = [f - g^2 s] dt + g dw_bar, or with `probability_flow` the ODE
+  dx = [f - g^2 s / 2] dt (Song et al., 2021, eqs. 6 and 13)."""
+
+  def __init__(self, forward_sde, score_fn, probability_flow=False):
+    self.forward_sde = forward_sde
+    self.score_fn = score_fn
+    self.probability_flow = probability_flow
+    self.N = forward_sde.N
+
+  @property
+  def T(self):
+    return self.forward_sde.T
+
+  def _score_weight(self):
+    return 0.5 if self.probability_flow else 1.
+
+  def sde(self, x, t):
+    """Create the drift and diffusion functions for the reverse SDE/ODE."""
+    drift, diffusion = self.forward_sde.sde(x, t)
+    score = self.score_fn(x, t)
+    drift = drift - _expand(diffusion, x) ** 2 * score * self._score_weight()
+    diffusion = torch.zeros_like(diffusion) if self.probability_flow else diffusion
+    return drift, diffusion
+
+  def discretize(self, x, t):
+    """Create discretized iteration rules for the reverse diffusion sampler."""
+    f, G = self.forward_sde.discretize(x, t)
+    rev_f = f - _expand(G, x) ** 2 * self.score_fn(x, t) * self._score_weight()
+    rev_G = torch.zeros_like(G) if self.probability_flow else G
+    return rev_f, rev_G
+
+
+def _standard_normal_logp(z):
+  D = _data_dim(z)
+  return -D / 2. * math.log(2 * math.pi) - _sum_except_batch(z ** 2) / 2.
+
+
+class VPSDE(SDE):
+  """Variance preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t."""
+
+  sampling_eps = 1e-3
+
+  def __init__(self, beta_min=0.1, beta_max=20, N=1000):
+    """Construct a Variance Preserving SDE.
+
+    Args:
+      beta_min: value of beta(0)
+      beta_max: value of beta(1)
+      N: number of discretization steps
+    """
+    super().__init__(N)
+    self.beta_0 = beta_min
+    self.beta_1 = beta_max
+    self.N = N
+    self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
+    self.alphas = 1. - self.discrete_betas
+    self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+    self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+    self.sqrt_1m_alphas_cumprod = torch.sqrt(1. - self.alphas_cumprod)
+
+  @property
+  def T(self):
+    return 1
+
+  def beta(self, t):
+    return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+  def _log_mean_coeff(self, t):
+    return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+  def drift(self, x, t):
+    return -0.5 * _expand(self.beta(t), x) * x
+
+  def diffusion(self, t):
+    return torch.sqrt(self.beta(t))
+
+  def drift_divergence(self, x, t):
+    return -0.5 * self.beta(t) * _data_dim(x)
+
+  def marginal_prob(self, x, t):
+    log_mean_coeff = self._log_mean_coeff(t)
+    mean = _expand(torch.exp(log_mean_coeff), x) * x
+    std = torch.sqrt(1. - torch.exp(2. * log_mean_coeff))
+    return mean, std
+
+  def prior_sampling(self, shape):
+    return torch.randn(*shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def network_time_label(self, t, continuous):
+    # Continuously trained VP models see t scaled to [0, 999]; discrete (DDPM) ones see the step index.
+    return t * 999 if continuous else t * (self.N - 1)
+
+  def score_from_output(self, output, x, t, continuous):
+    if continuous:
+      std = self.marginal_prob(torch.zeros_like(x), t)[1]
+    else:
+      labels = self.network_time_label(t, continuous)
+      std = self.sqrt_1m_alphas_cumprod.to(labels.device)[labels.long()]
+    return -output / _expand(std, output)
+
+  def discretize(self, x, t):
+    """DDPM discretization."""
+    timestep = (t * (self.N - 1) / self.T).long()
+    beta = self.discrete_betas.to(x.device)[timestep]
+    alpha = self.alphas.to(x.device)[timestep]
+    sqrt_beta = torch.sqrt(beta)
+    f = _expand(torch.sqrt(alpha), x) * x - x
+    G = sqrt_beta
+    return f, G
+
+
+class subVPSDE(VPSDE):
+  """Sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw."""
+
+  sampling_eps = 1e-3
+
+  def diffusion(self, t):
+    discount = 1. - torch.exp(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t ** 2)
+    return torch.sqrt(self.beta(t) * discount)
+
+  def marginal_prob(self, x, t):
+    log_mean_coeff = self._log_mean_coeff(t)
+    mean = _expand(torch.exp(log_mean_coeff), x) * x
+    std = 1 - torch.exp(2. * log_mean_coeff)
+    return mean, std
+
+  def network_time_label(self, t, continuous):
+    # Score SDE trains sub-VP models in continuous time only; discrete labels would be meaningless.
+    return t * 999
+
+  def score_from_output(self, output, x, t, continuous):
+    std = self.marginal_prob(torch.zeros_like(x), t)[1]
+    return -output / _expand(std, output)
+
+  def discretize(self, x, t):
+    # Euler-Maruyama, as Score SDE (it has no DDPM-style discretization of the sub-VP SDE).
+    return SDE.discretize(self, x, t)
+
+
+class VESDE(SDE):
+  """Variance exploding SDE: dx = sqrt(d sigma^2(t) / dt) dw, sigma(t) = sigma_min (sigma_max/sigma_min)^t."""
+
+  sampling_eps = 1e-5
+
+  def __init__(self, sigma_min=0.01, sigma_max=50, N=1000):
+    """Construct a Variance Exploding SDE.
+
+    Args:
+      sigma_min: smallest sigma.
+      sigma_max: largest sigma.
+      N: number of discretization steps
+    """
+    super().__init__(N)
+    self.sigma_min = sigma_min
+    self.sigma_max = sigma_max
+    self.discrete_sigmas = torch.exp(torch.linspace(np.log(self.sigma_min), np.log(self.sigma_max), N))
+    self.N = N
+
+  @property
+  def T(self):
+    return 1
+
+  def sigma(self, t):
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def drift(self, x, t):
+    return torch.zeros_like(x)
+
+  def diffusion(self, t):
+    return self.sigma(t) * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
+
+  def drift_divergence(self, x, t):
+    return torch.zeros_like(t)
+
+  def marginal_prob(self, x, t):
+    std = self.sigma(t)
+    mean = x
+    return mean, std
+
+  def prior_sampling(self, shape):
+    return torch.randn(*shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    D = _data_dim(z)
+    return -D / 2. * math.log(2 * math.pi * self.sigma_max ** 2) - _sum_except_batch(z ** 2) / (
+        2 * self.sigma_max ** 2)
+
+  def network_time_label(self, t, continuous):
+    if continuous:
+      # Continuously trained VE models are conditioned on sigma(t) itself.
+      return self.sigma(t)
+    # Discrete (SMLD) models index noise levels from the largest (label 0) to the smallest.
+    return torch.round((self.T - t) * (self.N - 1)).long()
+
+  def score_from_output(self, output, x, t, continuous):
+    return output
+
+  def discretize(self, x, t):
+    """SMLD(NCSN) discretization."""
+    timestep = (t * (self.N - 1) / self.T).long()
+    sigmas = self.discrete_sigmas.to(t.device)
+    sigma = sigmas[timestep]
+    adjacent_sigma = torch.where(timestep == 0, torch.zeros_like(t), sigmas[(timestep - 1).clamp(min=0)])
+    f = torch.zeros_like(x)
+    G = torch.sqrt(sigma ** 2 - adjacent_sigma ** 2)
+    return f, G
+
+
+SDE_NAMES = ('vesde', 'vpsde', 'subvpsde')
+
+
+def sde_from_config(config):
+  """Builds the forward SDE named by `config.training.sde` from `config.model`'s noise schedule.
+
+  Returns:
+    An `SDE`; its `sampling_eps` is the smallest time for sampling and likelihoods.
+  """
+  name = utils.check_choice('training.sde', str(config.training.sde).lower(), SDE_NAMES)
+  model = config.model
+  N = utils.check_number('model.num_scales', model.num_scales, low=1, integer=True)
+  if name == 'vesde':
+    sigma_min = utils.check_number('model.sigma_min', model.sigma_min, low=0, low_open=True)
+    sigma_max = utils.check_number('model.sigma_max', model.sigma_max, low=sigma_min, low_open=True)
+    return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, N=N)
+  beta_min = utils.check_number('model.beta_min', model.beta_min, low=0, low_open=True)
+  beta_max = utils.check_number('model.beta_max', model.beta_max, low=beta_min)
+  cls = VPSDE if name == 'vpsde' else subVPSDE
+  return cls(beta_min=beta_min, beta_max=beta_max, N=N)

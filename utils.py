@@ -2,9 +2,23 @@
 
 Config fields are validated where they are read, with the helpers below, so that every error message has
 the same shape: the field, the value given, and what is allowed.
+
+Checkpoints are Score SDE's: a `torch.save`d dict `{'optimizer', 'model', 'ema', 'step'}` of state dicts, so
+Score SDE's released checkpoints load here and ours load in Score SDE. Unlike Score SDE, loading never runs
+code from the file (`weights_only=True` with a minimal allow-list), is strict (Score SDE's `strict=False`
+silently trains from random weights when keys do not fit), and saving is atomic.
 """
 
+import contextlib
+import logging
 import numbers
+import os
+import pathlib
+import pickle
+import uuid
+
+import numpy as np
+import torch
 
 
 def check_choice(field, value, allowed):
@@ -47,3 +61,196 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
     interval = f'{lo}{"-inf" if low is None else low}, {"inf" if high is None else high}{hi}'
     raise ValueError(f'config.{field}={value!r} is out of range; allowed: {interval}.')
   return value
+
+
+# The four entries of a Score SDE checkpoint.
+CHECKPOINT_KEYS = ('optimizer', 'model', 'ema', 'step')
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint file that cannot be loaded safely, or does not fit the state it is restored into."""
+
+
+def checkpoint_safe_globals():
+  """The globals, beyond torch's defaults, that Score SDE checkpoints need to unpickle.
+
+  Score SDE's `optimization_manager` sets the learning rate to `lr * np.minimum(step / warmup, 1.0)`, a
+  `numpy.float64`, so the optimizer's state dict pickles a numpy scalar: `numpy.core.multiarray.scalar` (its
+  name under numpy 1.x, `numpy._core.multiarray.scalar` under numpy 2.x), called with a `numpy.dtype` whose
+  unpickling builds an instance of the float64 dtype class (`numpy.dtypes.Float64DType` for numpy >= 1.25).
+  Nothing else is allowed: any other global in a checkpoint makes `restore_checkpoint` refuse the file.
+
+  Returns:
+    A list for `torch.serialization.safe_globals`: objects and `(object, 'module.name')` pairs.
+  """
+  try:  # numpy 2.x, and numpy 1.26's forward-compatibility alias.
+    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+    has_numpy2_names = True
+  except ImportError:
+    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+    has_numpy2_names = False
+  scalar = multiarray.scalar
+  allowed = [
+      np.dtype,
+      type(np.dtype(np.float64)),
+      # Pin the name a checkpoint spells, whatever module this numpy defines the function in.
+      (scalar, 'numpy.core.multiarray.scalar'),
+  ]
+  if has_numpy2_names:
+    allowed.append((scalar, 'numpy._core.multiarray.scalar'))
+  return allowed
+
+
+def _load_checkpoint_file(path, device):
+  """`torch.load`s a checkpoint without running code from it; raises `CheckpointError` if it needs more."""
+  try:
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+      return torch.load(path, map_location=device, weights_only=True)
+  except pickle.UnpicklingError as e:
+    # Never retry with weights_only=False: that would execute whatever the file's pickle asks for.
+    raise CheckpointError(
+        f'Refusing to load checkpoint {str(path)!r}: it holds objects outside the allow-list of a Score SDE '
+        f'checkpoint (tensors, containers, numbers and numpy float64 scalars), and loading it could run code '
+        f'from the file. torch.load said: {e}') from e
+
+
+def _model_mismatch(model_state, loaded_state):
+  """Lists how a loaded model state dict differs from the model's: missing, unexpected and mismatched keys."""
+  missing = [k for k in model_state if k not in loaded_state]
+  unexpected = [k for k in loaded_state if k not in model_state]
+  mismatched = [
+      f'{k}: checkpoint {tuple(loaded_state[k].shape)} vs model {tuple(model_state[k].shape)}'
+      for k in model_state
+      if k in loaded_state and tuple(getattr(loaded_state[k], 'shape', ())) != tuple(model_state[k].shape)
+  ]
+  problems = []
+  for name, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                     ('shape mismatches', mismatched)):
+    if keys:
+      problems.append(f'{len(keys)} {name}: {", ".join(keys)}')
+  if missing and unexpected:
+    # The usual cause: a checkpoint saved without nn.DataParallel restored into a wrapped model, or the reverse.
+    ckpt_prefixed = all(k.startswith('module.') for k in loaded_state)
+    model_prefixed = all(k.startswith('module.') for k in model_state)
+    if ckpt_prefixed != model_prefixed:
+      problems.append("(the checkpoint's keys and the model's differ in nn.DataParallel's 'module.' prefix)")
+  return problems
+
+
+def _check_checkpoint(path, loaded, state):
+  """Raises `CheckpointError` unless `loaded` fits `state`; checks everything before anything is changed."""
+  if not isinstance(loaded, dict):
+    raise CheckpointError(f'Checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a dict with entries '
+                          f'{CHECKPOINT_KEYS}.')
+  for key in CHECKPOINT_KEYS:
+    if key not in loaded:
+      raise CheckpointError(f'Checkpoint {str(path)!r} lacks the entry {key!r}; a checkpoint holds {CHECKPOINT_KEYS}.')
+
+  if not isinstance(loaded['model'], dict):
+    raise CheckpointError(f"Checkpoint {str(path)!r}: entry 'model' is a {type(loaded['model']).__name__}, "
+                          'not a state dict.')
+  model_state = state['model'].state_dict()
+  problems = _model_mismatch(model_state, loaded['model'])
+  if problems:
+    raise CheckpointError(f'Checkpoint {str(path)!r} does not fit the model: ' + '; '.join(problems) + '.')
+
+  ema = loaded['ema']
+  if not isinstance(ema, dict) or 'shadow_params' not in ema:
+    raise CheckpointError(f"Checkpoint {str(path)!r}: entry 'ema' lacks 'shadow_params'.")
+  # The EMA tracks the model's trainable parameters, in order (models/ema.py, as Score SDE).
+  params = [p for p in state['model'].parameters() if p.requires_grad]
+  shadow = ema['shadow_params']
+  if len(shadow) != len(params):
+    raise CheckpointError(f"Checkpoint {str(path)!r}: 'ema' has {len(shadow)} shadow parameters, the model "
+                          f'{len(params)} trainable parameters.')
+  bad = [f'#{i}: checkpoint {tuple(s.shape)} vs model {tuple(p.shape)}'
+         for i, (s, p) in enumerate(zip(shadow, params)) if tuple(s.shape) != tuple(p.shape)]
+  if bad:
+    raise CheckpointError(f"Checkpoint {str(path)!r}: 'ema' shadow parameters do not fit the model's: "
+                          + ', '.join(bad) + '.')
+
+  saved_groups = loaded['optimizer'].get('param_groups', []) if isinstance(loaded['optimizer'], dict) else None
+  groups = state['optimizer'].param_groups
+  if saved_groups is None or [len(g['params']) for g in saved_groups] != [len(g['params']) for g in groups]:
+    found = None if saved_groups is None else [len(g['params']) for g in saved_groups]
+    raise CheckpointError(f"Checkpoint {str(path)!r}: 'optimizer' has parameter groups of sizes {found}, the "
+                          f'optimizer {[len(g["params"]) for g in groups]}.')
+
+
+def restore_checkpoint(ckpt_dir, state, device):
+  """Restores a Score SDE checkpoint into `state`, strictly and without running code from the file.
+
+  Args:
+    ckpt_dir: path of the checkpoint file (the name is Score SDE's).
+    state: Score SDE's training state, `{'optimizer', 'model', 'ema', 'step'}`; updated in place.
+    device: where the tensors are loaded (`map_location`).
+
+  Returns:
+    `state`. If the file does not exist, as in Score SDE, a warning is logged, the parent directory is
+    created and `state` is returned unchanged (training starts from scratch).
+
+  Raises:
+    CheckpointError: if the file holds anything beyond a Score SDE checkpoint's tensors, containers, numbers
+      and numpy float64 scalars; if an entry is missing; if the model's keys or shapes, the EMA's shadow
+      parameters or the optimizer's parameter groups do not fit `state`. `state` is unchanged then.
+  """
+  path = pathlib.Path(ckpt_dir)
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.warning('No checkpoint found at %s. Returned the same state as input', ckpt_dir)
+    return state
+  loaded = _load_checkpoint_file(path, device)
+  _check_checkpoint(path, loaded, state)
+  state['model'].load_state_dict(loaded['model'], strict=True)
+  state['ema'].load_state_dict(loaded['ema'])
+  state['optimizer'].load_state_dict(loaded['optimizer'])
+  state['step'] = loaded['step']
+  return state
+
+
+def save_checkpoint(ckpt_dir, state):
+  """Saves `state` in Score SDE's format, atomically: a crash mid-save leaves the previous file intact.
+
+  The checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed over
+  `ckpt_dir` (`os.replace` is atomic on POSIX and Windows).
+
+  Args:
+    ckpt_dir: path of the checkpoint file (the name is Score SDE's).
+    state: Score SDE's training state, `{'optimizer', 'model', 'ema', 'step'}`.
+  """
+  saved_state = {
+      'optimizer': state['optimizer'].state_dict(),
+      'model': state['model'].state_dict(),
+      'ema': state['ema'].state_dict(),
+      'step': state['step'],
+  }
+  path = pathlib.Path(ckpt_dir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
+  try:
+    # O_EXCL: never write through a file someone else created; mode 0o666 lets the umask apply as for open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+    with os.fdopen(fd, 'wb') as f:
+      torch.save(saved_state, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+  _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory):
+  """Makes a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)

@@ -1,0 +1,47 @@
+"""Fields this fork adds to Score SDE's configs: the FP-Diffusion regularizer, evaluation and data options.
+
+Each default file (`default_{cifar10,celeba,lsun}_configs.py`) writes out Score SDE's own fields as Score SDE
+has them and then calls `add_fp_diffusion_fields`, so the added fields are defined once. The score-FPE
+regularizer is off (`training.alpha = training.beta = 0`), so every Score SDE config trains exactly as in
+Score SDE; `configs/fp/` turns it on with the paper's values.
+"""
+
+
+def add_fp_diffusion_fields(config):
+  """Adds the FP-Diffusion, evaluation and data fields to a Score SDE config, in place.
+
+  Args:
+    config: an `ml_collections.ConfigDict` with `training`, `eval` and `data` sub-configs.
+
+  Returns:
+    `config`, for chaining.
+  """
+  training = config.training
+  ## Score Fokker-Planck (FP-Diffusion) regularizer; see docs/score_fpe.md. Off while alpha = beta = 0.
+  training.scalar_fp = 'both'  # 'False' (vector residual only), 'True' (scalar only), 'both'
+  training.fp_wgt_type = 'll'  # lambda(t): 'constant' (1), 'convention' (g), 'll' (g^2)
+  training.alpha = 0.  # weight of the vector residual term
+  training.beta = 0.  # weight of the scalar residual term
+  training.m = 2  # power of the vector residual's norm
+  training.fp_dist = 'pert'  # where the residual is evaluated: 'pert' (x_t of the DSM), 'x' (data), 'random'
+  training.fp_time_derivative = 'finite_difference'  # d_t s: 'finite_difference' or 'forward_ad' (exact)
+  training.fp_fd_hs = 1e-3  # backward step of the finite difference
+  training.fp_fd_hd = 5e-4  # forward step of the finite difference
+  training.fp_divergence = 'hutchinson'  # div_x s: 'hutchinson' or 'exact' (D backward passes: small D only)
+  training.fp_hutchinson_type = 'gaussian'  # probe: 'gaussian' or 'rademacher'
+  training.fp_num_probes = 1  # probes per sample for the Hutchinson estimator
+  training.fp_batch_fraction = 1.  # fraction of the batch on which the FP term is computed
+
+  evaluate = config.eval
+  evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 rounds over the dataset
+  evaluate.enable_fp_residual = False  # score-FPE residual as a function of t (docs/score_fpe.md)
+  evaluate.fp_residual_num_times = 10  # points of the t grid, uniform in [sampling_eps, T]
+  evaluate.fp_residual_num_batches = 1  # eval batches per t
+  # Inception network for FID/IS/KID: a TF-Hub handle, or a local directory holding the SavedModel.
+  evaluate.inception_model = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
+  evaluate.stats_path = ''  # dataset statistics for FID; '' means Score SDE's assets/stats/ file name
+
+  data = config.data
+  data.data_dir = ''  # tfds data directory ('' = tfds default); lets tfds read manually prepared data
+  data.path = ''  # dataset file for data.dataset = 'NPZ'
+  return config

@@ -1,0 +1,45 @@
+"""NCSN (NCSNv1) on CelebA, reproducing Song & Ermon (2019) (Score SDE's config).
+
+Score SDE's file sets `training.loss = 'vesde'`, a field nothing reads, and no `training.sde`, so it cannot
+build its SDE; here it sets `training.sde = 'vesde'` as the other NCSN configs do.
+"""
+
+from configs.default_celeba_configs import get_default_configs
+
+
+def get_config():
+  config = get_default_configs()
+  # training
+  training = config.training
+  training.sde = 'vesde'
+  training.continuous = False
+  # sampling
+  sampling = config.sampling
+  sampling.method = 'pc'
+  sampling.predictor = 'none'
+  sampling.corrector = 'ald'
+  sampling.n_steps_each = 100
+  sampling.snr = 0.316
+  # model
+  model = config.model
+  model.name = 'ncsn'
+  model.scale_by_sigma = False
+  model.sigma_max = 1
+  model.num_scales = 10
+  model.ema_rate = 0.
+  model.normalization = 'InstanceNorm++'
+  model.nonlinearity = 'elu'
+  model.nf = 128
+  model.interpolation = 'bilinear'
+  # optim
+  optim = config.optim
+  optim.weight_decay = 0
+  optim.optimizer = 'Adam'
+  optim.lr = 1e-3
+  optim.beta1 = 0.9
+  optim.amsgrad = False
+  optim.eps = 1e-8
+  optim.warmup = 0
+  optim.grad_clip = -1.
+
+  return config

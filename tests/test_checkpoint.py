@@ -1,0 +1,283 @@
+"""Checkpoint I/O (utils.save_checkpoint / utils.restore_checkpoint): Score SDE's format, safe, strict, atomic."""
+
+import io
+import logging
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from models.ema import ExponentialMovingAverage as EMA
+
+
+class _RunsCode:
+  """A pickle payload that runs a shell command when unpickled (the attack `weights_only` prevents)."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def _net(width=4, extra=False):
+  layers = [torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.GroupNorm(2, width), torch.nn.Conv2d(width, 3, 1)]
+  if extra:
+    layers.append(torch.nn.Conv2d(3, 3, 1))
+  return torch.nn.DataParallel(torch.nn.Sequential(*layers))  # keys carry 'module.', as Score SDE's
+
+
+def _state(seed, width=4, extra=False, trained=True):
+  """A Score SDE training state; `trained` takes one Adam step with Score SDE's numpy float64 learning rate."""
+  torch.manual_seed(seed)
+  model = _net(width, extra)
+  optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+  ema = EMA(model.parameters(), decay=0.999)
+  state = dict(optimizer=optimizer, model=model, ema=ema, step=0)
+  if trained:
+    model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    step = 7
+    for g in optimizer.param_groups:  # as Score SDE's optimization_manager: lr * np.minimum(step / warmup, 1.)
+      g['lr'] = 2e-4 * np.minimum(step / 5000, 1.0)
+    optimizer.step()
+    ema.num_updates = 3
+    ema.shadow_params = [p.detach().clone() + 0.5 for p in model.parameters()]
+    state['step'] = step
+  return state
+
+
+def _assert_same_state(a, b):
+  for (ka, va), (kb, vb) in zip(a['model'].state_dict().items(), b['model'].state_dict().items()):
+    assert ka == kb and torch.equal(va, vb)
+  sa, sb = a['optimizer'].state_dict(), b['optimizer'].state_dict()
+  assert sa['param_groups'] == sb['param_groups']
+  assert sa['state'].keys() == sb['state'].keys()
+  for k in sa['state']:
+    for name in sa['state'][k]:
+      assert torch.equal(sa['state'][k][name], sb['state'][k][name])
+  ea, eb = a['ema'].state_dict(), b['ema'].state_dict()
+  assert ea['decay'] == eb['decay'] and ea['num_updates'] == eb['num_updates']
+  assert len(ea['shadow_params']) == len(eb['shadow_params'])
+  assert all(torch.equal(x, y) for x, y in zip(ea['shadow_params'], eb['shadow_params']))
+  assert a['step'] == b['step']
+
+
+def _params(state):
+  return [p.detach().clone() for p in state['model'].parameters()]
+
+
+def test_round_trip_restores_identical_state(tmp_path):
+  path = tmp_path / 'checkpoints' / 'checkpoint_1.pth'
+  saved = _state(0)
+  assert isinstance(saved['optimizer'].param_groups[0]['lr'], np.float64)
+  utils.save_checkpoint(str(path), saved)
+
+  fresh = _state(1, trained=False)
+  assert not torch.equal(_params(fresh)[0], _params(saved)[0])
+  restored = utils.restore_checkpoint(str(path), fresh, device='cpu')
+  assert restored is fresh
+  _assert_same_state(saved, restored)
+  lr = restored['optimizer'].param_groups[0]['lr']
+  assert isinstance(lr, np.float64) and lr == 2e-4 * 7 / 5000
+  # Score SDE's format: exactly the four entries, the model's keys carrying DataParallel's prefix.
+  raw = torch.load(path, weights_only=False)
+  assert sorted(raw) == sorted(utils.CHECKPOINT_KEYS)
+  assert all(k.startswith('module.') for k in raw['model'])
+
+
+def test_checkpoint_needs_only_the_allow_listed_globals(tmp_path):
+  path = tmp_path / 'ckpt.pth'
+  utils.save_checkpoint(str(path), _state(0))
+  needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+  # numpy < 2 (pinned here) pickles the float64 learning rate under numpy 1.x's name.
+  scalar_name = 'numpy.core.multiarray.scalar' if np.__version__.startswith('1.') else 'numpy._core.multiarray.scalar'
+  assert needed == {'numpy.dtype', scalar_name}
+
+
+def test_allow_list_is_minimal_and_covers_both_numpy_names():
+  names = set()
+  for entry in utils.checkpoint_safe_globals():
+    obj, name = entry if isinstance(entry, tuple) else (entry, f'{entry.__module__}.{entry.__name__}')
+    names.add(name)
+  expected = {'numpy.dtype', f'{type(np.dtype(np.float64)).__module__}.{type(np.dtype(np.float64)).__name__}',
+              'numpy.core.multiarray.scalar'}
+  try:
+    import numpy._core.multiarray  # noqa: F401  (numpy 2.x, and numpy 1.26's alias)
+    expected.add('numpy._core.multiarray.scalar')
+  except ImportError:
+    pass
+  assert names == expected
+
+
+def _rename_numpy_scalar(src, dst, old, new):
+  """Rewrites the GLOBAL that names numpy's scalar reconstructor in a checkpoint's pickle."""
+  buf = io.BytesIO()
+  with zipfile.ZipFile(src) as zin, zipfile.ZipFile(buf, 'w', zipfile.ZIP_STORED) as zout:
+    for info in zin.infolist():
+      data = zin.read(info.filename)
+      if info.filename.endswith('/data.pkl'):
+        assert old in data
+        data = data.replace(old, new)
+      zout.writestr(info.filename, data)
+  dst.write_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize('module', ['numpy.core.multiarray', 'numpy._core.multiarray'])
+def test_loads_numpy_scalar_under_numpy1_and_numpy2_names(tmp_path, module):
+  if module == 'numpy._core.multiarray':
+    pytest.importorskip('numpy._core.multiarray')
+  src = tmp_path / 'saved.pth'
+  saved = _state(0)
+  torch.save({'optimizer': saved['optimizer'].state_dict(), 'model': saved['model'].state_dict(),
+              'ema': saved['ema'].state_dict(), 'step': saved['step']}, src)
+  dst = tmp_path / 'renamed.pth'
+  current = next(n for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(src)) if 'scalar' in n)
+  _rename_numpy_scalar(src, dst, ('c' + current.replace('.scalar', '\nscalar')).encode(),
+                       ('c' + module + '\nscalar').encode())
+  assert f'{module}.scalar' in torch.serialization.get_unsafe_globals_in_checkpoint(str(dst))
+  restored = utils.restore_checkpoint(str(dst), _state(1, trained=False), 'cpu')
+  _assert_same_state(saved, restored)
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+  marker = tmp_path / 'pwned'
+  path = tmp_path / 'evil.pth'
+  good = _state(0)
+  torch.save({'optimizer': good['optimizer'].state_dict(), 'model': good['model'].state_dict(),
+              'ema': good['ema'].state_dict(), 'step': _RunsCode(marker)}, path)
+  fresh = _state(1, trained=False)
+  before = _params(fresh)
+  with pytest.raises(utils.CheckpointError, match='Refusing to load checkpoint') as info:
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  assert str(path) in str(info.value)
+  assert 'system' in str(info.value)  # torch's reason names the refused global
+  assert not marker.exists()
+  assert all(torch.equal(a, b) for a, b in zip(before, _params(fresh)))
+  assert fresh['step'] == 0
+
+
+def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path, monkeypatch):
+  path = tmp_path / 'checkpoint.pth'
+  first = _state(0)
+  utils.save_checkpoint(str(path), first)
+  original_bytes = path.read_bytes()
+
+  real_save = torch.save
+
+  def save_then_crash(obj, f, *args, **kwargs):
+    buf = io.BytesIO()
+    real_save(obj, buf, *args, **kwargs)
+    f.write(buf.getvalue()[:100])  # a partial write, then the process "dies"
+    raise KeyboardInterrupt('killed during save')
+
+  monkeypatch.setattr(torch, 'save', save_then_crash)
+  second = _state(5)
+  second['step'] = 99
+  with pytest.raises(KeyboardInterrupt):
+    utils.save_checkpoint(str(path), second)
+  monkeypatch.undo()
+
+  assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth']  # no temporary file left behind
+  assert path.read_bytes() == original_bytes
+  restored = utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
+  _assert_same_state(first, restored)
+
+
+def test_save_replaces_existing_checkpoint(tmp_path):
+  path = tmp_path / 'checkpoint.pth'
+  utils.save_checkpoint(str(path), _state(0))
+  newer = _state(3)
+  newer['step'] = 11
+  utils.save_checkpoint(str(path), newer)
+  assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth']
+  _assert_same_state(newer, utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu'))
+
+
+def test_strict_load_lists_missing_unexpected_and_mismatched_keys(tmp_path):
+  path = tmp_path / 'ckpt.pth'
+  utils.save_checkpoint(str(path), _state(0, width=4))
+  # Wider first layers (shape mismatches) and an extra final layer (missing keys).
+  other = _state(1, width=6, extra=True, trained=False)
+  before = _params(other)
+  with pytest.raises(utils.CheckpointError) as info:
+    utils.restore_checkpoint(str(path), other, 'cpu')
+  msg = str(info.value)
+  assert str(path) in msg
+  assert '2 missing keys: module.3.weight, module.3.bias' in msg
+  assert 'module.0.weight: checkpoint (4, 3, 3, 3) vs model (6, 3, 3, 3)' in msg
+  assert 'module.2.weight: checkpoint (3, 4, 1, 1) vs model (3, 6, 1, 1)' in msg
+  assert 'unexpected' not in msg
+  assert all(torch.equal(a, b) for a, b in zip(before, _params(other)))  # nothing changed
+
+  # The reverse: the checkpoint has a layer the model lacks.
+  path2 = tmp_path / 'ckpt2.pth'
+  utils.save_checkpoint(str(path2), _state(0, extra=True))
+  with pytest.raises(utils.CheckpointError, match=r'2 unexpected keys: module\.3\.weight, module\.3\.bias'):
+    utils.restore_checkpoint(str(path2), _state(1, trained=False), 'cpu')
+
+
+def test_strict_load_explains_dataparallel_prefix(tmp_path):
+  path = tmp_path / 'ckpt.pth'
+  state = _state(0)
+  state['model'] = state['model'].module  # saved without nn.DataParallel
+  utils.save_checkpoint(str(path), state)
+  with pytest.raises(utils.CheckpointError, match="'module.' prefix"):
+    utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
+
+
+@pytest.mark.parametrize('entry', utils.CHECKPOINT_KEYS)
+def test_missing_entry_is_named(tmp_path, entry):
+  path = tmp_path / 'ckpt.pth'
+  good = _state(0)
+  saved = {'optimizer': good['optimizer'].state_dict(), 'model': good['model'].state_dict(),
+           'ema': good['ema'].state_dict(), 'step': good['step']}
+  del saved[entry]
+  torch.save(saved, path)
+  with pytest.raises(utils.CheckpointError, match=f"lacks the entry '{entry}'"):
+    utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
+
+
+def test_ema_must_fit_the_model(tmp_path):
+  good = _state(0)
+  base = {'optimizer': good['optimizer'].state_dict(), 'model': good['model'].state_dict(), 'step': 1}
+  ema = good['ema'].state_dict()
+
+  fewer = dict(base, ema=dict(ema, shadow_params=ema['shadow_params'][:-1]))
+  torch.save(fewer, tmp_path / 'fewer.pth')
+  n = len(ema['shadow_params'])
+  with pytest.raises(utils.CheckpointError, match=f'{n - 1} shadow parameters, the model {n} trainable'):
+    utils.restore_checkpoint(str(tmp_path / 'fewer.pth'), _state(1, trained=False), 'cpu')
+
+  reshaped = [p.reshape(-1) if p.dim() > 1 else p for p in ema['shadow_params']]
+  torch.save(dict(base, ema=dict(ema, shadow_params=reshaped)), tmp_path / 'shape.pth')
+  with pytest.raises(utils.CheckpointError, match=r'#0: checkpoint \(108,\) vs model \(4, 3, 3, 3\)'):
+    utils.restore_checkpoint(str(tmp_path / 'shape.pth'), _state(1, trained=False), 'cpu')
+
+
+def test_optimizer_must_fit(tmp_path):
+  path = tmp_path / 'ckpt.pth'
+  good = _state(0)
+  saved = {'optimizer': good['optimizer'].state_dict(), 'model': good['model'].state_dict(),
+           'ema': good['ema'].state_dict(), 'step': 1}
+  saved['optimizer']['param_groups'][0]['params'] = saved['optimizer']['param_groups'][0]['params'][:-1]
+  torch.save(saved, path)
+  fresh = _state(1, trained=False)
+  before = _params(fresh)
+  with pytest.raises(utils.CheckpointError, match="'optimizer' has parameter groups of sizes"):
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  assert all(torch.equal(a, b) for a, b in zip(before, _params(fresh)))
+
+
+def test_missing_file_warns_and_returns_state_unchanged(tmp_path, caplog):
+  path = tmp_path / 'checkpoints-meta' / 'checkpoint.pth'
+  state = _state(0)
+  before = _params(state)
+  with caplog.at_level(logging.WARNING):
+    out = utils.restore_checkpoint(str(path), state, 'cpu')
+  assert out is state and state['step'] == 7
+  assert all(torch.equal(a, b) for a, b in zip(before, _params(state)))
+  assert any('No checkpoint found' in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+  assert path.parent.is_dir() and not path.exists()

@@ -1,4 +1,54 @@
-"""Data pipelines and the data scalers of Score SDE."""
+"""Data pipelines and the data scalers of Score SDE.
+
+`get_dataset` returns Score SDE's tf.data pipelines (tfds for CIFAR10, SVHN, CELEBA, LSUN; TFRecords for FFHQ
+and CelebAHQ), plus ImageNet 32x32 (`downsampled_imagenet/32x32`, FP-Diffusion's second data set), a local
+`.npz` file (`data.dataset = 'NPZ'`) and the 2-D toy data of `toy.py`.
+
+TensorFlow is imported lazily (`import_tensorflow`), so that modules that only need the scalers import
+without it, and it is always kept off the GPUs: the data pipeline and the Inception network run on the CPU and
+leave every byte of GPU memory to PyTorch.
+"""
+
+import logging
+import os
+
+import numpy as np
+
+import utils
+
+# Every value `config.data.dataset` may take.
+DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'IMAGENET32', 'NPZ', 'TOY')
+
+# Score SDE's pipeline constants. Score SDE uses a private thread pool of 48; we cap it at the number of CPUs.
+SHUFFLE_BUFFER_SIZE = 10000
+_MAX_PRIVATE_THREADPOOL_SIZE = 48
+
+# The arrays a `data.dataset = 'NPZ'` file holds: split name -> array name.
+NPZ_ARRAYS = {'train': 'train', 'test': 'test'}
+
+_TF_GPUS_HIDDEN = False
+
+
+def import_tensorflow():
+  """Imports TensorFlow with every GPU hidden from it, and returns the module.
+
+  TensorFlow grabs (nearly) all GPU memory when it first touches a GPU; hiding the GPUs before any TF op runs
+  keeps the tf.data pipeline and the Inception network on the CPU and the GPU memory for PyTorch. Used by
+  `datasets.py` and `evaluation.py`; the first call does the hiding, later calls only return the module.
+
+  Returns:
+    The `tensorflow` module.
+  """
+  global _TF_GPUS_HIDDEN
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not _TF_GPUS_HIDDEN:
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError as e:
+      # TF raises once its devices are initialized (someone ran a TF op before us); nothing can be hidden now.
+      logging.warning('Could not hide GPUs from TensorFlow (already initialized): %s', e)
+    _TF_GPUS_HIDDEN = True
+  return tf
 
 
 def get_data_scaler(config):
@@ -17,3 +67,308 @@ def get_data_inverse_scaler(config):
     return lambda x: (x + 1.) / 2.
   else:
     return lambda x: x
+
+
+def crop_resize(image, resolution):
+  """Crops the largest central square of an image and resizes it to `resolution` (bicubic, antialiased).
+
+  Args:
+    image: a (H, W, C) image tensor.
+    resolution: the output side length.
+
+  Returns:
+    A (resolution, resolution, C) uint8 tensor.
+  """
+  tf = import_tensorflow()
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  crop = tf.minimum(h, w)
+  image = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+  image = tf.image.resize(image, size=(resolution, resolution), antialias=True,
+                          method=tf.image.ResizeMethod.BICUBIC)
+  # Bicubic overshoots [0, 255] near edges, and casting an out-of-range float to uint8 is undefined (Score SDE
+  # casts without clipping); clipping changes nothing else. Truncation, not rounding, as Score SDE.
+  return tf.cast(tf.clip_by_value(image, 0., 255.), tf.uint8)
+
+
+def _height_width(image):
+  """The image's height and width: Python ints where the static shape knows them, else scalar tensors."""
+  tf = import_tensorflow()
+  dynamic = tf.shape(image)
+  return tuple(image.shape[i] if image.shape[i] is not None else dynamic[i] for i in (0, 1))
+
+
+def resize_small(image, resolution):
+  """Resizes an image (antialiased bilinear) so that its shorter side is `resolution`.
+
+  Score SDE's version calls `tf.round(x, tf.int32)`, which TF 2 reads as `tf.round(x, name=tf.int32)` and
+  rejects; here the sizes are rounded (half to even, as `tf.round`) and may also be dynamic (LSUN's are).
+
+  Args:
+    image: a (H, W, C) image tensor.
+    resolution: the length of the shorter side after resizing.
+
+  Returns:
+    The resized float image.
+  """
+  tf = import_tensorflow()
+  h, w = _height_width(image)
+  if isinstance(h, int) and isinstance(w, int):
+    ratio = resolution / min(h, w)
+    size = [int(round(h * ratio)), int(round(w * ratio))]
+  else:
+    hw = tf.cast(tf.stack([h, w]), tf.float64)
+    size = tf.cast(tf.round(hw * (resolution / tf.reduce_min(hw))), tf.int32)
+  return tf.image.resize(image, size, antialias=True)
+
+
+def central_crop(image, size):
+  """Crops the central (size, size) square of an image."""
+  tf = import_tensorflow()
+  h, w = _height_width(image)
+  return tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
+
+
+def _batch_size(config, evaluation):
+  """The per-process batch size (Score SDE's is per host, divided over its JAX devices)."""
+  if evaluation:
+    return utils.check_number('eval.batch_size', config.eval.batch_size, low=1, integer=True)
+  return utils.check_number('training.batch_size', config.training.batch_size, low=1, integer=True)
+
+
+def load_npz_dataset(path, image_size, num_channels):
+  """Loads and validates the arrays of a `data.dataset = 'NPZ'` file.
+
+  Args:
+    path: the `.npz` file (`config.data.path`).
+    image_size: the expected height and width (`config.data.image_size`).
+    num_channels: the expected number of channels (`config.data.num_channels`).
+
+  Returns:
+    A dict split name ('train', 'test') -> uint8 array of shape (N, H, W, C).
+
+  Raises:
+    ValueError: if `path` is empty, is not an `.npz` file, or an array is missing or has the wrong dtype or
+      shape. The message names the file, the array, what was found and what was expected.
+    FileNotFoundError: if `path` does not exist.
+  """
+  if not path:
+    raise ValueError("config.data.path='' is empty; data.dataset='NPZ' needs the path of an .npz file holding "
+                     "uint8 arrays 'train' and 'test' of shape N x H x W x C.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.data.path={path!r}: no such file (data.dataset=\'NPZ\' needs an .npz file '
+                            "holding uint8 arrays 'train' and 'test' of shape N x H x W x C).")
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'config.data.path={path!r} could not be read as an .npz file: {e}') from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    npz_kind = type(npz).__name__
+    raise ValueError(f'config.data.path={path!r} holds a single array ({npz_kind}), not an .npz archive with '
+                     "arrays 'train' and 'test'.")
+  arrays = {}
+  with npz:
+    for split, key in NPZ_ARRAYS.items():
+      if key not in npz.files:
+        raise ValueError(f'{path}: array {key!r} is missing; the file holds {sorted(npz.files)!r}, expected '
+                         f'uint8 arrays {sorted(NPZ_ARRAYS.values())!r} of shape N x H x W x C.')
+      try:
+        array = npz[key]
+      except ValueError as e:  # object arrays need pickle, which we never allow
+        raise ValueError(f'{path}: array {key!r} could not be read ({e}); expected a uint8 array.') from e
+      if array.dtype != np.uint8:
+        raise ValueError(f'{path}: array {key!r} has dtype {array.dtype}; expected uint8 (pixel values 0..255).')
+      if array.ndim != 4:
+        raise ValueError(f'{path}: array {key!r} has shape {array.shape} ({array.ndim} dimensions); expected '
+                         'N x H x W x C (4 dimensions).')
+      n, h, w, c = array.shape
+      if n == 0:
+        raise ValueError(f'{path}: array {key!r} has shape {array.shape}: no images.')
+      if (h, w) != (image_size, image_size):
+        raise ValueError(f'{path}: array {key!r} holds {h} x {w} images (shape {array.shape}); expected '
+                         f'{image_size} x {image_size} (config.data.image_size={image_size}).')
+      if c != num_channels:
+        raise ValueError(f'{path}: array {key!r} holds images with {c} channels (shape {array.shape}); '
+                         f'expected {num_channels} (config.data.num_channels={num_channels}).')
+      arrays[split] = array
+  return arrays
+
+
+def _tfds_builder(name, config):
+  """A tfds builder reading from `config.data.data_dir` ('' = the tfds default directory)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = config.data.get('data_dir', '')
+  if not isinstance(data_dir, str):
+    raise ValueError(f'config.data.data_dir={data_dir!r} must be a string (a directory, or \'\' for the tfds '
+                     'default).')
+  return tfds.builder(name, data_dir=data_dir or None)
+
+
+def _image_resize_ops(config):
+  """Score SDE's per-dataset source and resizing, for the tfds and TFRecords datasets.
+
+  Returns:
+    `(source, train_split, eval_split, op)`: the tfds builder (or the `TFRecordDataset`), the split names, and
+    `op`, which maps a raw image to a float32 image in [0, 1] of the configured size (None for the TFRecords,
+    which are stored at their final size).
+  """
+  tf = import_tensorflow()
+  dataset = config.data.dataset
+  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+
+  def resize_op(img):
+    img = tf.image.convert_image_dtype(img, tf.float32)
+    return tf.image.resize(img, [image_size, image_size], antialias=True)
+
+  if dataset == 'CIFAR10':
+    return _tfds_builder('cifar10', config), 'train', 'test', resize_op
+  if dataset == 'SVHN':
+    return _tfds_builder('svhn_cropped', config), 'train', 'test', resize_op
+  if dataset == 'IMAGENET32':
+    # Not in Score SDE. Its images are 32 x 32 already; resized like CIFAR-10 if image_size differs.
+    return _tfds_builder('downsampled_imagenet/32x32', config), 'train', 'validation', resize_op
+  if dataset == 'CELEBA':
+    def celeba_op(img):
+      img = tf.image.convert_image_dtype(img, tf.float32)
+      img = central_crop(img, 140)
+      return resize_small(img, image_size)
+    return _tfds_builder('celeb_a', config), 'train', 'validation', celeba_op
+  if dataset == 'LSUN':
+    category = config.data.get('category', None)
+    if not isinstance(category, str) or not category:
+      raise ValueError(f'config.data.category={category!r} must name an LSUN category for data.dataset=\'LSUN\' '
+                       "(e.g. 'bedroom', 'church_outdoor').")
+    if image_size == 128:
+      def lsun_op(img):
+        img = tf.image.convert_image_dtype(img, tf.float32)
+        img = resize_small(img, image_size)
+        return central_crop(img, image_size)
+    else:
+      def lsun_op(img):
+        img = crop_resize(img, image_size)
+        return tf.image.convert_image_dtype(img, tf.float32)
+    return _tfds_builder(f'lsun/{category}', config), 'train', 'validation', lsun_op
+  if dataset in ('FFHQ', 'CelebAHQ'):
+    path = config.data.get('tfrecords_path', None)
+    if not isinstance(path, str) or not path:
+      raise ValueError(f'config.data.tfrecords_path={path!r} must name the TFRecords file of data.dataset='
+                       f'{dataset!r}.')
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f'config.data.tfrecords_path={path!r}: no such file (data.dataset={dataset!r}).')
+    # One file, no held-out split: Score SDE evaluates on the training images.
+    return tf.data.TFRecordDataset(path), 'train', 'train', None
+  raise AssertionError(f'unhandled dataset {dataset!r}')  # get_dataset validated it
+
+
+def get_dataset(config, uniform_dequantization=False, evaluation=False):
+  """Creates the training and evaluation data pipelines (Score SDE's semantics).
+
+  Images are float32 in [0, 1], NHWC, batches of `training.batch_size` (`eval.batch_size` when `evaluation`)
+  with the last partial batch dropped. The batch is per process: Score SDE divides it over its JAX devices,
+  here `torch.nn.DataParallel` splits it. While training (`evaluation=False`) both datasets repeat forever and
+  `data.random_flip` flips images left-right at random; for evaluation they are one epoch, never flipped. Both
+  are shuffled, as in Score SDE.
+
+  Args:
+    config: the config; reads `data.dataset`, `data.image_size`, `data.num_channels`, `data.random_flip`,
+      `data.data_dir` (tfds), `data.category` (LSUN), `data.tfrecords_path` (FFHQ, CelebAHQ), `data.path`
+      (NPZ), and the batch size.
+    uniform_dequantization: if `True`, images become (255 x + u) / 256 with u ~ U[0, 1) per pixel.
+    evaluation: if `True`, one epoch without random flips and with `eval.batch_size`.
+
+  Returns:
+    `(train_ds, eval_ds, dataset_builder)`. Iterating a dataset yields dicts with `'image'` (float32, shape
+    (B, H, W, C)) and `'label'` (None where the data have no labels). `dataset_builder` is the tfds builder,
+    the `TFRecordDataset` for FFHQ/CelebAHQ, or None for NPZ and TOY.
+  """
+  dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+  if dataset == 'TOY':
+    import toy  # pylint: disable=g-import-not-at-top
+    train_ds, eval_ds = toy.get_toy_datasets(config, evaluation=evaluation)
+    return train_ds, eval_ds, None
+
+  batch_size = _batch_size(config, evaluation)
+  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+  num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
+  random_flip = utils.check_choice('data.random_flip', config.data.random_flip, (True, False))
+  if dataset == 'NPZ':
+    # Validate the file before TensorFlow is imported: a bad file should fail fast.
+    npz_arrays = load_npz_dataset(config.data.path, image_size, num_channels)
+  else:
+    # Every other image data set is RGB.
+    utils.check_choice('data.num_channels', num_channels, (3,))
+
+  tf = import_tensorflow()
+  num_epochs = 1 if evaluation else None
+  # Score SDE's choice: flip only while training, and flip both datasets then.
+  flip = bool(random_flip) and not evaluation
+
+  def finish(img):
+    """Random flip and uniform dequantization, shared by every image dataset."""
+    if flip:
+      img = tf.image.random_flip_left_right(img)
+    if uniform_dequantization:
+      img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * 255.) / 256.
+    return img
+
+  if dataset == 'NPZ':
+    dataset_builder = None
+    train_split_name, eval_split_name = 'train', 'test'
+
+    def preprocess_fn(d):
+      return dict(image=finish(tf.image.convert_image_dtype(d['image'], tf.float32)), label=None)
+  else:
+    dataset_builder, train_split_name, eval_split_name, resize_op = _image_resize_ops(config)
+    if dataset in ('FFHQ', 'CelebAHQ'):
+      path = config.data.tfrecords_path
+
+      def preprocess_fn(d):
+        sample = tf.io.parse_single_example(d, features={
+            'shape': tf.io.FixedLenFeature([3], tf.int64),
+            'data': tf.io.FixedLenFeature([], tf.string)})
+        data = tf.reshape(tf.io.decode_raw(sample['data'], tf.uint8), sample['shape'])
+        data = tf.transpose(data, (1, 2, 0))  # stored CHW
+        # The records are stored at one resolution and are not resized: a mismatch is a config error.
+        check = tf.debugging.assert_equal(
+            tf.shape(data, out_type=tf.int64), tf.constant([image_size, image_size, 3], tf.int64),
+            message=f'{path}: images do not match config.data.image_size={image_size} with 3 channels')
+        with tf.control_dependencies([check]):
+          data = tf.ensure_shape(data, [image_size, image_size, 3])
+        return dict(image=finish(tf.image.convert_image_dtype(data, tf.float32)), label=None)
+    else:
+      def preprocess_fn(d):
+        return dict(image=finish(resize_op(d['image'])), label=d.get('label', None))
+
+  def create_dataset(split):
+    options = tf.data.Options()
+    options.experimental_optimization.map_parallelization = True
+    options.threading.private_threadpool_size = min(_MAX_PRIVATE_THREADPOOL_SIZE, os.cpu_count() or 1)
+    options.threading.max_intra_op_parallelism = 1
+    if dataset == 'NPZ':
+      ds = tf.data.Dataset.from_tensor_slices({'image': npz_arrays[split]}).with_options(options)
+    elif not isinstance(dataset_builder, tf.data.Dataset):  # a tfds builder
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      try:
+        dataset_builder.download_and_prepare()
+      except Exception as e:  # tfds raises many kinds; all mean "the data are not there"
+        raise RuntimeError(
+            f'tfds could not prepare {dataset_builder.name!r} (data.dataset={dataset!r}) in '
+            f'config.data.data_dir={config.data.get("data_dir", "")!r}: {e}. Without network, prepare the data '
+            'with tfds elsewhere and point config.data.data_dir at the directory.') from e
+      ds = dataset_builder.as_dataset(split=split, shuffle_files=True,
+                                      read_config=tfds.ReadConfig(options=options))
+    else:
+      ds = dataset_builder.with_options(options)
+    ds = ds.repeat(count=num_epochs)
+    ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
+    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.experimental.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.experimental.AUTOTUNE)
+
+  if dataset == 'NPZ':
+    for split in (train_split_name, eval_split_name):
+      if evaluation and len(npz_arrays[split]) < batch_size:
+        logging.warning('%s: the %r split has %d images, fewer than one batch of %d: it yields no batch.',
+                        config.data.path, split, len(npz_arrays[split]), batch_size)
+  train_ds = create_dataset(train_split_name)
+  eval_ds = create_dataset(eval_split_name)
+  return train_ds, eval_ds, dataset_builder

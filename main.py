@@ -1,0 +1,80 @@
+"""Training and evaluation entry point (Score SDE's `main.py`, plus a mode that computes FID statistics).
+
+  python main.py --config configs/fp/cifar10_ncsnpp_continuous.py --workdir W --mode train
+  python main.py --config ... --workdir W --mode eval [--eval_folder eval]
+  python main.py --config ... --workdir W --mode fid_stats
+
+Config fields can be overridden on the command line, e.g. `--config.training.alpha=0.1`. Logs go to the console
+and are appended to `W/stdout.txt`. See docs/workflow.md. TensorFlow is never imported here: the data pipeline
+and the Inception network import it lazily and keep it off the GPU.
+"""
+
+import logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections.config_flags import config_flags
+
+import run_lib
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Work directory.')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'fid_stats'],
+                  'Running mode: train, eval, or fid_stats (compute the dataset statistics file for FID).')
+flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results')
+flags.mark_flags_as_required(['workdir', 'config', 'mode'])
+
+LOG_FORMAT = '%(levelname)s - %(filename)s - %(asctime)s - %(message)s'
+
+
+def log_to_file(workdir):
+  """Adds a handler that appends the root logger's records to `workdir/stdout.txt`, as Score SDE.
+
+  Score SDE opens the file with 'w', which erases the log of the run being resumed; this appends.
+
+  Returns:
+    The handler (so that callers can remove it).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  handler = logging.FileHandler(os.path.join(workdir, 'stdout.txt'), mode='a')
+  handler.setFormatter(logging.Formatter(LOG_FORMAT))
+  logger = logging.getLogger()
+  logger.addHandler(handler)
+  logger.setLevel('INFO')
+  return handler
+
+
+def compute_fid_stats(config):
+  """Computes the dataset statistics file FID is measured against (`evaluation.stats_path_from_config`).
+
+  The file is `config.eval.stats_path`, or by default Score SDE's name under `assets/stats/`.
+  """
+  import evaluation  # pylint: disable=g-import-not-at-top
+  path = evaluation.stats_path_from_config(config)
+  logging.info('Computing dataset statistics for %s into %s.', config.data.dataset, path)
+  evaluation.compute_dataset_stats(config, path)
+  logging.info('Wrote %s.', path)
+
+
+def main(argv):
+  del argv
+  log_to_file(FLAGS.workdir)
+  logging.info('mode: %s, workdir: %s, config:\n%s', FLAGS.mode, FLAGS.workdir, FLAGS.config)
+  try:
+    if FLAGS.mode == 'train':
+      run_lib.train(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'eval':
+      run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
+    else:
+      compute_fid_stats(FLAGS.config)
+  except Exception:
+    # Into stdout.txt as well as the console, so the log of a failed run says why it stopped.
+    logging.exception('%s failed.', FLAGS.mode)
+    raise
+
+
+if __name__ == '__main__':
+  app.run(main)

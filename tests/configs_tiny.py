@@ -1,0 +1,71 @@
+"""Tiny configs for the end-to-end tests of main.py / run_lib.py (CPU, seconds per run).
+
+`get_config()` is Score SDE's NCSN++ VE continuous config shrunk to 8x8x3 images of the NPZ dataset (set
+`data.path`), with the FP regularizer on, a few-step PC sampler and a few-step schedule. It is also a
+`--config` file for main.py: `python main.py --config tests/configs_tiny.py --config.data.path=...`.
+`get_toy_config()` is the 2-D demo's VE config shrunk the same way.
+"""
+
+from configs.toy import ve_dsm
+from configs.ve import cifar10_ncsnpp_continuous
+
+
+def _tiny_schedule(config):
+  training = config.training
+  training.batch_size = 4
+  training.n_iters = 4
+  training.snapshot_freq = 2
+  training.snapshot_freq_for_preemption = 1
+  training.log_freq = 1
+  training.eval_freq = 2
+  training.snapshot_sampling = True
+  # FP-Diffusion on, with the paper's estimator; a small alpha so random weights give a finite loss.
+  training.alpha = 0.01
+  training.beta = 0.001
+  training.fp_batch_fraction = 0.25  # the FP term on 1 of the 4 samples: its double backward dominates on CPU
+  config.model.num_scales = 4
+  config.model.ema_rate = 0.9
+  config.optim.warmup = 1
+  config.eval.begin_ckpt = 1
+  config.eval.end_ckpt = 2
+  config.eval.batch_size = 4
+  config.eval.num_samples = 4
+  config.eval.enable_loss = True
+  config.eval.enable_bpd = True
+  config.eval.enable_sampling = False
+  config.eval.bpd_num_repeats = 1
+  config.eval.enable_fp_residual = True
+  config.eval.fp_residual_num_times = 2
+  config.eval.fp_residual_num_batches = 1
+  return config
+
+
+def get_config():
+  """NCSN++ (nf 8, ch_mult (1, 2)), VE continuous, 8x8x3 NPZ images."""
+  config = _tiny_schedule(cifar10_ncsnpp_continuous.get_config())
+  config.sampling.corrector = 'none'
+  data = config.data
+  data.dataset = 'NPZ'
+  data.path = ''
+  data.image_size = 8
+  data.num_channels = 3
+  model = config.model
+  model.nf = 8
+  model.ch_mult = (1, 2)
+  model.num_res_blocks = 1
+  model.attn_resolutions = (4,)
+  model.sigma_max = 10
+  return config
+
+
+def get_toy_config():
+  """The 2-D demo's MLP on checkerboard data, VE continuous, with a small network and evaluation sets."""
+  config = _tiny_schedule(ve_dsm.get_config())
+  config.sampling.method = 'pc'
+  config.model.nf = 16
+  config.model.num_layers = 1
+  config.data.toy_eval_batches = 2
+  config.eval.bpd_num_repeats = 2
+  config.eval.enable_sampling = True
+  config.eval.num_samples = 6  # two rounds of 4, truncated to 6
+  return config

@@ -1,0 +1,66 @@
+"""End-to-end test of the embedded demo (`demo.py --quick`): run_lib.train and run_lib.evaluate for the four toy
+configs, the printed tables, the figures and results.json."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flatten(config):
+  return {f'{section}.{key}': value for section, fields in config.items() if isinstance(fields, dict)
+          for key, value in fields.items()}
+
+
+def test_configs_differ_only_by_the_fp_term():
+  for sde in demo.SDES:
+    dsm = _flatten(demo.get_demo_config(sde, 'dsm', 'gmm', quick=False).to_dict())
+    fp = _flatten(demo.get_demo_config(sde, 'fp', 'gmm', quick=False).to_dict())
+    assert dsm.keys() == fp.keys()
+    differing = {key for key in dsm if dsm[key] != fp[key]}
+    # The paired comparison is fair: the FP configs change only the regularizer's weights.
+    assert differing == {'training.alpha'}, differing
+    # Only the vector residual (zero for the true score) is penalized; see configs/toy/default_toy_configs.py.
+    assert fp['training.alpha'] > 0 and fp['training.beta'] == 0 and fp['training.scalar_fp'] == 'False'
+    assert dsm['training.alpha'] == 0
+    assert fp['training.fp_divergence'] == 'exact' and fp['data.toy'] == 'gmm'
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+  workdir = str(tmp_path / 'demo')
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='2')
+  proc = subprocess.run([sys.executable, 'demo.py', '--quick', '--workdir', workdir, '--toy', 'checkerboard'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  out = proc.stdout
+  assert 'VE SDE on checkerboard' in out and 'VP SDE on checkerboard' in out
+  # Progress lines for every stage.
+  for stage in range(1, 7):
+    assert f'[{stage}/6]' in proc.stderr
+  for name in ('residual_vs_t_ve.png', 'residual_vs_t_vp.png', 'samples_ve.png', 'samples_vp.png'):
+    path = os.path.join(workdir, name)
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert set(results) == {'ve', 'vp'}
+  for sde, rows in results.items():
+    assert set(rows) == {'DSM', 'DSM + FP', 'true samples'}
+    for label in ('DSM', 'DSM + FP'):
+      row = rows[label]
+      for key in ('nll_bpd', 'fp_residual_mean', 'swd', 'mmd', 'dsm_loss'):
+        assert row[key] is not None and math.isfinite(row[key]), (sde, label, key, row[key])
+      assert row['fp_residual_mean'] >= 0 and row['swd'] >= 0
+      assert len(row['t']) == len(row['residual']) == 3
+      # The table prints the same numbers.
+      assert f'{row["nll_bpd"]:.4f}' in out and f'{row["swd"]:.4f}' in out
+    # Checkerboard: the true NLL is log2(8) / 2 = 1.5 bits/dim exactly.
+    assert rows['true samples']['nll_bpd'] == pytest.approx(1.5)
+    assert rows['true samples']['fp_residual_mean'] is None

@@ -36,11 +36,16 @@ import run_lib
 import toy
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', 'demo_out', 'Folder for checkpoints, evaluation files, figures and results.json.')
-flags.DEFINE_enum('toy', 'checkerboard', list(toy.TOY_DENSITIES), 'The 2-D density.')
-flags.DEFINE_bool('quick', False, 'Tiny sizes (seconds, meaningless numbers): to test the pipeline.')
-flags.DEFINE_integer('pretrain_iters', 3000, 'DSM steps of the checkpoint both variants are fine-tuned from; '
-                     'the configs\' training.n_iters is the total.')
+
+
+def define_flags():
+  """The script's flags; defined only when run as a script, so that importing this module next to main.py
+  (which defines --workdir too) does not clash in absl's global flag registry."""
+  flags.DEFINE_string('workdir', 'demo_out', 'Folder for checkpoints, evaluation files, figures and results.json.')
+  flags.DEFINE_enum('toy', 'checkerboard', list(toy.TOY_DENSITIES), 'The 2-D density.')
+  flags.DEFINE_bool('quick', False, 'Tiny sizes (seconds, meaningless numbers): to test the pipeline.')
+  flags.DEFINE_integer('pretrain_iters', 3000, 'DSM steps of the checkpoint both variants are fine-tuned from; '
+                       'the configs\' training.n_iters is the total.')
 
 SDES = ('ve', 'vp')
 VARIANTS = (('dsm', 'DSM'), ('fp', 'DSM + FP'))
@@ -174,8 +179,6 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
     stage += 1
     logging.info('[%d/%d] %s SDE: DSM pretraining, %d steps in %s (%.0f s so far)', stage, stages, sde.upper(),
                  pretrain_iters, pretrain_dir, time.time() - start)
-    # Seeded here because the model is initialized before run_lib seeds its training noise.
-    torch.manual_seed(pretrain_config.seed)
     run_lib.train(pretrain_config, pretrain_dir)
     for variant, label in VARIANTS:
       stage += 1
@@ -187,7 +190,6 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
       run_lib.train(config, model_dir)
       logging.info('[%d/%d] %s SDE, %s: evaluating (likelihood, samples, score-FPE residual) (%.0f s so far)',
                    stage, stages, sde.upper(), label, time.time() - start)
-      torch.manual_seed(config.seed)
       run_lib.evaluate(config, model_dir, eval_folder='eval')
       rows[label] = read_results(config, os.path.join(model_dir, 'eval'))
     reference = reference_row(config)
@@ -230,4 +232,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -347,6 +347,8 @@ class NCSNpp(nn.Module):
 
     assert m_idx == len(modules)  # every module used exactly once
     if self.scale_by_sigma:
-      used_sigmas = used_sigmas.reshape((x.shape[0], *([1] * len(x.shape[1:]))))
+      # The `sigmas` buffer is float64 (as in Score SDE's checkpoints); dividing by it must not promote the
+      # output to float64, or the next sampler step meets a float32 conv with a float64 input.
+      used_sigmas = used_sigmas.to(h.dtype).reshape((x.shape[0], *([1] * len(x.shape[1:]))))
       h = h / used_sigmas
     return h

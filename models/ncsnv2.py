@@ -92,7 +92,8 @@ class _NCSNv2Base(nn.Module):
       inputs = [skip] if ref is None else [skip, ref]
       ref = getattr(self, name)(inputs, skip.shape[2:])
     output = self.end_conv(self.act(self.normalizer(ref)))
-    used_sigmas = self.sigmas[y].view(x.shape[0], *([1] * len(x.shape[1:])))
+    # float64 buffer (Score SDE's checkpoints): keep the output in the input's dtype.
+    used_sigmas = self.sigmas[y].to(output.dtype).view(x.shape[0], *([1] * len(x.shape[1:])))
     return output / used_sigmas
 
 

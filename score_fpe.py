@@ -1,0 +1,422 @@
+"""The score Fokker-Planck equation (score FPE) and its residuals (FP-Diffusion, Lai et al., ICML 2023).
+
+For a forward SDE dx = f(x, t) dt + g(t) dw with marginals p_t, the score s = grad_x log p_t satisfies
+
+  d_t s = grad_x Phi,   Phi(x, t) = 1/2 g(t)^2 [div_x s + |s|^2] - <f, s> - div_x f
+
+(the gradient of the log-density form of the Fokker-Planck equation). For a score model s(x, t) this module
+computes, once for every SDE and in terms of `sde.drift`, `sde.diffusion` and `sde.drift_divergence` only:
+
+  - the vector residual r = d_t s - grad_x Phi (shape of x), zero for the true score;
+  - the scalar term 1/2 g^2 [div_x s + |s|^2] - <f, s> (shape (B,)), which is what FP-Diffusion's released
+    code penalizes as its "scalar" FPE (no time derivative and no div_x f; see docs/score_fpe.md).
+
+Estimators (chosen in `ScoreFPE`):
+  - d_t s: a second-order three-point finite difference whose nodes always stay inside [eps, T], or the exact
+    derivative by forward-mode AD in t (one dual evaluation gives s and d_t s together);
+  - div_x s: Hutchinson's estimator (Gaussian or Rademacher probes, differentiable again in x), or the exact
+    trace of the Jacobian (D backward passes: small D only).
+
+A score function is `score_fn(x, t)` with x of any shape (B, ...) and t of shape (B,), returning the score,
+shape of x. Everything here is differentiable (to the order the loss needs) with respect to the score
+function's parameters.
+"""
+
+import collections
+import contextlib
+import logging
+import math
+
+import numpy as np
+import torch
+
+import utils
+
+TIME_DERIVATIVES = ('finite_difference', 'forward_ad')
+DIVERGENCES = ('hutchinson', 'exact')
+HUTCHINSON_TYPES = ('gaussian', 'rademacher')
+FP_WEIGHTINGS = ('constant', 'convention', 'll')
+
+
+def _expand(coeff, x):
+  """Reshapes a per-sample coefficient of shape (B,) to broadcast against x of shape (B, ...)."""
+  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
+
+
+def _sum_except_batch(x):
+  return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def data_dim(x):
+  """Number of dimensions D of one sample of the batch x."""
+  return math.prod(x.shape[1:])
+
+
+def _grad(output, x, grad_outputs, create_graph):
+  """d<output, grad_outputs>/dx; zeros (not an error) where `output` does not depend on x."""
+  (grad,) = torch.autograd.grad(output, x, grad_outputs=grad_outputs, create_graph=create_graph,
+                                retain_graph=True, allow_unused=True)
+  return torch.zeros_like(x) if grad is None else grad
+
+
+def hutchinson_probe(x, hutchinson_type='gaussian', generator=None):
+  """A probe v with E[v v^T] = I, shape of x: standard Gaussian, or Rademacher (+-1 with equal odds)."""
+  if hutchinson_type == 'gaussian':
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+  if hutchinson_type == 'rademacher':
+    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
+    return bits.to(x.dtype) * 2 - 1
+  raise ValueError(f'hutchinson_type={hutchinson_type!r}; choose one of {HUTCHINSON_TYPES!r}.')
+
+
+def hutchinson_divergence(s, x, num_probes=1, hutchinson_type='gaussian', create_graph=True, generator=None):
+  """Hutchinson's unbiased estimate of div_x s = tr(ds/dx): the mean over probes v of v^T (ds/dx) v.
+
+  Args:
+    s: the score s(x), computed from x (which requires grad), shape (B, ...).
+    x: the input, shape (B, ...).
+    num_probes: number of independent probes per sample.
+    hutchinson_type: 'gaussian' or 'rademacher'.
+    create_graph: keep the graph, so the estimate is differentiable again (in x and in parameters).
+    generator: optional `torch.Generator` for the probes.
+
+  Returns:
+    The estimate, shape (B,).
+  """
+  total = 0.
+  for _ in range(num_probes):
+    v = hutchinson_probe(x, hutchinson_type, generator)
+    total = total + _sum_except_batch(_grad(s, x, v, create_graph) * v)
+  return total / num_probes
+
+
+def exact_divergence(s, x, create_graph=True):
+  """div_x s = tr(ds/dx) exactly, by one backward pass per dimension (D passes: small D only).
+
+  Args:
+    s: the score s(x), computed from x (which requires grad), shape (B, ...).
+    x: the input, shape (B, ...).
+    create_graph: keep the graph, so the divergence is differentiable again.
+
+  Returns:
+    div_x s, shape (B,).
+  """
+  s_flat = s.reshape(s.shape[0], -1)
+  div = 0.
+  for i in range(s_flat.shape[1]):
+    unit = torch.zeros_like(s_flat)
+    unit[:, i] = 1.
+    div = div + _grad(s, x, unit.reshape(s.shape), create_graph).reshape(s.shape[0], -1)[:, i]
+  return div
+
+
+def finite_difference_nodes(t, hs, hd, eps, T):
+  """Offsets (a, b) of the three-point stencil {t + a, t, t + b} used for d_t s, per sample.
+
+  The released code always uses {t - hs, t, t + hd}, which leaves [0, T] for t < hs (and gives NaN for the VP
+  SDE, whose std is imaginary at t < 0). Here the stencil is {t - hs, t, t + hd} where it fits in [eps, T];
+  one-sided {t, t + hd, t + hd + hs} near eps and {t - hs - hd, t - hs, t} near T, both still second order.
+  The offsets are measured after rounding t + a, t + b to t's dtype, so the weights match the times
+  actually evaluated.
+
+  Returns:
+    (t_a, a, t_b, b): the evaluated times and their offsets from t, each shape (B,).
+  """
+  near_low = t - hs < eps
+  near_high = t + hd > T
+  a = torch.where(near_low, torch.full_like(t, hd), torch.full_like(t, -hs))
+  b = torch.where(near_low, torch.full_like(t, hd + hs), torch.full_like(t, hd))
+  a = torch.where(near_high & ~near_low, torch.full_like(t, -hs - hd), a)
+  b = torch.where(near_high & ~near_low, torch.full_like(t, -hs), b)
+  t_a = (t + a).clamp(eps, T)
+  t_b = (t + b).clamp(eps, T)
+  return t_a, t_a - t, t_b, t_b - t
+
+
+def finite_difference_weights(a, b):
+  """Weights (w_a, w_0, w_b) of the three-point derivative at t from values at t + a, t, t + b.
+
+  They are the derivatives at t of the Lagrange basis polynomials; with a = -hs, b = hd they give the
+  released code's [hs^2 s(t+hd) + (hd^2 - hs^2) s(t) - hd^2 s(t-hs)] / [hs hd (hs + hd)].
+  """
+  w_a = b / (a * (b - a))
+  w_0 = -(a + b) / (a * b)
+  w_b = -a / (b * (b - a))
+  return w_a, w_0, w_b
+
+
+def capture_rng_state(device):
+  """The state of the random generators a network evaluation on `device` may draw from (e.g. dropout)."""
+  cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+  return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replayed_rng(rng_state, device):
+  """Runs the body with the random generators set to `rng_state`, then puts back their current state.
+
+  Evaluating s(x, t + a) with the same random state as s(x, t) gives it the same dropout masks; otherwise the
+  finite difference would divide the difference of two dropout draws by a step of ~1e-3.
+  """
+  if rng_state is None:
+    yield
+    return
+  current = capture_rng_state(device)
+  torch.set_rng_state(rng_state[0])
+  if rng_state[1] is not None:
+    torch.cuda.set_rng_state(rng_state[1], device)
+  try:
+    yield
+  finally:
+    torch.set_rng_state(current[0])
+    if current[1] is not None:
+      torch.cuda.set_rng_state(current[1], device)
+
+
+def finite_difference_time_derivative(score_fn, x, t, s=None, hs=1e-3, hd=5e-4, eps=1e-5, T=1., rng_state=None):
+  """d_t s(x, t) by a second-order three-point finite difference with all times inside [eps, T].
+
+  Args:
+    score_fn: `score_fn(x, t)`.
+    x: points, shape (B, ...).
+    t: times, shape (B,).
+    s: `score_fn(x, t)` if already computed (it is reused, so this costs two network evaluations).
+    hs, hd: the backward and forward steps.
+    eps, T: the time interval the score function may be evaluated on.
+    rng_state: the random state `s` was evaluated with (`capture_rng_state`), replayed for the two other
+      evaluations so that a model in training mode uses the same dropout masks for all three.
+
+  Returns:
+    The estimate of d_t s, shape of x.
+  """
+  t_a, a, t_b, b = finite_difference_nodes(t, hs, hd, eps, T)
+  w_a, w_0, w_b = finite_difference_weights(a, b)
+  if s is None:
+    rng_state = capture_rng_state(x.device)
+    s = score_fn(x, t)
+  with replayed_rng(rng_state, x.device):
+    s_a = score_fn(x, t_a)
+  with replayed_rng(rng_state, x.device):
+    s_b = score_fn(x, t_b)
+  return _expand(w_a, x) * s_a + _expand(w_0, x) * s + _expand(w_b, x) * s_b
+
+
+def score_and_time_derivative(score_fn, x, t):
+  """s(x, t) and its exact time derivative d_t s(x, t), from one forward-mode evaluation in t.
+
+  `torch.func.jvp` is used rather than `torch.autograd.forward_ad` dual tensors: with the latter, reverse mode
+  through softmax's forward-mode formula fails (an in-place update of its saved exp), which breaks the
+  attention blocks of NCSN++/DDPM++. The outputs keep their reverse-mode graph (reverse-over-forward), so
+  both can be differentiated in x and in the parameters. The score function must be differentiable in t
+  (continuous-time models).
+
+  Returns:
+    (s, dsdt), each of the shape of x.
+  """
+  return torch.func.jvp(lambda time: score_fn(x, time), (t,), (torch.ones_like(t),))
+
+
+def fp_time_weight(sde, t, fp_wgt_type):
+  """lambda(t) of the vector term: 1 ('constant'), g(t) ('convention') or g(t)^2 ('ll'); shape (B,)."""
+  utils.check_choice('training.fp_wgt_type', fp_wgt_type, FP_WEIGHTINGS)
+  if fp_wgt_type == 'constant':
+    return torch.ones_like(t)
+  g = sde.diffusion(t)
+  return g if fp_wgt_type == 'convention' else g ** 2
+
+
+def per_sample_vector_term(r, m):
+  """|r|_2^m / D^m per sample (shape (B,)), the vector term before lambda(t) and the batch mean."""
+  r_flat = r.reshape(r.shape[0], -1)
+  if m == 2:
+    # Sum of squares rather than norm ** 2: smooth where r = 0 (the norm's gradient is not).
+    power = r_flat.square().sum(dim=1)
+  else:
+    power = torch.linalg.vector_norm(r_flat, dim=1) ** m
+  return power / float(r_flat.shape[1]) ** m
+
+
+# One network evaluation at (x, t): the score, d_t s where forward-mode AD gave it (else None), and the random
+# state it was drawn with (replayed by the finite difference).
+ScoreEvaluation = collections.namedtuple('ScoreEvaluation', ['s', 'dsdt', 'rng_state'])
+
+
+class ScoreFPE:
+  """Residuals of the score FPE for one SDE, with a choice of estimators.
+
+  Usage: `ev = fpe.evaluate_score(score_fn, x, t, with_time_derivative)` (x must require grad), then
+  `fpe.residuals(score_fn, x, t, ev, ...)`. The two steps are separate so that the DSM loss can use `ev.s`,
+  sharing the network evaluation at (x_t, t).
+  """
+
+  def __init__(self, sde, eps=1e-5, time_derivative='finite_difference', fd_hs=1e-3, fd_hd=5e-4,
+               divergence='hutchinson', hutchinson_type='gaussian', num_probes=1):
+    """Builds the estimator; arguments are validated (errors name the matching `config.training` field).
+
+    Args:
+      sde: an `sde_lib.SDE`.
+      eps: the smallest time the score function may be evaluated at (the finite difference stays >= eps).
+      time_derivative: 'finite_difference' or 'forward_ad'.
+      fd_hs, fd_hd: backward and forward steps of the finite difference, in (0, 0.05].
+      divergence: 'hutchinson' or 'exact'.
+      hutchinson_type: 'gaussian' or 'rademacher'.
+      num_probes: Hutchinson probes per sample (>= 1).
+    """
+    self.sde = sde
+    self.eps = utils.check_number('eps', eps, low=0., high=sde.T, high_open=True)
+    self.time_derivative = utils.check_choice('training.fp_time_derivative', time_derivative,
+                                              TIME_DERIVATIVES)
+    # Steps of at most 0.05 keep the one-sided stencils (span hs + hd) inside [eps, T].
+    self.fd_hs = utils.check_number('training.fp_fd_hs', fd_hs, low=0., high=0.05, low_open=True)
+    self.fd_hd = utils.check_number('training.fp_fd_hd', fd_hd, low=0., high=0.05, low_open=True)
+    self.divergence = utils.check_choice('training.fp_divergence', divergence, DIVERGENCES)
+    self.hutchinson_type = utils.check_choice('training.fp_hutchinson_type', hutchinson_type,
+                                              HUTCHINSON_TYPES)
+    self.num_probes = utils.check_number('training.fp_num_probes', num_probes, low=1, integer=True)
+
+  def evaluate_score(self, score_fn, x, t, with_time_derivative=True):
+    """One network evaluation at (x, t): a `ScoreEvaluation` (d_t s only by forward-mode AD)."""
+    if with_time_derivative and self.time_derivative == 'forward_ad':
+      return ScoreEvaluation(*score_and_time_derivative(score_fn, x, t), None)
+    rng_state = capture_rng_state(x.device) if with_time_derivative else None
+    return ScoreEvaluation(score_fn(x, t), None, rng_state)
+
+  def divergence_of(self, s, x, create_graph=True, generator=None):
+    """div_x s by the chosen estimator, shape (B,)."""
+    if self.divergence == 'exact':
+      return exact_divergence(s, x, create_graph=create_graph)
+    return hutchinson_divergence(s, x, self.num_probes, self.hutchinson_type, create_graph=create_graph,
+                                 generator=generator)
+
+  def time_derivative_of(self, score_fn, x, t, evaluation):
+    """d_t s at (x, t) by the chosen estimator, reusing `evaluation` where it can."""
+    if evaluation.dsdt is not None:
+      return evaluation.dsdt
+    if self.time_derivative == 'forward_ad':
+      return score_and_time_derivative(score_fn, x, t)[1]
+    return finite_difference_time_derivative(score_fn, x, t, s=evaluation.s, hs=self.fd_hs, hd=self.fd_hd,
+                                             eps=self.eps, T=self.sde.T, rng_state=evaluation.rng_state)
+
+  def residuals(self, score_fn, x, t, evaluation, vector=True, scalar=True, create_graph=True, generator=None):
+    """The score-FPE residuals at (x, t).
+
+    Args:
+      score_fn: `score_fn(x, t)`.
+      x: points, shape (B, ...), requiring grad.
+      t: times, shape (B,).
+      evaluation: `evaluate_score(score_fn, x, t, with_time_derivative=vector)`.
+      vector: compute the vector residual r = d_t s - grad_x Phi.
+      scalar: return the scalar term 1/2 g^2 [div s + |s|^2] - <f, s>.
+      create_graph: keep the graph for parameter gradients (True when training).
+      generator: optional `torch.Generator` for Hutchinson probes.
+
+    Returns:
+      A dict with 'scalar' (shape (B,)) if `scalar`, and 'vector' (shape of x) and 'time_derivative'
+      (d_t s) if `vector`.
+    """
+    out = {}
+    if not (vector or scalar):
+      return out
+    s = evaluation.s
+    g2 = self.sde.diffusion(t) ** 2
+    # The vector residual differentiates div s again in x, so its graph is needed even without create_graph.
+    div_s = self.divergence_of(s, x, create_graph=create_graph or vector, generator=generator)
+    f = self.sde.drift(x, t)
+    scalar_term = 0.5 * g2 * (div_s + _sum_except_batch(s ** 2)) - _sum_except_batch(f * s)
+    if scalar:
+      out['scalar'] = scalar_term
+    if vector:
+      phi = scalar_term - self.sde.drift_divergence(x, t)
+      grad_phi = _grad(phi.sum(), x, None, create_graph)
+      dsdt = self.time_derivative_of(score_fn, x, t, evaluation)
+      out['vector'] = dsdt - grad_phi
+      out['time_derivative'] = dsdt
+    return out
+
+
+def score_fpe_residuals(score_fn, sde, x, t, vector=True, scalar=True, create_graph=False, generator=None,
+                        **estimator_kwargs):
+  """The score-FPE residuals of `score_fn` at (x, t), evaluating the score itself (see `ScoreFPE.residuals`).
+
+  Args:
+    estimator_kwargs: keyword arguments of `ScoreFPE` (eps, time_derivative, fd_hs, fd_hd, divergence,
+      hutchinson_type, num_probes).
+
+  Returns:
+    The dict of `ScoreFPE.residuals`, plus 'score'.
+  """
+  fpe = ScoreFPE(sde, **estimator_kwargs)
+  with torch.enable_grad():
+    x = x.detach().requires_grad_(True)
+    evaluation = fpe.evaluate_score(score_fn, x, t, with_time_derivative=vector)
+    out = fpe.residuals(score_fn, x, t, evaluation, vector=vector, scalar=scalar, create_graph=create_graph,
+                        generator=generator)
+  out['score'] = evaluation.s
+  return out
+
+
+def residual_vs_time(score_fn, sde, x0, ts, fpe=None, fp_wgt_type='ll', m=2, batch_size=None, generator=None):
+  """The score-FPE residual of `score_fn` as a function of t: the paper's diagnostic.
+
+  For each t in `ts`, draws x_t ~ p_t(x_t | x0) (one sample per row of x0, noise from `generator`) and
+  evaluates the residuals there, without parameter gradients. Returned quantities, per t:
+    - 'residual': RMS per dimension of the vector residual, sqrt(mean over samples and dimensions of r^2);
+    - 'residual_weighted': the loss's vector term at that t, mean over samples of lambda(t) |r|^m / D^m;
+    - 'scalar': RMS over samples of the scalar term 1/2 g^2 [div s + |s|^2] - <f, s>;
+    - 'time_derivative': RMS per dimension of d_t s (the scale against which 'residual' is small or not).
+
+  Args:
+    score_fn: `score_fn(x, t)`, e.g. `models.utils.get_score_fn(sde, model, train=False, continuous=True)`.
+    sde: an `sde_lib.SDE`.
+    x0: clean data, shape (N, ...).
+    ts: times, a 1-D sequence in [eps, T].
+    fpe: a `ScoreFPE` (default: forward-mode AD for d_t s, one Gaussian Hutchinson probe).
+    fp_wgt_type, m: lambda(t) and the power of 'residual_weighted', as in the loss.
+    batch_size: evaluate x0 in chunks of this many samples (default: all at once).
+    generator: optional `torch.Generator` for the noise and the probes (same noise for every t if seeded).
+
+  Returns:
+    A dict of float64 numpy arrays of shape (len(ts),): 't', 'residual', 'residual_weighted', 'scalar',
+    'time_derivative'.
+  """
+  if fpe is None:
+    fpe = ScoreFPE(sde, eps=min(float(np.min(ts)), sde.sampling_eps), time_derivative='forward_ad')
+  ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+  n = x0.shape[0]
+  batch_size = n if batch_size is None else batch_size
+  names = ('residual', 'residual_weighted', 'scalar', 'time_derivative')
+  out = {name: np.zeros(len(ts)) for name in names}
+  D = data_dim(x0)
+  for i, t_value in enumerate(ts):
+    sums = dict.fromkeys(names, 0.)
+    for start in range(0, n, batch_size):
+      x0_chunk = x0[start:start + batch_size]
+      t = torch.full((x0_chunk.shape[0],), t_value, device=x0.device, dtype=x0.dtype)
+      mean, std = sde.marginal_prob(x0_chunk, t)
+      z = torch.randn(x0_chunk.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+      x_t = mean + _expand(std, x0_chunk) * z
+      with torch.enable_grad():
+        x_t = x_t.detach().requires_grad_(True)
+        evaluation = fpe.evaluate_score(score_fn, x_t, t, with_time_derivative=True)
+        res = fpe.residuals(score_fn, x_t, t, evaluation, create_graph=False, generator=generator)
+      r = res['vector'].detach()
+      lam = fp_time_weight(sde, t, fp_wgt_type)
+      sums['residual'] += r.square().sum().item()
+      sums['residual_weighted'] += (lam * per_sample_vector_term(r, m)).sum().item()
+      sums['scalar'] += res['scalar'].detach().square().sum().item()
+      sums['time_derivative'] += res['time_derivative'].detach().square().sum().item()
+    out['residual'][i] = math.sqrt(sums['residual'] / (n * D))
+    out['residual_weighted'][i] = sums['residual_weighted'] / n
+    out['scalar'][i] = math.sqrt(sums['scalar'] / n)
+    out['time_derivative'][i] = math.sqrt(sums['time_derivative'] / (n * D))
+    logging.debug('score-FPE residual at t=%.4g: %.4g', t_value, out['residual'][i])
+  out['t'] = ts
+  return out
+
+
+def fpe_from_config(config, sde, eps=1e-5):
+  """The `ScoreFPE` estimator that `config.training`'s fields describe (validated)."""
+  training = config.training
+  return ScoreFPE(sde, eps=eps, time_derivative=training.fp_time_derivative, fd_hs=training.fp_fd_hs,
+                  fd_hd=training.fp_fd_hd, divergence=training.fp_divergence,
+                  hutchinson_type=training.fp_hutchinson_type, num_probes=training.fp_num_probes)

@@ -10,32 +10,15 @@ Names and signatures are Score SDE's. Deliberate differences from the released c
   - `get_pc_conditional_sampler` takes a PyTorch classifier; see its docstring.
 """
 
-import functools
-
 import torch
 
 from models import utils as mutils
-from sampling import NoneCorrector, NonePredictor, shared_corrector_update_fn, shared_predictor_update_fn
+from sampling import NoneCorrector, NonePredictor, get_pc_update_fns
 
 
 def _batch_mul(coeff, x):
   """Multiplies x of shape (B, ...) by a per-sample coefficient of shape (B,)."""
   return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim())) * x
-
-
-def _update_fns(sde, predictor, corrector, snr, n_steps, probability_flow, continuous):
-  predictor_update_fn = functools.partial(shared_predictor_update_fn,
-                                          sde=sde,
-                                          predictor=predictor,
-                                          probability_flow=probability_flow,
-                                          continuous=continuous)
-  corrector_update_fn = functools.partial(shared_corrector_update_fn,
-                                          sde=sde,
-                                          corrector=corrector,
-                                          continuous=continuous,
-                                          snr=snr,
-                                          n_steps=n_steps)
-  return predictor_update_fn, corrector_update_fn
 
 
 def get_pc_inpainter(sde, predictor, corrector, inverse_scaler, snr,
@@ -61,8 +44,8 @@ def get_pc_inpainter(sde, predictor, corrector, inverse_scaler, snr,
   Returns:
     An inpainting function `pc_inpainter(model, data, mask)`.
   """
-  predictor_update_fn, corrector_update_fn = _update_fns(sde, predictor, corrector, snr, n_steps,
-                                                         probability_flow, continuous)
+  predictor_update_fn, corrector_update_fn = get_pc_update_fns(sde, predictor, corrector, snr, n_steps,
+                                                               probability_flow, continuous)
 
   def get_inpaint_update_fn(update_fn):
     """Modify the update function of predictor & corrector to incorporate data information."""
@@ -153,8 +136,8 @@ def get_pc_colorizer(sde, predictor, corrector, inverse_scaler,
   Returns:
     A colorization function `pc_colorizer(model, gray_scale_img)`.
   """
-  predictor_update_fn, corrector_update_fn = _update_fns(sde, predictor, corrector, snr, n_steps,
-                                                         probability_flow, continuous)
+  predictor_update_fn, corrector_update_fn = get_pc_update_fns(sde, predictor, corrector, snr, n_steps,
+                                                               probability_flow, continuous)
 
   def get_colorization_update_fn(update_fn):
     """Modify update functions of predictor & corrector to incorporate information of gray-scale images."""

@@ -395,6 +395,36 @@ def shared_corrector_update_fn(x, t, sde, model, corrector, continuous, snr, n_s
   return corrector_obj.update_fn(x, t)
 
 
+def get_pc_update_fns(sde, predictor, corrector, snr, n_steps, probability_flow, continuous):
+  """The predictor and corrector update functions of a PC sampler (shared with `controllable_generation`).
+
+  Args:
+    sde: An `sde_lib.SDE` object representing the forward SDE.
+    predictor: A subclass of `sampling.Predictor`, or `None` for a corrector-only sampler.
+    corrector: A subclass of `sampling.Corrector`, or `None` for a predictor-only sampler.
+    snr: A `float` number. The signal-to-noise ratio for configuring correctors.
+    n_steps: An integer. The number of corrector steps per predictor update.
+    probability_flow: If `True`, the predictor solves the reverse-time probability flow ODE.
+    continuous: `True` indicates that the score model was continuously trained.
+
+  Returns:
+    `(predictor_update_fn, corrector_update_fn)`, each called as `fn(x, t, model=model)` and returning
+    `(x, x_mean)`.
+  """
+  predictor_update_fn = functools.partial(shared_predictor_update_fn,
+                                          sde=sde,
+                                          predictor=predictor,
+                                          probability_flow=probability_flow,
+                                          continuous=continuous)
+  corrector_update_fn = functools.partial(shared_corrector_update_fn,
+                                          sde=sde,
+                                          corrector=corrector,
+                                          continuous=continuous,
+                                          snr=snr,
+                                          n_steps=n_steps)
+  return predictor_update_fn, corrector_update_fn
+
+
 def get_pc_sampler(sde, shape, predictor, corrector, inverse_scaler, snr,
                    n_steps=1, probability_flow=False, continuous=False,
                    denoise=True, eps=1e-3, device='cuda'):
@@ -422,18 +452,8 @@ def get_pc_sampler(sde, shape, predictor, corrector, inverse_scaler, snr,
     predictor(sde, lambda x, t: x, probability_flow)
   if corrector is not None:
     corrector(sde, lambda x, t: x, snr, n_steps)
-  # Create predictor & corrector update functions
-  predictor_update_fn = functools.partial(shared_predictor_update_fn,
-                                          sde=sde,
-                                          predictor=predictor,
-                                          probability_flow=probability_flow,
-                                          continuous=continuous)
-  corrector_update_fn = functools.partial(shared_corrector_update_fn,
-                                          sde=sde,
-                                          corrector=corrector,
-                                          continuous=continuous,
-                                          snr=snr,
-                                          n_steps=n_steps)
+  predictor_update_fn, corrector_update_fn = get_pc_update_fns(sde, predictor, corrector, snr, n_steps,
+                                                               probability_flow, continuous)
 
   def pc_sampler(model):
     """The PC sampler function.

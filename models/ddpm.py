@@ -46,9 +46,7 @@ class DDPM(nn.Module):
     if conditional:
       # Condition on noise levels.
       for dim_in in (nf, nf * 4):
-        modules.append(nn.Linear(dim_in, nf * 4))
-        modules[-1].weight.data = default_initializer()(modules[-1].weight.data.shape)
-        nn.init.zeros_(modules[-1].bias)
+        modules.append(layers.ddpm_linear(dim_in, nf * 4))
 
     self.centered = config.data.centered
     channels = config.data.num_channels

@@ -73,6 +73,14 @@ class Dense(nn.Module):
   """Linear layer with `default_init` (a placeholder, as in Score SDE)."""
 
 
+def ddpm_linear(in_features, out_features):
+  """Linear layer with DDPM initialization (`default_init` weights, zero bias), as Score SDE's `nn.Dense`."""
+  dense = nn.Linear(in_features, out_features)
+  dense.weight.data = default_init()(dense.weight.data.shape)
+  nn.init.zeros_(dense.bias)
+  return dense
+
+
 def ddpm_conv1x1(in_planes, out_planes, stride=1, bias=True, init_scale=1., padding=0):
   """1x1 convolution with DDPM initialization."""
   conv = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=padding, bias=bias)
@@ -333,6 +341,50 @@ def _check_resample(resample):
     raise ValueError(f"resample={resample!r} is not allowed; choose one of ('down', None).")
 
 
+def _residual_convs(input_dim, output_dim, resample, dilation, adjust_padding, make_norm):
+  """The convolutions and inner normalization of NCSN's and NCSNv2's residual blocks.
+
+  Both blocks of Score SDE build the same layers; they differ only in the normalization's signature (NCSN's
+  is conditional on the noise level). The modules are created in Score SDE's order (conv1, normalize2,
+  conv2), so a seeded initialization draws the same weights.
+
+  Args:
+    input_dim: Channels in.
+    output_dim: Channels out.
+    resample: 'down' (downsample by 2) or None.
+    dilation: Dilation of the 3x3 convolutions; 1 for none.
+    adjust_padding: Passed to `ConvMeanPool` (NCSNv2's padding for odd sizes).
+    make_norm: `make_norm(channels)` returns the normalization module.
+
+  Returns:
+    `(conv1, normalize2, conv2, conv_shortcut)`, where `conv_shortcut(input_dim, output_dim)` builds the
+    shortcut convolution when the block needs one.
+  """
+  if resample == 'down':
+    if dilation > 1:
+      conv1 = _dilated_conv3x3(input_dim, input_dim, dilation)
+      normalize2 = make_norm(input_dim)
+      conv2 = _dilated_conv3x3(input_dim, output_dim, dilation)
+      conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
+    else:
+      conv1 = ncsn_conv3x3(input_dim, input_dim)
+      normalize2 = make_norm(input_dim)
+      conv2 = ConvMeanPool(input_dim, output_dim, 3, adjust_padding=adjust_padding)
+      conv_shortcut = functools.partial(ConvMeanPool, kernel_size=1, adjust_padding=adjust_padding)
+  elif dilation > 1:
+    conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
+    conv1 = _dilated_conv3x3(input_dim, output_dim, dilation)
+    normalize2 = make_norm(output_dim)
+    conv2 = _dilated_conv3x3(output_dim, output_dim, dilation)
+  else:
+    # Score SDE's NCSN block used a bare nn.Conv2d (no kernel size: a crash); a 1x1 conv as in NCSNv2's.
+    conv_shortcut = ncsn_conv1x1
+    conv1 = ncsn_conv3x3(input_dim, output_dim)
+    normalize2 = make_norm(output_dim)
+    conv2 = ncsn_conv3x3(output_dim, output_dim)
+  return conv1, normalize2, conv2, conv_shortcut
+
+
 class ConditionalResidualBlock(nn.Module):
   """NCSN's noise-conditional residual block."""
 
@@ -347,29 +399,9 @@ class ConditionalResidualBlock(nn.Module):
     self.output_dim = output_dim
     self.resample = resample
     self.normalization = normalization
-    if resample == 'down':
-      if dilation > 1:
-        self.conv1 = _dilated_conv3x3(input_dim, input_dim, dilation)
-        self.normalize2 = normalization(input_dim, num_classes)
-        self.conv2 = _dilated_conv3x3(input_dim, output_dim, dilation)
-        conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
-      else:
-        self.conv1 = ncsn_conv3x3(input_dim, input_dim)
-        self.normalize2 = normalization(input_dim, num_classes)
-        self.conv2 = ConvMeanPool(input_dim, output_dim, 3, adjust_padding=adjust_padding)
-        conv_shortcut = functools.partial(ConvMeanPool, kernel_size=1, adjust_padding=adjust_padding)
-    else:
-      if dilation > 1:
-        conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
-        self.conv1 = _dilated_conv3x3(input_dim, output_dim, dilation)
-        self.normalize2 = normalization(output_dim, num_classes)
-        self.conv2 = _dilated_conv3x3(output_dim, output_dim, dilation)
-      else:
-        # Score SDE used a bare nn.Conv2d (no kernel size: a crash); a 1x1 conv as in ResidualBlock.
-        conv_shortcut = ncsn_conv1x1
-        self.conv1 = ncsn_conv3x3(input_dim, output_dim)
-        self.normalize2 = normalization(output_dim, num_classes)
-        self.conv2 = ncsn_conv3x3(output_dim, output_dim)
+    self.conv1, self.normalize2, self.conv2, conv_shortcut = _residual_convs(
+        input_dim, output_dim, resample, dilation, adjust_padding,
+        lambda channels: normalization(channels, num_classes))
 
     if output_dim != input_dim or resample is not None:
       self.shortcut = conv_shortcut(input_dim, output_dim)
@@ -398,28 +430,8 @@ class ResidualBlock(nn.Module):
     self.output_dim = output_dim
     self.resample = resample
     self.normalization = normalization
-    if resample == 'down':
-      if dilation > 1:
-        self.conv1 = _dilated_conv3x3(input_dim, input_dim, dilation)
-        self.normalize2 = normalization(input_dim)
-        self.conv2 = _dilated_conv3x3(input_dim, output_dim, dilation)
-        conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
-      else:
-        self.conv1 = ncsn_conv3x3(input_dim, input_dim)
-        self.normalize2 = normalization(input_dim)
-        self.conv2 = ConvMeanPool(input_dim, output_dim, 3, adjust_padding=adjust_padding)
-        conv_shortcut = functools.partial(ConvMeanPool, kernel_size=1, adjust_padding=adjust_padding)
-    else:
-      if dilation > 1:
-        conv_shortcut = functools.partial(_dilated_conv3x3, dilation=dilation)
-        self.conv1 = _dilated_conv3x3(input_dim, output_dim, dilation)
-        self.normalize2 = normalization(output_dim)
-        self.conv2 = _dilated_conv3x3(output_dim, output_dim, dilation)
-      else:
-        conv_shortcut = ncsn_conv1x1
-        self.conv1 = ncsn_conv3x3(input_dim, output_dim)
-        self.normalize2 = normalization(output_dim)
-        self.conv2 = ncsn_conv3x3(output_dim, output_dim)
+    self.conv1, self.normalize2, self.conv2, conv_shortcut = _residual_convs(
+        input_dim, output_dim, resample, dilation, adjust_padding, normalization)
 
     if output_dim != input_dim or resample is not None:
       self.shortcut = conv_shortcut(input_dim, output_dim)
@@ -540,6 +552,31 @@ class Downsample(nn.Module):
     return F.avg_pool2d(x, kernel_size=2, stride=2, padding=0)
 
 
+def ddpm_resnet_paths(block, x, temb=None):
+  """The shortcut and residual paths of DDPM's ResNet block, before they are summed.
+
+  DDPM's block and DDPM++'s (`layerspp.ResnetBlockDDPMpp`) run the same layers, under the same attribute
+  names (Score SDE's checkpoint keys), and differ only in how the two paths are summed.
+
+  Args:
+    block: A `ResnetBlockDDPM` or `layerspp.ResnetBlockDDPMpp`.
+    x: Input of shape (B, in_ch, H, W).
+    temb: Time embedding of shape (B, temb_dim), or None for an unconditional block.
+
+  Returns:
+    `(shortcut, residual)`, each of shape (B, out_ch, H, W).
+  """
+  h = block.Conv_0(block.act(block.GroupNorm_0(x)))
+  # Add bias to each feature map conditioned on the time embedding
+  if temb is not None:
+    h = h + block.Dense_0(block.act(temb))[:, :, None, None]
+  h = block.Dropout_0(block.act(block.GroupNorm_1(h)))
+  h = block.Conv_1(h)
+  if block.in_ch != block.out_ch:
+    x = block.Conv_2(x) if block.conv_shortcut else block.NIN_0(x)
+  return x, h
+
+
 class ResnetBlockDDPM(nn.Module):
   """The ResNet Blocks used in DDPM."""
 
@@ -551,9 +588,7 @@ class ResnetBlockDDPM(nn.Module):
     self.act = act
     self.Conv_0 = ddpm_conv3x3(in_ch, out_ch)
     if temb_dim is not None:
-      self.Dense_0 = nn.Linear(temb_dim, out_ch)
-      self.Dense_0.weight.data = default_init()(self.Dense_0.weight.data.shape)
-      nn.init.zeros_(self.Dense_0.bias)
+      self.Dense_0 = ddpm_linear(temb_dim, out_ch)
     self.GroupNorm_1 = nn.GroupNorm(num_groups=32, num_channels=out_ch, eps=1e-6)
     self.Dropout_0 = nn.Dropout(dropout)
     self.Conv_1 = ddpm_conv3x3(out_ch, out_ch, init_scale=0.)
@@ -567,12 +602,5 @@ class ResnetBlockDDPM(nn.Module):
     self.conv_shortcut = conv_shortcut
 
   def forward(self, x, temb=None):
-    h = self.Conv_0(self.act(self.GroupNorm_0(x)))
-    # Add bias to each feature map conditioned on the time embedding
-    if temb is not None:
-      h = h + self.Dense_0(self.act(temb))[:, :, None, None]
-    h = self.Dropout_0(self.act(self.GroupNorm_1(h)))
-    h = self.Conv_1(h)
-    if self.in_ch != self.out_ch:
-      x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
+    x, h = ddpm_resnet_paths(self, x, temb)
     return x + h

@@ -147,9 +147,7 @@ class ResnetBlockDDPMpp(nn.Module):
     self.GroupNorm_0 = _group_norm(in_ch)
     self.Conv_0 = conv3x3(in_ch, out_ch)
     if temb_dim is not None:
-      self.Dense_0 = nn.Linear(temb_dim, out_ch)
-      self.Dense_0.weight.data = default_init()(self.Dense_0.weight.data.shape)
-      nn.init.zeros_(self.Dense_0.bias)
+      self.Dense_0 = layers.ddpm_linear(temb_dim, out_ch)
     self.GroupNorm_1 = _group_norm(out_ch)
     self.Dropout_0 = nn.Dropout(dropout)
     self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
@@ -165,13 +163,7 @@ class ResnetBlockDDPMpp(nn.Module):
     self.conv_shortcut = conv_shortcut
 
   def forward(self, x, temb=None):
-    h = self.Conv_0(self.act(self.GroupNorm_0(x)))
-    if temb is not None:
-      h = h + self.Dense_0(self.act(temb))[:, :, None, None]
-    h = self.Dropout_0(self.act(self.GroupNorm_1(h)))
-    h = self.Conv_1(h)
-    if self.in_ch != self.out_ch:
-      x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)
+    x, h = layers.ddpm_resnet_paths(self, x, temb)
     return _skip_sum(x, h, self.skip_rescale)
 
 
@@ -189,9 +181,7 @@ class ResnetBlockBigGANpp(nn.Module):
     self.fir_kernel = fir_kernel
     self.Conv_0 = conv3x3(in_ch, out_ch)
     if temb_dim is not None:
-      self.Dense_0 = nn.Linear(temb_dim, out_ch)
-      self.Dense_0.weight.data = default_init()(self.Dense_0.weight.shape)
-      nn.init.zeros_(self.Dense_0.bias)
+      self.Dense_0 = layers.ddpm_linear(temb_dim, out_ch)
     self.GroupNorm_1 = _group_norm(out_ch)
     self.Dropout_0 = nn.Dropout(dropout)
     self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)

@@ -126,9 +126,7 @@ class NCSNpp(nn.Module):
 
     if conditional:
       for dim_in in (embed_dim, nf * 4):
-        modules.append(nn.Linear(dim_in, nf * 4))
-        modules[-1].weight.data = default_initializer()(modules[-1].weight.shape)
-        nn.init.zeros_(modules[-1].bias)
+        modules.append(layers.ddpm_linear(dim_in, nf * 4))
 
     AttnBlock = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale, skip_rescale=skip_rescale)
     Upsample = functools.partial(layerspp.Upsample, with_conv=resamp_with_conv, fir=fir, fir_kernel=fir_kernel)

@@ -15,7 +15,7 @@ import torch
 
 import controllable_generation as cg
 import sampling
-from test_sde import ExactScoreModel, GaussianData, make_sde
+from helpers import ExactScoreModel, GaussianData, make_sde
 
 IDENTITY = lambda v: v
 

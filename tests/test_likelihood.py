@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import likelihood
-from test_sde import SDE_KINDS, ExactScoreModel, GaussianData, make_sde
+from helpers import SDE_KINDS, ExactScoreModel, GaussianData, make_sde, tiny_ncsnpp_with_sde
 
 
 def exact_bpd_and_latent(sde, data, x, eps):
@@ -128,9 +128,8 @@ def test_invalid_hutchinson_type():
 
 @pytest.mark.parametrize('sde_name', ['vesde'])
 def test_likelihood_runs_on_tiny_ncsnpp(sde_name):
-  from test_sampling import tiny_ncsnpp
   import datasets
-  net, sde, config = tiny_ncsnpp(sde_name, True)
+  net, sde, config = tiny_ncsnpp_with_sde(sde_name, True)
   fn = likelihood.get_likelihood_fn(sde, datasets.get_data_inverse_scaler(config), rtol=1e-2, atol=1e-2,
                                     eps=sde.sampling_eps)
   data = torch.rand(2, 3, 8, 8) * 2 - 1  # centered data, as the config says

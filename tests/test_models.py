@@ -15,6 +15,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import models  # noqa: F401  (registers every architecture)
 import sde_lib
 from configs.default_cifar10_configs import get_default_configs
+from helpers import tiny_ncsnpp_config
 from models import utils as mutils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,43 +102,6 @@ def test_reproduces_score_sde_outputs(filename):
   # Elementwise too, relative to the output's scale at each time.
   scale = ref['score'].flatten(1).abs().amax(1)[:, None, None, None]
   assert torch.all((score - ref['score']).abs() <= 1e-4 * scale)
-
-
-def tiny_ncsnpp_config(**model_overrides):
-  config = get_default_configs()
-  config.training.sde = 'vesde'
-  config.training.continuous = True
-  config.data.image_size = 8
-  config.data.num_channels = 2
-  model = config.model
-  model.name = 'ncsnpp'
-  model.scale_by_sigma = True
-  model.ema_rate = 0.999
-  model.normalization = 'GroupNorm'
-  model.nonlinearity = 'swish'
-  model.nf = 16
-  model.ch_mult = (1, 2)
-  model.num_res_blocks = 1
-  model.attn_resolutions = (4,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = True
-  model.fir_kernel = [1, 3, 3, 1]
-  model.skip_rescale = True
-  model.resblock_type = 'biggan'
-  model.progressive = 'output_skip'
-  model.progressive_input = 'input_skip'
-  model.progressive_combine = 'sum'
-  model.attention_type = 'ddpm'
-  model.init_scale = 0.
-  model.fourier_scale = 16
-  model.conv_size = 3
-  model.embedding_type = 'fourier'
-  model.dropout = 0.
-  for key, value in model_overrides.items():
-    setattr(model, key, value)
-  config.device = torch.device('cpu')
-  return config
 
 
 def _randomize(model, seed=0):

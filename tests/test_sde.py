@@ -1,9 +1,7 @@
 """The SDEs against exact answers: simulation, closed forms, autograd, Score SDE's discretizations.
 
-Also holds the exact Gaussian helpers that the sampler, likelihood and controllable-generation tests share:
-for data N(mu, diag(s0^2)) the marginal of every SDE here is p_t = N(a(t) mu, diag(a(t)^2 s0^2 + sigma(t)^2)),
-with a(t) and sigma(t) the mean coefficient and std of `marginal_prob`, so its score and log-density are known
-at every t.
+The exact Gaussian helpers these tests share with the sampler, likelihood and controllable-generation tests
+live in `helpers.py`.
 """
 
 import math
@@ -14,89 +12,7 @@ import pytest
 import torch
 
 import sde_lib
-
-SDE_KINDS = ('ve', 'vp', 'subvp')
-
-
-def make_sde(kind, N=1000):
-  """Score SDE's default schedules (VE's sigma_max reduced to keep the toy problems well scaled)."""
-  if kind == 've':
-    return sde_lib.VESDE(sigma_min=0.01, sigma_max=10., N=N)
-  if kind == 'vp':
-    return sde_lib.VPSDE(beta_min=0.1, beta_max=20., N=N)
-  return sde_lib.subVPSDE(beta_min=0.1, beta_max=20., N=N)
-
-
-def mean_coeff_and_std(sde, t, data_shape):
-  """a(t), broadcast to (B, *data_shape), and sigma(t), shape (B,), read from `sde.marginal_prob`."""
-  ones = torch.ones((t.shape[0],) + tuple(data_shape), dtype=t.dtype)
-  mean, std = sde.marginal_prob(ones, t)
-  return mean, std
-
-
-def _expand(c, x):
-  return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
-
-
-class GaussianData:
-  """Data N(mu, diag(s0^2)) of any per-sample shape, and its exact marginals under an SDE."""
-
-  def __init__(self, mu, s0):
-    self.mu = torch.as_tensor(mu, dtype=torch.float64)
-    self.s0 = torch.as_tensor(s0, dtype=torch.float64)
-    self.shape = tuple(self.mu.shape)
-
-  def sample(self, n, generator=None):
-    z = torch.randn((n,) + self.shape, dtype=torch.float64, generator=generator)
-    return self.mu + self.s0 * z
-
-  def marginal(self, sde, t):
-    """Mean and variance of p_t, each of shape (B, *shape), for t of shape (B,)."""
-    a, sigma = mean_coeff_and_std(sde, t.double(), self.shape)
-    return a * self.mu, a ** 2 * self.s0 ** 2 + _expand(sigma.double(), a) ** 2
-
-  def score(self, sde, x, t):
-    m, v = self.marginal(sde, t)
-    return (-(x.double() - m) / v).to(x.dtype)
-
-  def logp(self, sde, x, t):
-    m, v = self.marginal(sde, t)
-    lp = -0.5 * (x.double() - m) ** 2 / v - 0.5 * torch.log(2 * math.pi * v)
-    return lp.reshape(lp.shape[0], -1).sum(1)
-
-
-def label_to_time(sde, labels, continuous):
-  """Inverts `sde.network_time_label` (the test knows the SDE classes; the library does not need to)."""
-  labels = labels.double()
-  if isinstance(sde, sde_lib.VESDE):
-    if continuous:
-      return torch.log(labels / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
-    return sde.T - labels / (sde.N - 1)
-  return labels / 999. if continuous else labels / (sde.N - 1)
-
-
-class ExactScoreModel(torch.nn.Module):
-  """A "score model" whose output, after `sde.score_from_output`, is the exact score of Gaussian data.
-
-  It goes through the same path as a network: `models.utils.get_score_fn` forms the label from t, the model
-  recovers t from the label, and the output is scaled so that `score_from_output` (linear in the output)
-  returns the exact score.
-  """
-
-  def __init__(self, sde, data, continuous=True):
-    super().__init__()
-    self.sde = sde
-    self.data = data
-    self.continuous = continuous
-    self.calls = 0
-
-  def forward(self, x, labels):
-    self.calls += 1
-    t = label_to_time(self.sde, labels, self.continuous).to(x.dtype)
-    score = self.data.score(self.sde, x, t)
-    unit = self.sde.score_from_output(torch.ones_like(x), x, t, self.continuous)
-    return score / unit
-
+from helpers import SDE_KINDS, ExactScoreModel, GaussianData, make_sde
 
 # ---------------------------------------------------------------------------------------------------------
 # marginal_prob against a simulation of the SDE

@@ -1,0 +1,176 @@
+"""Helpers shared by the tests: exact Gaussian answers for every SDE, and a tiny NCSN++.
+
+For data N(mu, diag(s0^2)) the marginal of every SDE here is p_t = N(a(t) mu, diag(a(t)^2 s0^2 + sigma(t)^2)),
+with a(t) and sigma(t) the mean coefficient and std of `marginal_prob`, so its score and log-density are known
+at every t. The SDE, sampler, likelihood and controllable-generation tests check against these.
+
+`tiny_ncsnpp_config` is the one NCSN++ configuration the model and sampler tests shrink (CPU, seconds).
+"""
+
+import math
+
+import torch
+
+import sde_lib
+from configs.default_cifar10_configs import get_default_configs
+
+SDE_KINDS = ('ve', 'vp', 'subvp')
+
+
+def make_sde(kind, N=1000):
+  """Score SDE's default schedules (VE's sigma_max reduced to keep the toy problems well scaled)."""
+  if kind == 've':
+    return sde_lib.VESDE(sigma_min=0.01, sigma_max=10., N=N)
+  if kind == 'vp':
+    return sde_lib.VPSDE(beta_min=0.1, beta_max=20., N=N)
+  return sde_lib.subVPSDE(beta_min=0.1, beta_max=20., N=N)
+
+
+def mean_coeff_and_std(sde, t, data_shape):
+  """a(t), broadcast to (B, *data_shape), and sigma(t), shape (B,), read from `sde.marginal_prob`."""
+  ones = torch.ones((t.shape[0],) + tuple(data_shape), dtype=t.dtype)
+  mean, std = sde.marginal_prob(ones, t)
+  return mean, std
+
+
+def _expand(c, x):
+  return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+class GaussianData:
+  """Data N(mu, diag(s0^2)) of any per-sample shape, and its exact marginals under an SDE."""
+
+  def __init__(self, mu, s0):
+    self.mu = torch.as_tensor(mu, dtype=torch.float64)
+    self.s0 = torch.as_tensor(s0, dtype=torch.float64)
+    self.shape = tuple(self.mu.shape)
+
+  def sample(self, n, generator=None):
+    z = torch.randn((n,) + self.shape, dtype=torch.float64, generator=generator)
+    return self.mu + self.s0 * z
+
+  def marginal(self, sde, t):
+    """Mean and variance of p_t, each of shape (B, *shape), for t of shape (B,)."""
+    a, sigma = mean_coeff_and_std(sde, t.double(), self.shape)
+    return a * self.mu, a ** 2 * self.s0 ** 2 + _expand(sigma.double(), a) ** 2
+
+  def score(self, sde, x, t):
+    m, v = self.marginal(sde, t)
+    return (-(x.double() - m) / v).to(x.dtype)
+
+  def logp(self, sde, x, t):
+    m, v = self.marginal(sde, t)
+    lp = -0.5 * (x.double() - m) ** 2 / v - 0.5 * torch.log(2 * math.pi * v)
+    return lp.reshape(lp.shape[0], -1).sum(1)
+
+
+def label_to_time(sde, labels, continuous):
+  """Inverts `sde.network_time_label` (the test knows the SDE classes; the library does not need to)."""
+  labels = labels.double()
+  if isinstance(sde, sde_lib.VESDE):
+    if continuous:
+      return torch.log(labels / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
+    return sde.T - labels / (sde.N - 1)
+  return labels / 999. if continuous else labels / (sde.N - 1)
+
+
+class ExactScoreModel(torch.nn.Module):
+  """A "score model" whose output, after `sde.score_from_output`, is the exact score of Gaussian data.
+
+  It goes through the same path as a network: `models.utils.get_score_fn` forms the label from t, the model
+  recovers t from the label, and the output is scaled so that `score_from_output` (linear in the output)
+  returns the exact score.
+  """
+
+  def __init__(self, sde, data, continuous=True):
+    super().__init__()
+    self.sde = sde
+    self.data = data
+    self.continuous = continuous
+    self.calls = 0
+
+  def forward(self, x, labels):
+    self.calls += 1
+    t = label_to_time(self.sde, labels, self.continuous).to(x.dtype)
+    score = self.data.score(self.sde, x, t)
+    unit = self.sde.score_from_output(torch.ones_like(x), x, t, self.continuous)
+    return score / unit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny NCSN++
+
+
+def tiny_ncsnpp_config(sde_name='vesde', continuous=True, image_size=8, num_channels=2, **model_overrides):
+  """Score SDE's NCSN++ (BigGAN blocks, FIR, output/input skips) with nf 16 and two resolutions, on CPU.
+
+  Args:
+    sde_name: `config.training.sde`.
+    continuous: `config.training.continuous`.
+    image_size: `config.data.image_size`; a multiple of 4 (attention runs at image_size // 2 = 4 for 8).
+    num_channels: `config.data.num_channels`.
+    **model_overrides: `config.model` fields to set after the defaults here (Fourier embedding, scaled by
+      sigma: Score SDE's VE continuous choices).
+
+  Returns:
+    An `ml_collections.ConfigDict` on top of `configs.default_cifar10_configs`.
+  """
+  config = get_default_configs()
+  config.training.sde = sde_name
+  config.training.continuous = continuous
+  config.data.image_size = image_size
+  config.data.num_channels = num_channels
+  model = config.model
+  model.name = 'ncsnpp'
+  model.scale_by_sigma = True
+  model.ema_rate = 0.999
+  model.normalization = 'GroupNorm'
+  model.nonlinearity = 'swish'
+  model.nf = 16
+  model.ch_mult = (1, 2)
+  model.num_res_blocks = 1
+  model.attn_resolutions = (4,)
+  model.resamp_with_conv = True
+  model.conditional = True
+  model.fir = True
+  model.fir_kernel = [1, 3, 3, 1]
+  model.skip_rescale = True
+  model.resblock_type = 'biggan'
+  model.progressive = 'output_skip'
+  model.progressive_input = 'input_skip'
+  model.progressive_combine = 'sum'
+  model.attention_type = 'ddpm'
+  model.init_scale = 0.
+  model.fourier_scale = 16
+  model.conv_size = 3
+  model.embedding_type = 'fourier'
+  model.dropout = 0.
+  for key, value in model_overrides.items():
+    setattr(model, key, value)
+  config.device = torch.device('cpu')
+  return config
+
+
+def tiny_ncsnpp_with_sde(sde_name, continuous, image_size=8, num_scales=25):
+  """A tiny NCSN++ on 3-channel centered data, as `models.utils.create_model` builds it, its SDE and config.
+
+  The weights are random (seed 0), so end-to-end tests check shapes, finiteness and the time-label paths, not
+  sample quality.
+  """
+  from models import utils as mutils
+  import models  # noqa: F401  (registers every architecture)
+  # Score SDE's VE models use Fourier features of sigma; VP/sub-VP and discrete models positional ones.
+  fourier = sde_name == 'vesde' and continuous
+  config = tiny_ncsnpp_config(sde_name, continuous, image_size=image_size, num_channels=3,
+                              num_scales=num_scales, sigma_max=5,
+                              embedding_type='fourier' if fourier else 'positional',
+                              scale_by_sigma=sde_name == 'vesde')
+  config.data.centered = True
+  torch.manual_seed(0)
+  net = mutils.create_model(config)
+  # Score SDE zero-initializes the output layers (init_scale = 0); perturb every weight so the output is not
+  # trivially zero.
+  with torch.no_grad():
+    for p in net.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return net, sde_lib.sde_from_config(config), config

@@ -101,8 +101,11 @@ def checkpoint_safe_globals():
   return allowed
 
 
-def _load_checkpoint_file(path, device):
-  """`torch.load`s a checkpoint without running code from it; raises `CheckpointError` if it needs more."""
+def load_checkpoint_file(path, device='cpu'):
+  """`torch.load`s a checkpoint without running code from it; raises `CheckpointError` if it needs more.
+
+  The raw dict, unchecked against any model: for tools that read a checkpoint's step or weights.
+  """
   try:
     with torch.serialization.safe_globals(checkpoint_safe_globals()):
       return torch.load(path, map_location=device, weights_only=True)
@@ -199,7 +202,7 @@ def restore_checkpoint(ckpt_dir, state, device):
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.warning('No checkpoint found at %s. Returned the same state as input', ckpt_dir)
     return state
-  loaded = _load_checkpoint_file(path, device)
+  loaded = load_checkpoint_file(path, device)
   _check_checkpoint(path, loaded, state)
   state['model'].load_state_dict(loaded['model'], strict=True)
   state['ema'].load_state_dict(loaded['ema'])

@@ -83,7 +83,7 @@ def test_round_trip_restores_identical_state(tmp_path):
   lr = restored['optimizer'].param_groups[0]['lr']
   assert isinstance(lr, np.float64) and lr == 2e-4 * 7 / 5000
   # Score SDE's format: exactly the four entries, the model's keys carrying DataParallel's prefix.
-  raw = torch.load(path, weights_only=False)
+  raw = utils.load_checkpoint_file(path)
   assert sorted(raw) == sorted(utils.CHECKPOINT_KEYS)
   assert all(k.startswith('module.') for k in raw['model'])
 

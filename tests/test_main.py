@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
+
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, 'tests', 'configs_tiny.py')
@@ -31,8 +32,7 @@ def test_main_train_then_eval(tmp_path):
   assert 'step: 2, training_loss:' in log and 'fp_vector' in log
   # The override reached the config.
   assert 'alpha: 0.02' in log
-  ckpt = torch.load(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'), map_location='cpu',
-                    weights_only=False)
+  ckpt = utils.load_checkpoint_file(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'))
   assert int(ckpt['step']) == 2
 
   # Eval mode (loss only; bits/dim, samples and the residual are tested in-process in test_run_lib.py).

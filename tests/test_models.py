@@ -87,8 +87,7 @@ def _config_from_dict(d):
 
 @pytest.mark.parametrize('filename', REFERENCE_FILES)
 def test_reproduces_score_sde_outputs(filename):
-  # Trusted fixture, written by Score SDE PyTorch: a full pickle is fine here.
-  ref = torch.load(os.path.join(SPEC, 'reference_outputs', filename), weights_only=False)
+  ref = torch.load(os.path.join(SPEC, 'reference_outputs', filename), weights_only=True)
   config = _config_from_dict(ref['config'])
   model = mutils.create_model(config)
   assert isinstance(model, torch.nn.DataParallel)

@@ -36,7 +36,7 @@ def npz_config(tmp_path):
 
 
 def _step(path):
-  return int(torch.load(path, map_location='cpu', weights_only=False)['step'])
+  return int(utils.load_checkpoint_file(path)['step'])
 
 
 def _snapshot(root):
@@ -202,7 +202,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(npz_config, tmp
   meta = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
   assert _step(meta) == 2
   assert _step(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')) == 2
-  weights = torch.load(meta, map_location='cpu', weights_only=False)['model']
+  weights = utils.load_checkpoint_file(meta)['model']
   assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 

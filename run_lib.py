@@ -536,11 +536,11 @@ def _setup_evaluation(config, workdir, eval_folder):
   inverse_scaler = datasets.get_data_inverse_scaler(config)
   uniform_dequantization = _check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
   _, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization, evaluation=True)
-  ctx = types.SimpleNamespace(config=config, settings=settings, sde=sde, state=state, continuous=continuous,
-                     scaler=scaler, eval_ds=eval_ds, terms=_active_terms(config), eval_step_fn=None, ds_bpd=None,
-                     likelihood_fn=None, sampling_fn=None, inception_model=None, inceptionv3=False, fpe=None,
-                     checkpoint_dir=os.path.join(workdir, 'checkpoints'),
-                     eval_dir=os.path.join(workdir, eval_folder))
+  ctx = types.SimpleNamespace(
+      config=config, settings=settings, sde=sde, state=state, continuous=continuous, scaler=scaler,
+      eval_ds=eval_ds, terms=_active_terms(config), eval_step_fn=None, ds_bpd=None, likelihood_fn=None,
+      sampling_fn=None, inception_model=None, inceptionv3=False, fpe=None,
+      checkpoint_dir=os.path.join(workdir, 'checkpoints'), eval_dir=os.path.join(workdir, eval_folder))
   if settings['enable_loss']:
     ctx.eval_step_fn = losses.step_fn_from_config(config, sde, train=False,
                                                   optimize_fn=losses.optimization_manager(config),
@@ -555,6 +555,10 @@ def _setup_evaluation(config, workdir, eval_folder):
     ctx.likelihood_fn = likelihood.get_likelihood_fn(
         sde, inverse_scaler, hutchinson_type='Rademacher' if discrete else 'exact', discrete_data=discrete)
   if settings['enable_fp_residual']:
+    if not continuous:
+      # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.
+      raise ValueError('eval.enable_fp_residual=True needs a continuous-time model (training.continuous=True); '
+                       'the score of a discrete-time model is not differentiable in t.')
     utils.check_choice('training.fp_wgt_type', config.training.fp_wgt_type, score_fpe.FP_WEIGHTINGS)
     utils.check_number('training.m', config.training.m, low=0, low_open=True)
     ctx.fpe = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)

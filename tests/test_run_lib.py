@@ -227,6 +227,18 @@ def test_bad_config_stops_before_writing(npz_config, tmp_path, field, value, mes
   assert sorted(os.listdir(workdir)) == ['notes.txt']
 
 
+def test_fp_residual_of_a_discrete_model_stops_before_writing(npz_config, tmp_path, monkeypatch):
+  # Bounded, so that without the check the test fails on the missing checkpoint instead of waiting forever.
+  monkeypatch.setattr(run_lib, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.1)
+  npz_config.training.continuous = False
+  npz_config.model.embedding_type = 'positional'
+  npz_config.training.alpha = npz_config.training.beta = 0.
+  npz_config.eval.enable_fp_residual = True
+  with pytest.raises(ValueError, match='eval.enable_fp_residual=True needs a continuous-time model'):
+    run_lib.evaluate(npz_config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
 def test_checkpoint_that_does_not_fit_stops_before_training(npz_config, tmp_path):
   workdir = tmp_path / 'w'
   other = configs_tiny.get_config()

@@ -1,6 +1,6 @@
 """Training and evaluation entry point (Score SDE's `main.py`, plus a mode that computes FID statistics).
 
-  python main.py --config configs/fp/cifar10_ncsnpp_continuous.py --workdir W --mode train
+  python main.py --config configs/fp/cifar10_ve_ncsnpp_continuous.py --workdir W --mode train
   python main.py --config ... --workdir W --mode eval [--eval_folder eval]
   python main.py --config ... --workdir W --mode fid_stats
 

@@ -140,6 +140,44 @@ def _model_mismatch(model_state, loaded_state):
   return problems
 
 
+def _entry_problems(loaded):
+  """What is malformed in a loaded checkpoint's entries, beyond fitting a particular model (a list of strings).
+
+  Checked so that `restore_checkpoint`'s `load_state_dict` calls cannot fail halfway, after the model has
+  already been overwritten.
+  """
+  problems = []
+  model = loaded['model']
+  if not isinstance(model, dict):
+    problems.append(f"entry 'model' is a {type(model).__name__}, not a state dict")
+  else:
+    not_tensors = [k for k, v in model.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+      problems.append(f"entry 'model' has values that are not tensors: {', '.join(map(str, not_tensors))}")
+  ema = loaded['ema']
+  if not isinstance(ema, dict) or not {'decay', 'num_updates', 'shadow_params'} <= set(ema):
+    problems.append("entry 'ema' is not a dict with 'decay', 'num_updates' and 'shadow_params'")
+  else:
+    decay, num_updates, shadow = ema['decay'], ema['num_updates'], ema['shadow_params']
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay <= 1:
+      problems.append(f"'ema' decay is {decay!r}, not a number in [0, 1]")
+    if num_updates is not None and (isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral)):
+      problems.append(f"'ema' num_updates is {num_updates!r}, not an integer or None")
+    if not isinstance(shadow, (list, tuple)) or not all(isinstance(x, torch.Tensor) for x in shadow):
+      problems.append("'ema' shadow_params is not a list of tensors")
+  optimizer = loaded['optimizer']
+  groups = optimizer.get('param_groups') if isinstance(optimizer, dict) else None
+  if (not isinstance(optimizer, dict) or not isinstance(optimizer.get('state'), dict)
+      or not isinstance(groups, (list, tuple))
+      or not all(isinstance(g, dict) and isinstance(g.get('params'), (list, tuple)) for g in groups)):
+    problems.append("entry 'optimizer' is not an optimizer state dict ('state', and 'param_groups' with "
+                    "'params')")
+  step = loaded['step']
+  if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+    problems.append(f"entry 'step' is {step!r}, not an integer >= 0")
+  return problems
+
+
 def _check_checkpoint(path, loaded, state):
   """Raises `CheckpointError` unless `loaded` fits `state`; checks everything before anything is changed."""
   if not isinstance(loaded, dict):
@@ -148,21 +186,18 @@ def _check_checkpoint(path, loaded, state):
   for key in CHECKPOINT_KEYS:
     if key not in loaded:
       raise CheckpointError(f'Checkpoint {str(path)!r} lacks the entry {key!r}; a checkpoint holds {CHECKPOINT_KEYS}.')
+  problems = _entry_problems(loaded)
+  if problems:
+    raise CheckpointError(f'Checkpoint {str(path)!r} is malformed: ' + '; '.join(problems) + '.')
 
-  if not isinstance(loaded['model'], dict):
-    raise CheckpointError(f"Checkpoint {str(path)!r}: entry 'model' is a {type(loaded['model']).__name__}, "
-                          'not a state dict.')
   model_state = state['model'].state_dict()
   problems = _model_mismatch(model_state, loaded['model'])
   if problems:
     raise CheckpointError(f'Checkpoint {str(path)!r} does not fit the model: ' + '; '.join(problems) + '.')
 
-  ema = loaded['ema']
-  if not isinstance(ema, dict) or 'shadow_params' not in ema:
-    raise CheckpointError(f"Checkpoint {str(path)!r}: entry 'ema' lacks 'shadow_params'.")
   # The EMA tracks the model's trainable parameters, in order (models/ema.py, as Score SDE).
   params = [p for p in state['model'].parameters() if p.requires_grad]
-  shadow = ema['shadow_params']
+  shadow = loaded['ema']['shadow_params']
   if len(shadow) != len(params):
     raise CheckpointError(f"Checkpoint {str(path)!r}: 'ema' has {len(shadow)} shadow parameters, the model "
                           f'{len(params)} trainable parameters.')
@@ -172,12 +207,12 @@ def _check_checkpoint(path, loaded, state):
     raise CheckpointError(f"Checkpoint {str(path)!r}: 'ema' shadow parameters do not fit the model's: "
                           + ', '.join(bad) + '.')
 
-  saved_groups = loaded['optimizer'].get('param_groups', []) if isinstance(loaded['optimizer'], dict) else None
+  saved_groups = loaded['optimizer']['param_groups']
   groups = state['optimizer'].param_groups
-  if saved_groups is None or [len(g['params']) for g in saved_groups] != [len(g['params']) for g in groups]:
-    found = None if saved_groups is None else [len(g['params']) for g in saved_groups]
-    raise CheckpointError(f"Checkpoint {str(path)!r}: 'optimizer' has parameter groups of sizes {found}, the "
-                          f'optimizer {[len(g["params"]) for g in groups]}.')
+  if [len(g['params']) for g in saved_groups] != [len(g['params']) for g in groups]:
+    raise CheckpointError(f"Checkpoint {str(path)!r}: 'optimizer' has parameter groups of sizes "
+                          f'{[len(g["params"]) for g in saved_groups]}, the optimizer '
+                          f'{[len(g["params"]) for g in groups]}.')
 
 
 def restore_checkpoint(ckpt_dir, state, device):
@@ -194,8 +229,9 @@ def restore_checkpoint(ckpt_dir, state, device):
 
   Raises:
     CheckpointError: if the file holds anything beyond a Score SDE checkpoint's tensors, containers, numbers
-      and numpy float64 scalars; if an entry is missing; if the model's keys or shapes, the EMA's shadow
-      parameters or the optimizer's parameter groups do not fit `state`. `state` is unchanged then.
+      and numpy float64 scalars; if an entry is missing or malformed; if the model's keys or shapes, the
+      EMA's shadow parameters or the optimizer's parameter groups do not fit `state`. `state` is unchanged
+      then.
   """
   path = pathlib.Path(ckpt_dir)
   if not path.exists():

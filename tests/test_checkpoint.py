@@ -271,6 +271,37 @@ def test_optimizer_must_fit(tmp_path):
   assert all(torch.equal(a, b) for a, b in zip(before, _params(fresh)))
 
 
+def _drop(key):
+  return lambda entry: {k: v for k, v in entry.items() if k != key}
+
+
+@pytest.mark.parametrize('entry, corrupt, message', [
+    ('model', lambda m: dict(m, **{next(iter(m)): 0.5}), "'model' has values that are not tensors"),
+    ('ema', _drop('decay'), "'ema' is not a dict with 'decay'"),
+    ('ema', lambda e: dict(e, decay='0.999'), "'ema' decay is '0.999'"),
+    ('ema', lambda e: dict(e, num_updates=1.5), "'ema' num_updates is 1.5"),
+    ('ema', lambda e: dict(e, shadow_params=[0.] * len(e['shadow_params'])), "shadow_params is not a list of "
+                                                                            'tensors'),
+    ('optimizer', _drop('state'), "'optimizer' is not an optimizer state dict"),
+    ('optimizer', lambda o: dict(o, param_groups=[{}]), "'optimizer' is not an optimizer state dict"),
+    ('step', lambda step: 'seven', "'step' is 'seven', not an integer"),
+    ('step', lambda step: -1, "'step' is -1"),
+])
+def test_malformed_entry_is_refused_and_state_unchanged(tmp_path, entry, corrupt, message):
+  path = tmp_path / 'ckpt.pth'
+  good = _state(0)
+  saved = {'optimizer': good['optimizer'].state_dict(), 'model': good['model'].state_dict(),
+           'ema': good['ema'].state_dict(), 'step': good['step']}
+  saved[entry] = corrupt(saved[entry])
+  torch.save(saved, path)
+  fresh = _state(1)
+  reference = _state(1)
+  with pytest.raises(utils.CheckpointError, match=message):
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  # Nothing was loaded: not the model, the EMA, the optimizer or the step.
+  _assert_same_state(fresh, reference)
+
+
 def test_missing_file_warns_and_returns_state_unchanged(tmp_path, caplog):
   path = tmp_path / 'checkpoints-meta' / 'checkpoint.pth'
   state = _state(0)

@@ -47,9 +47,11 @@ def optimization_manager(config):
 
   def optimize_fn(optimizer, params, step, lr=lr_default, warmup=warmup_default, grad_clip=grad_clip_default):
     """Optimizes with warmup and gradient clipping (disabled if negative)."""
-    if warmup > 0:
-      for g in optimizer.param_groups:
-        g['lr'] = lr * min(step / warmup, 1.0)
+    # Every step, also without warmup (where Score SDE leaves the rate alone): an optimizer restored from a
+    # checkpoint would otherwise keep the checkpoint's rate and silently ignore optim.lr.
+    factor = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    for g in optimizer.param_groups:
+      g['lr'] = lr * factor
     if grad_clip >= 0:
       torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
     optimizer.step()

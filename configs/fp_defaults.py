@@ -33,7 +33,7 @@ def add_fp_diffusion_fields(config):
   training.fp_batch_fraction = 1.  # fraction of the batch on which the FP term is computed
 
   evaluate = config.eval
-  evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 rounds over the dataset
+  evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 passes over the test split (1 over train)
   evaluate.enable_fp_residual = False  # score-FPE residual as a function of t (docs/score_fpe.md)
   evaluate.fp_residual_num_times = 10  # points of the t grid, uniform in [sampling_eps, T]
   evaluate.fp_residual_num_batches = 1  # eval batches per t

@@ -222,3 +222,52 @@ def test_ncsn_configs_build_a_model(rel):
   with torch.no_grad():
     score = score_fn(x, torch.full((1,), 0.5))
   assert score.shape == x.shape and torch.isfinite(score).all()
+
+
+FP_CONFIGS = {
+    'fp/cifar10_ve_ncsnpp_continuous.py': 've/cifar10_ncsnpp_continuous.py',
+    'fp/cifar10_vp_ddpmpp_continuous.py': 'vp/cifar10_ddpmpp_continuous.py',
+    'fp/cifar10_vp_ddpmpp_deep_continuous.py': 'vp/cifar10_ddpmpp_deep_continuous.py',
+    'fp/cifar10_subvp_ddpmpp_continuous.py': 'subvp/cifar10_ddpmpp_continuous.py',
+    'fp/cifar10_subvp_ddpmpp_deep_continuous.py': 'subvp/cifar10_ddpmpp_deep_continuous.py',
+    'fp/imagenet32_vp_ddpmpp_deep_continuous.py': 'vp/cifar10_ddpmpp_deep_continuous.py',
+}
+
+
+def test_every_fp_config_is_listed():
+  present = {f'fp/{name}' for name in os.listdir(os.path.join(CONFIG_DIR, 'fp'))
+             if name.endswith('.py') and name != 'fp_finetuning.py'}
+  assert present == set(FP_CONFIGS)
+
+
+@pytest.mark.parametrize('rel', sorted(FP_CONFIGS))
+def test_fp_configs_fine_tune_their_base_with_the_papers_values(rel):
+  import losses
+  import score_fpe
+  config, base = load_config(rel), load_config(FP_CONFIGS[rel])
+  # The architecture and SDE are the base's, so its released checkpoint fits.
+  assert config.model.to_dict() == base.model.to_dict()
+  assert config.training.sde == base.training.sde and config.training.continuous
+  t = config.training
+  assert (t.batch_size, t.likelihood_weighting, t.scalar_fp, t.fp_wgt_type, t.alpha, t.beta, t.m, t.fp_dist) == \
+      (48, True, 'both', 'll', 0.15, 0.01, 2, 'pert')
+  losses.check_fp_options(t.scalar_fp, t.fp_dist, t.fp_wgt_type, t.alpha, t.beta, t.m, t.fp_batch_fraction)
+  score_fpe.fpe_from_config(config, sde_lib.sde_from_config(config))
+  # Fine-tuning continues past the base's steps; warmup stays the base's, so optim.lr applies every step.
+  assert t.n_iters > base.training.n_iters and config.optim.warmup == base.optim.warmup
+
+
+def test_fp_eval_range_follows_overrides_of_n_iters_and_snapshot_freq():
+  config = load_config('fp/cifar10_ve_ncsnpp_continuous.py')
+  pretrained = load_config('ve/cifar10_ncsnpp_continuous.py').training.n_iters
+  freq = config.training.snapshot_freq
+  assert config.eval.begin_ckpt == pretrained // freq + 1
+  assert config.eval.end_ckpt == config.training.n_iters // freq
+  # As `--config.training.n_iters=1350000` does: the last checkpoint written is checkpoint_{n_iters // freq}.
+  config.training.n_iters = 1350000
+  assert (config.eval.begin_ckpt, config.eval.end_ckpt) == (pretrained // freq + 1, 270)
+  config.training.snapshot_freq = 10000
+  assert (config.eval.begin_ckpt, config.eval.end_ckpt) == (pretrained // 10000 + 1, 135)
+  # An explicit range wins.
+  config.eval.end_ckpt = 131
+  assert config.eval.end_ckpt == 131 and config.training.n_iters == 1350000

@@ -123,6 +123,12 @@ def test_optimizer_and_optimization_manager():
   assert model.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-5)
   optimize_fn(opt, model.parameters(), step=50)
   assert opt.param_groups[0]['lr'] == pytest.approx(config.optim.lr)
+  # Without warmup the config's rate still applies, e.g. to an optimizer restored with another rate.
+  config.optim.warmup = 0
+  for g in opt.param_groups:
+    g['lr'] = 0.123
+  losses.optimization_manager(config)(opt, model.parameters(), step=1)
+  assert opt.param_groups[0]['lr'] == config.optim.lr
   config.optim.optimizer = 'SGD'
   with pytest.raises(ValueError, match=r"config.optim.optimizer='SGD'.*'Adam'"):
     losses.get_optimizer(config, model.parameters())

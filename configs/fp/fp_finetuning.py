@@ -46,13 +46,17 @@ def fine_tune(config):
   training.snapshot_sampling = False
   training.log_freq = 50
   training.eval_freq = 500
-  # The restored optimizer is already past warm-up; no second warm-up.
-  config.optim.warmup = 0
+  # optim.warmup stays Score SDE's 5000: past it, every step sets the learning rate to optim.lr, so a
+  # restored checkpoint trains at the config's rate (no second warm-up, since step >> warmup).
 
   evaluate = config.eval
-  # The fine-tuned checkpoints: those written after Score SDE's n_iters.
-  evaluate.begin_ckpt = pretrained_iters // SNAPSHOT_FREQ + 1
-  evaluate.end_ckpt = (training.n_iters - 1) // SNAPSHOT_FREQ
+  # The fine-tuned checkpoints: those written after Score SDE's n_iters. References, so that overriding
+  # training.n_iters or training.snapshot_freq on the command line moves the range with them.
+  n_iters = training.get_ref('n_iters')
+  snapshot_freq = training.get_ref('snapshot_freq')
+  evaluate.begin_ckpt = pretrained_iters // snapshot_freq + 1
+  # Training's last save, at step n_iters, is checkpoint_{n_iters // snapshot_freq} (run_lib._save_checkpoints).
+  evaluate.end_ckpt = n_iters // snapshot_freq
   evaluate.enable_bpd = True  # the paper's headline metric is NLL (bits/dim)
   evaluate.enable_fp_residual = True
   evaluate.fp_residual_num_times = 10

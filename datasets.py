@@ -259,11 +259,11 @@ def _image_resize_ops(config):
   raise AssertionError(f'unhandled dataset {dataset!r}')  # get_dataset validated it
 
 
-def get_dataset(config, uniform_dequantization=False, evaluation=False):
+def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_remainder=True):
   """Creates the training and evaluation data pipelines (Score SDE's semantics).
 
   Images are float32 in [0, 1], NHWC, batches of `training.batch_size` (`eval.batch_size` when `evaluation`)
-  with the last partial batch dropped. The batch is per process: Score SDE divides it over its JAX devices,
+  with the last partial batch dropped (unless `drop_remainder=False`). The batch is per process: Score SDE divides it over its JAX devices,
   here `torch.nn.DataParallel` splits it. While training (`evaluation=False`) both datasets repeat forever and
   `data.random_flip` flips images left-right at random; for evaluation they are one epoch, never flipped. Both
   are shuffled, as in Score SDE.
@@ -274,6 +274,8 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False):
       (NPZ), and the batch size.
     uniform_dequantization: if `True`, images become (255 x + u) / 256 with u ~ U[0, 1) per pixel.
     evaluation: if `True`, one epoch without random flips and with `eval.batch_size`.
+    drop_remainder: keyword only, not in Score SDE; `False` keeps the last partial batch, so that one epoch
+      covers every image (dataset statistics for FID).
 
   Returns:
     `(train_ds, eval_ds, dataset_builder)`. Iterating a dataset yields dicts with `'image'` (float32, shape
@@ -361,12 +363,12 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False):
     ds = ds.repeat(count=num_epochs)
     ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
     ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.experimental.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.experimental.AUTOTUNE)
 
   if dataset == 'NPZ':
     for split in (train_split_name, eval_split_name):
-      if evaluation and len(npz_arrays[split]) < batch_size:
+      if evaluation and drop_remainder and len(npz_arrays[split]) < batch_size:
         logging.warning('%s: the %r split has %d images, fewer than one batch of %d: it yields no batch.',
                         config.data.path, split, len(npz_arrays[split]), batch_size)
   train_ds = create_dataset(train_split_name)

@@ -366,11 +366,11 @@ def sample_quality_metrics(data_pools, sample_pools, sample_logits=None):
   return {'fid': fid, 'is': inception_score, 'kid': kid}
 
 
-def compute_dataset_stats(config, output_path, inception_model=None, max_images=None):
+def compute_dataset_stats(config, output_path, inception_model=None, max_images=None, overwrite=False):
   """Computes a dataset's Inception statistics file (Score SDE's format) from its training split.
 
-  Images come from `datasets.get_dataset(config, evaluation=True)` (one epoch, no flips, batches of
-  `eval.batch_size`, the last partial batch dropped), are mapped to uint8 as Score SDE feeds samples, and go
+  Images come from `datasets.get_dataset(config, evaluation=True, drop_remainder=False)` (one epoch, every
+  image, no flips, batches of `eval.batch_size`), are mapped to uint8 as Score SDE feeds samples, and go
   through the Inception network.
 
   Args:
@@ -379,14 +379,20 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
       and unbiased covariance of `pool_3`).
     inception_model: an already loaded module, or None to load it from `config.eval.inception_model`.
     max_images: stop after at least this many images (None: the whole split).
+    overwrite: replace an existing `output_path`. By default an existing file (e.g. Score SDE's published
+      CIFAR-10 statistics) is never replaced: `FileExistsError`, before any work.
 
   Returns:
     The pool_3 features, (N, D).
   """
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f'The statistics file {output_path} exists; delete it to recompute it, or write '
+                          'elsewhere with config.eval.stats_path.')
   inceptionv3 = inceptionv3_from_config(config)
   if inception_model is None:
     inception_model = get_inception_model(config, inceptionv3=inceptionv3)
-  train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False, evaluation=True)
+  train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False, evaluation=True,
+                                        drop_remainder=False)
   pools = []
   num_images = 0
   for batch in train_ds:
@@ -401,16 +407,20 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
     if max_images is not None and num_images >= max_images:
       break
   if num_images < 2:
-    raise ValueError(f'The training split of config.data.dataset={config.data.dataset!r} gave {num_images} images '
-                     f'in batches of config.eval.batch_size={config.eval.batch_size}; statistics need at least 2.')
+    raise ValueError(f'The training split of config.data.dataset={config.data.dataset!r} gave {num_images} images; '
+                     'statistics need at least 2.')
   pool_3 = np.concatenate(pools, axis=0)
   mu, sigma = activation_statistics(pool_3)
   out_dir = os.path.dirname(os.path.abspath(output_path))
   os.makedirs(out_dir, exist_ok=True)
   # Written to a temporary name first, so a failure never leaves a truncated stats file behind.
   tmp_path = output_path + '.tmp.npz'
-  with open(tmp_path, 'wb') as f:
-    np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
-  os.replace(tmp_path, output_path)
+  try:
+    with open(tmp_path, 'wb') as f:
+      np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
+    os.replace(tmp_path, output_path)
+  finally:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
   logging.info('Wrote the Inception statistics of %d images to %s.', pool_3.shape[0], output_path)
   return pool_3

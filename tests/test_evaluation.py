@@ -250,11 +250,17 @@ def test_dataset_stats_and_fid_end_to_end(tiny_inception_dir, tmp_path):
   test = np.clip(rng.normal(100., 40., size=(8, 6, 6, 3)), 0, 255).astype(np.uint8)
   data_path = str(tmp_path / 'data.npz')
   np.savez(data_path, train=train, test=test)
-  config = _config(inception_model=tiny_inception_dir, batch_size=4)
+  # Batches of 3: the last, partial batch (2 images) is kept, so the statistics cover all 8 images.
+  config = _config(inception_model=tiny_inception_dir, batch_size=3)
   config.data.dataset, config.data.path, config.data.image_size = 'NPZ', data_path, 6
   out = str(tmp_path / 'stats' / 'data_stats.npz')
 
   evaluation.compute_dataset_stats(config, out)
+  # An existing statistics file is never replaced unless asked.
+  before = open(out, 'rb').read()
+  with pytest.raises(FileExistsError, match='data_stats.npz exists'):
+    evaluation.compute_dataset_stats(config, out)
+  assert open(out, 'rb').read() == before
   expected_train, _ = _expected_features(train)
   with np.load(out) as f:
     pool_3, mu, sigma = f['pool_3'], f['mu'], f['sigma']

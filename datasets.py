@@ -53,7 +53,7 @@ def import_tensorflow():
 
 def get_data_scaler(config):
   """Data normalizer. Assume data are always in [0, 1]."""
-  if config.data.centered:
+  if utils.check_choice('data.centered', config.data.centered, (True, False)):
     # Rescale to [-1, 1]
     return lambda x: x * 2. - 1.
   else:
@@ -62,7 +62,7 @@ def get_data_scaler(config):
 
 def get_data_inverse_scaler(config):
   """Inverse data normalizer."""
-  if config.data.centered:
+  if utils.check_choice('data.centered', config.data.centered, (True, False)):
     # Rescale [-1, 1] to [0, 1]
     return lambda x: (x + 1.) / 2.
   else:

@@ -32,9 +32,14 @@ def check_choice(field, value, allowed):
   Returns:
     `value`, unchanged.
   """
-  if value not in tuple(allowed):
+  if not any(_same_choice(value, choice) for choice in allowed):
     raise ValueError(f'config.{field}={value!r} is not allowed; choose one of {tuple(allowed)!r}.')
   return value
+
+
+def _same_choice(value, choice):
+  # Python has 1 == True and 0.0 == False: a boolean field must hold a bool, and a number field not a bool.
+  return isinstance(value, bool) == isinstance(choice, bool) and value == choice
 
 
 def check_number(field, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):

@@ -249,7 +249,7 @@ def get_smld_loss_fn(vesde, train, reduce_mean=False):
 
 def get_ddpm_loss_fn(vpsde, train, reduce_mean=True):
   """Legacy code to reproduce previous results on DDPM. Not recommended for new work."""
-  if type(vpsde) is not VPSDE:  # sub-VP derives from VPSDE here but has no DDPM discretization
+  if not isinstance(vpsde, VPSDE):
     raise ValueError(f'DDPM training only works for VPSDEs, not {type(vpsde).__name__}.')
 
   reduce_op = _reduce_op(reduce_mean)
@@ -270,8 +270,6 @@ def get_ddpm_loss_fn(vpsde, train, reduce_mean=True):
   return loss_fn
 
 
-# Score SDE's discrete (legacy) objectives, by the exact SDE class (sub-VP has none).
-_DISCRETE_LOSSES = {VESDE: get_smld_loss_fn, VPSDE: get_ddpm_loss_fn}
 
 
 def _set_requires_grad(params, flags):
@@ -315,9 +313,13 @@ def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True
     if any(fp_terms_active(scalar_fp, alpha, beta)):
       raise ValueError(f'The score-FPE term (training.alpha={alpha!r}, training.beta={beta!r}) is not supported '
                        'for original SMLD/DDPM training (training.continuous=False); set both to 0.')
-    if type(sde) not in _DISCRETE_LOSSES:
+    # Score SDE's discrete (legacy) objectives: SMLD for VE, DDPM for VP; sub-VP has none.
+    if isinstance(sde, VESDE):
+      discrete_loss_fn = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
+    elif isinstance(sde, VPSDE):
+      discrete_loss_fn = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
+    else:
       raise ValueError(f'Discrete training for {type(sde).__name__} is not recommended.')
-    discrete_loss_fn = _DISCRETE_LOSSES[type(sde)](sde, train, reduce_mean=reduce_mean)
 
     def loss_fn(model, batch):
       dsm = discrete_loss_fn(model, batch)

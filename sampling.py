@@ -239,8 +239,7 @@ class AncestralSamplingPredictor(Predictor):
   """The ancestral sampling predictor: SMLD's for SDEs with `discrete_sigmas` (VE), DDPM's for
   variance-preserving SDEs with `discrete_betas` (VP).
 
-  Score SDE also runs the DDPM step for the sub-VP SDE (an `isinstance(sde, VPSDE)` check that subclasses
-  pass), where it is not the posterior of the SDE's chain; this raises instead.
+  Other SDEs (sub-VP included) raise `NotImplementedError`, as in Score SDE.
   """
 
   def __init__(self, sde, score_fn, probability_flow=False):

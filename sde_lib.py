@@ -34,7 +34,14 @@ def _sum_except_batch(x):
 
 
 class SDE(abc.ABC):
-  """SDE abstract class. Functions are designed for a mini-batch of inputs."""
+  """SDE abstract class. Functions are designed for a mini-batch of inputs.
+
+  A subclass defines `T`, `marginal_prob`, `prior_sampling`, `prior_logp`, and the SDE itself either as
+  `drift(x, t)` and `diffusion(t)` (as the SDEs here do) or as Score SDE's `sde(x, t)` returning both; each
+  form defaults to the other, so SDE classes written for Score SDE work unchanged. The score-FPE regularizer
+  also needs `drift_divergence`, and `models.utils.get_score_fn` needs `network_time_label` and
+  `score_from_output` (Score SDE's `get_score_fn` supports only VE, VP and sub-VP SDEs, too).
+  """
 
   # Smallest time used for sampling and likelihood computation (Score SDE's `sampling_eps`).
   sampling_eps = 1e-3
@@ -46,6 +53,9 @@ class SDE(abc.ABC):
       N: number of discretization time steps.
     """
     super().__init__()
+    cls = type(self)
+    if cls.sde is SDE.sde and (cls.drift is SDE.drift or cls.diffusion is SDE.diffusion):
+      raise TypeError(f'{cls.__name__} must define sde(x, t), or drift(x, t) and diffusion(t).')
     self.N = N
 
   @property
@@ -53,21 +63,23 @@ class SDE(abc.ABC):
   def T(self):
     """End time of the SDE."""
 
-  @abc.abstractmethod
-  def drift(self, x, t):
-    """The drift f(x, t)."""
-
-  @abc.abstractmethod
-  def diffusion(self, t):
-    """The diffusion coefficient g(t), shape (B,)."""
-
-  @abc.abstractmethod
-  def drift_divergence(self, x, t):
-    """div_x f(x, t), shape (B,)."""
-
   def sde(self, x, t):
     """Returns (f(x, t), g(t))."""
     return self.drift(x, t), self.diffusion(t)
+
+  def drift(self, x, t):
+    """The drift f(x, t), shape of x."""
+    return self.sde(x, t)[0]
+
+  def diffusion(self, t):
+    """The diffusion coefficient g(t), shape (B,)."""
+    # Score SDE's diffusion depends on t only: any x of batch size B gives it.
+    return self.sde(torch.zeros((t.shape[0], 1), dtype=t.dtype, device=t.device), t)[1]
+
+  def drift_divergence(self, x, t):
+    """div_x f(x, t), shape (B,); needed by the score-FPE regularizer only."""
+    raise NotImplementedError(f'{type(self).__name__} does not define drift_divergence(x, t), which the '
+                              'score-FPE regularizer (training.alpha or training.beta > 0) needs.')
 
   @abc.abstractmethod
   def marginal_prob(self, x, t):
@@ -81,13 +93,17 @@ class SDE(abc.ABC):
   def prior_logp(self, z):
     """Compute log-density of the prior distribution, per sample of the batch z."""
 
-  @abc.abstractmethod
   def network_time_label(self, t, continuous):
     """The time conditioning the network is trained with, for times t of shape (B,)."""
+    raise NotImplementedError(f'SDE class {type(self).__name__} not yet supported: define '
+                              'network_time_label(t, continuous) and score_from_output(output, x, t, continuous), '
+                              'or derive from VESDE, VPSDE or subVPSDE.')
 
-  @abc.abstractmethod
   def score_from_output(self, output, x, t, continuous):
     """Turns the network's output at (x, t) into the score."""
+    raise NotImplementedError(f'SDE class {type(self).__name__} not yet supported: define '
+                              'network_time_label(t, continuous) and score_from_output(output, x, t, continuous), '
+                              'or derive from VESDE, VPSDE or subVPSDE.')
 
   def discretize(self, x, t):
     """Discretize the SDE in the form: x_{i+1} = x_i + f_i(x_i) + G_i z_i.
@@ -156,28 +172,18 @@ def _standard_normal_logp(z):
   return -D / 2. * math.log(2 * math.pi) - _sum_except_batch(z ** 2) / 2.
 
 
-class VPSDE(SDE):
-  """Variance preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t."""
+class _LinearBetaSDE(SDE):
+  """What the VP and sub-VP SDEs share: beta(t) linear in t, the drift -1/2 beta(t) x and the N(0, I) prior.
 
-  sampling_eps = 1e-3
+  Private: in Score SDE, `VPSDE` and `subVPSDE` are unrelated subclasses of `SDE`, so
+  `isinstance(sde, VPSDE)` is false for the sub-VP SDE, here too.
+  """
 
   def __init__(self, beta_min=0.1, beta_max=20, N=1000):
-    """Construct a Variance Preserving SDE.
-
-    Args:
-      beta_min: value of beta(0)
-      beta_max: value of beta(1)
-      N: number of discretization steps
-    """
     super().__init__(N)
     self.beta_0 = beta_min
     self.beta_1 = beta_max
     self.N = N
-    self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
-    self.alphas = 1. - self.discrete_betas
-    self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-    self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
-    self.sqrt_1m_alphas_cumprod = torch.sqrt(1. - self.alphas_cumprod)
 
   @property
   def T(self):
@@ -192,17 +198,8 @@ class VPSDE(SDE):
   def drift(self, x, t):
     return -0.5 * _expand(self.beta(t), x) * x
 
-  def diffusion(self, t):
-    return torch.sqrt(self.beta(t))
-
   def drift_divergence(self, x, t):
     return -0.5 * self.beta(t) * _data_dim(x)
-
-  def marginal_prob(self, x, t):
-    log_mean_coeff = self._log_mean_coeff(t)
-    mean = _expand(torch.exp(log_mean_coeff), x) * x
-    std = torch.sqrt(1. - torch.exp(2. * log_mean_coeff))
-    return mean, std
 
   def prior_sampling(self, shape):
     return torch.randn(*shape)
@@ -210,16 +207,49 @@ class VPSDE(SDE):
   def prior_logp(self, z):
     return _standard_normal_logp(z)
 
+  def _continuous_score(self, output, x, t):
+    std = self.marginal_prob(torch.zeros_like(x), t)[1]
+    return -output / _expand(std, output)
+
+
+class VPSDE(_LinearBetaSDE):
+  """Variance preserving SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t."""
+
+  sampling_eps = 1e-3
+
+  def __init__(self, beta_min=0.1, beta_max=20, N=1000):
+    """Construct a Variance Preserving SDE.
+
+    Args:
+      beta_min: value of beta(0)
+      beta_max: value of beta(1)
+      N: number of discretization steps
+    """
+    super().__init__(beta_min, beta_max, N)
+    self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
+    self.alphas = 1. - self.discrete_betas
+    self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+    self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+    self.sqrt_1m_alphas_cumprod = torch.sqrt(1. - self.alphas_cumprod)
+
+  def diffusion(self, t):
+    return torch.sqrt(self.beta(t))
+
+  def marginal_prob(self, x, t):
+    log_mean_coeff = self._log_mean_coeff(t)
+    mean = _expand(torch.exp(log_mean_coeff), x) * x
+    std = torch.sqrt(1. - torch.exp(2. * log_mean_coeff))
+    return mean, std
+
   def network_time_label(self, t, continuous):
     # Continuously trained VP models see t scaled to [0, 999]; discrete (DDPM) ones see the step index.
     return t * 999 if continuous else t * (self.N - 1)
 
   def score_from_output(self, output, x, t, continuous):
     if continuous:
-      std = self.marginal_prob(torch.zeros_like(x), t)[1]
-    else:
-      labels = self.network_time_label(t, continuous)
-      std = self.sqrt_1m_alphas_cumprod.to(labels.device)[labels.long()]
+      return self._continuous_score(output, x, t)
+    labels = self.network_time_label(t, continuous)
+    std = self.sqrt_1m_alphas_cumprod.to(labels.device)[labels.long()]
     return -output / _expand(std, output)
 
   def discretize(self, x, t):
@@ -233,10 +263,23 @@ class VPSDE(SDE):
     return f, G
 
 
-class subVPSDE(VPSDE):
-  """Sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw."""
+class subVPSDE(_LinearBetaSDE):
+  """Sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw.
+
+  Its discretization is the default Euler-Maruyama one, as in Score SDE (there is no DDPM chain for it).
+  """
 
   sampling_eps = 1e-3
+
+  def __init__(self, beta_min=0.1, beta_max=20, N=1000):
+    """Construct the sub-VP SDE that excels at likelihoods.
+
+    Args:
+      beta_min: value of beta(0)
+      beta_max: value of beta(1)
+      N: number of discretization steps
+    """
+    super().__init__(beta_min, beta_max, N)
 
   def diffusion(self, t):
     discount = 1. - torch.exp(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t ** 2)
@@ -253,12 +296,7 @@ class subVPSDE(VPSDE):
     return t * 999
 
   def score_from_output(self, output, x, t, continuous):
-    std = self.marginal_prob(torch.zeros_like(x), t)[1]
-    return -output / _expand(std, output)
-
-  def discretize(self, x, t):
-    # Euler-Maruyama, as Score SDE (it has no DDPM-style discretization of the sub-VP SDE).
-    return SDE.discretize(self, x, t)
+    return self._continuous_score(output, x, t)
 
 
 class VESDE(SDE):

@@ -266,3 +266,60 @@ def test_sde_from_config_errors(sde_name, model, match):
   config.training.sde = sde_name
   with pytest.raises(ValueError, match=match):
     sde_lib.sde_from_config(config)
+
+
+class ScoreSDEStyleVE(sde_lib.SDE):
+  """A user SDE written against Score SDE's interface: `sde(x, t)` only, no drift/diffusion methods."""
+
+  def __init__(self, sigma_min=0.01, sigma_max=5., N=100):
+    super().__init__(N)
+    self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+  @property
+  def T(self):
+    return 1
+
+  def sde(self, x, t):
+    sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+    diffusion = sigma * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
+    return torch.zeros_like(x), diffusion
+
+  def marginal_prob(self, x, t):
+    return x, self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def prior_sampling(self, shape):
+    return torch.randn(*shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    return torch.zeros(z.shape[0])
+
+
+def test_score_sde_style_subclass_works_unchanged():
+  user, ours = ScoreSDEStyleVE(), sde_lib.VESDE(sigma_min=0.01, sigma_max=5., N=100)
+  x, t = torch.randn(3, 2, 4, 4), torch.rand(3)
+  torch.testing.assert_close(user.drift(x, t), ours.drift(x, t))
+  torch.testing.assert_close(user.diffusion(t), ours.diffusion(t))
+  f, G = user.discretize(x, t)  # Score SDE's default Euler-Maruyama discretization
+  torch.testing.assert_close(G, ours.diffusion(t) * math.sqrt(1 / 100))
+  drift, diffusion = user.reverse(lambda x, t: -x, probability_flow=True).sde(x, t)
+  torch.testing.assert_close(drift, 0.5 * ours.diffusion(t)[:, None, None, None] ** 2 * x)
+  # What Score SDE never had says so when it is needed.
+  with pytest.raises(NotImplementedError, match='ScoreSDEStyleVE does not define drift_divergence'):
+    user.drift_divergence(x, t)
+  with pytest.raises(NotImplementedError, match='SDE class ScoreSDEStyleVE not yet supported'):
+    user.network_time_label(t, True)
+
+
+def test_subclass_without_the_sde_is_refused():
+  class NoDynamics(ScoreSDEStyleVE):
+    sde = sde_lib.SDE.sde
+
+  with pytest.raises(TypeError, match=r'NoDynamics must define sde\(x, t\), or drift\(x, t\) and diffusion'):
+    NoDynamics()
+
+
+def test_sub_vp_is_not_a_vp_sde():
+  # As in Score SDE: code that dispatches with isinstance(sde, VPSDE) must not treat sub-VP as DDPM's chain.
+  subvp = sde_lib.subVPSDE()
+  assert not isinstance(subvp, sde_lib.VPSDE) and isinstance(subvp, sde_lib.SDE)
+  assert not hasattr(subvp, 'discrete_betas')

@@ -12,6 +12,7 @@ Names and signatures are Score SDE's. Deliberate differences from the released c
 
 import torch
 
+import sde_lib
 from models import utils as mutils
 from sampling import NoneCorrector, NonePredictor, get_pc_update_fns
 
@@ -44,6 +45,7 @@ def get_pc_inpainter(sde, predictor, corrector, inverse_scaler, snr,
   Returns:
     An inpainting function `pc_inpainter(model, data, mask)`.
   """
+  sde_lib.check_eps(sde, eps)
   predictor_update_fn, corrector_update_fn = get_pc_update_fns(sde, predictor, corrector, snr, n_steps,
                                                                probability_flow, continuous)
 
@@ -136,6 +138,7 @@ def get_pc_colorizer(sde, predictor, corrector, inverse_scaler,
   Returns:
     A colorization function `pc_colorizer(model, gray_scale_img)`.
   """
+  sde_lib.check_eps(sde, eps)
   predictor_update_fn, corrector_update_fn = get_pc_update_fns(sde, predictor, corrector, snr, n_steps,
                                                                probability_flow, continuous)
 
@@ -195,6 +198,10 @@ def get_classifier_grad_fn(classifier):
     with torch.enable_grad():
       x = x.detach().requires_grad_(True)
       logits = classifier(x, noise_scale)
+      if logits.dim() != 2 or labels.shape != (x.shape[0],):
+        # gather would silently guide only the first len(labels) samples.
+        raise ValueError(f'The classifier gave logits of shape {tuple(logits.shape)} and the labels have shape '
+                         f'{tuple(labels.shape)}; expected ({x.shape[0]}, num_classes) and ({x.shape[0]},).')
       log_probs = torch.log_softmax(logits, dim=-1)
       selected = log_probs.gather(1, labels.long().reshape(-1, 1)).sum()
       return torch.autograd.grad(selected, x)[0]
@@ -233,6 +240,7 @@ def get_pc_conditional_sampler(sde, classifier, shape,
   Returns:
     A class-conditional sampler `pc_conditional_sampler(model, labels)` returning samples.
   """
+  sde_lib.check_eps(sde, eps)
   classifier_grad_fn = get_classifier_grad_fn(classifier)
 
   def get_total_grad_fn(model, labels):
@@ -272,6 +280,8 @@ def get_pc_conditional_sampler(sde, classifier, shape,
     Returns:
       Class-conditional samples.
     """
+    if tuple(labels.shape) != (shape[0],):
+      raise ValueError(f'labels have shape {tuple(labels.shape)}; expected ({shape[0]},), one class per sample.')
     with torch.no_grad():
       labels = labels.to(device)
       x = sde.prior_sampling(shape).to(device)

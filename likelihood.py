@@ -12,17 +12,13 @@ import numpy as np
 import torch
 from scipy import integrate
 
+import sde_lib
 from models import utils as mutils
+from models.utils import from_flattened_numpy, to_flattened_numpy
 
 HUTCHINSON_TYPES = ('Gaussian', 'Rademacher', 'exact')
 
 
-def _to_flattened_numpy(x):
-  return x.detach().cpu().numpy().reshape((-1,))
-
-
-def _from_flattened_numpy(x, shape, like):
-  return torch.from_numpy(np.asarray(x).reshape(shape)).to(device=like.device, dtype=like.dtype)
 
 
 def get_div_fn(fn):
@@ -40,7 +36,8 @@ def get_div_fn(fn):
       x = x.detach().requires_grad_(True)
       fn_eps = torch.sum(fn(x, t) * eps)
       grad_fn_eps = torch.autograd.grad(fn_eps, x)[0]
-    return torch.sum(grad_fn_eps * eps, dim=tuple(range(1, x.dim())))
+    # reshape, not sum over dims 1..: data of shape (B,) have no such dims.
+    return (grad_fn_eps * eps).reshape(x.shape[0], -1).sum(dim=1)
 
   return div_fn
 
@@ -97,10 +94,15 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
     -log2 p(data) / D for the model's continuous density p of the scaled data.
 
   Raises:
-    ValueError: if `hutchinson_type` is not one of 'Gaussian', 'Rademacher', 'exact'.
+    ValueError: if `hutchinson_type` is not one of 'Gaussian', 'Rademacher', 'exact', `eps` is not in
+      (0, sde.T), or `discrete_data` is not a bool.
   """
   if hutchinson_type not in HUTCHINSON_TYPES:
     raise ValueError(f'hutchinson_type={hutchinson_type!r} is not allowed; choose one of {HUTCHINSON_TYPES}.')
+  sde_lib.check_eps(sde, eps)
+  if not isinstance(discrete_data, bool):
+    # A truthy string such as 'no' would silently add the 8-bit offset.
+    raise ValueError(f'discrete_data={discrete_data!r} must be True or False.')
 
   def drift_fn(model, x, t):
     """The drift function of the reverse-time SDE."""
@@ -139,20 +141,20 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
         epsilon = None
 
       def ode_func(t, y):
-        sample = _from_flattened_numpy(y[:-batch], shape, like=data)
+        sample = from_flattened_numpy(y[:-batch], shape).to(device=data.device, dtype=data.dtype)
         vec_t = torch.ones(batch, device=data.device, dtype=data.dtype) * t
-        drift = _to_flattened_numpy(drift_fn(model, sample, vec_t))
-        logp_grad = _to_flattened_numpy(div_fn(model, sample, vec_t, epsilon))
+        drift = to_flattened_numpy(drift_fn(model, sample, vec_t))
+        logp_grad = to_flattened_numpy(div_fn(model, sample, vec_t, epsilon))
         return np.concatenate([drift, logp_grad], axis=0)
 
-      init = np.concatenate([_to_flattened_numpy(data), np.zeros((batch,))], axis=0)
+      init = np.concatenate([to_flattened_numpy(data), np.zeros((batch,))], axis=0)
       solution = integrate.solve_ivp(ode_func, (eps, sde.T), init, rtol=rtol, atol=atol, method=method)
       if not solution.success:
         raise RuntimeError(f'The probability flow ODE solver failed: {solution.message}')
       nfe = solution.nfev
       zp = solution.y[:, -1]
-      z = _from_flattened_numpy(zp[:-batch], shape, like=data)
-      delta_logp = _from_flattened_numpy(zp[-batch:], (batch,), like=data)
+      z = from_flattened_numpy(zp[:-batch], shape).to(device=data.device, dtype=data.dtype)
+      delta_logp = from_flattened_numpy(zp[-batch:], (batch,)).to(device=data.device, dtype=data.dtype)
       prior_logp = sde.prior_logp(z)
       bpd = -(prior_logp + delta_logp) / math.log(2)
       bpd = bpd / math.prod(shape[1:])

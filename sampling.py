@@ -14,13 +14,17 @@ Names, signatures and semantics are Score SDE's. Differences from the released c
 import abc
 import functools
 import math
+import numbers
 
 import numpy as np
 import torch
 from scipy import integrate
 
+import sde_lib
 import utils
 from models import utils as mutils
+# Score SDE's sampling.py imports these names; code that reads them from here keeps working.
+from models.utils import from_flattened_numpy, get_score_fn, to_flattened_numpy  # noqa: F401
 
 _CORRECTORS = {}
 _PREDICTORS = {}
@@ -31,13 +35,6 @@ def _batch_mul(coeff, x):
   return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim())) * x
 
 
-def _to_flattened_numpy(x):
-  return x.detach().cpu().numpy().reshape((-1,))
-
-
-def _from_flattened_numpy(x, shape, like):
-  """A tensor of `shape` on the device and with the dtype of the tensor `like`."""
-  return torch.from_numpy(np.asarray(x).reshape(shape)).to(device=like.device, dtype=like.dtype)
 
 
 def _register(registry, kind, cls, name):
@@ -307,7 +304,7 @@ def _langevin_alpha(sde, t, like):
 
 def _check_n_steps(n_steps):
   """Correctors need at least one step (and Score SDE's step sizes use the DDPM alphas, hence the betas)."""
-  if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+  if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
     raise ValueError(f'n_steps={n_steps!r}: a corrector needs an integer number of steps >= 1.')
 
 
@@ -447,6 +444,7 @@ def get_pc_sampler(sde, shape, predictor, corrector, inverse_scaler, snr,
     A sampling function `pc_sampler(model)` that returns samples and the number of function evaluations.
   """
   # Fail at construction, not N steps into sampling, on unsupported predictor/corrector and SDE pairs.
+  sde_lib.check_eps(sde, eps)
   if predictor is not None:
     predictor(sde, lambda x, t: x, probability_flow)
   if corrector is not None:
@@ -501,6 +499,10 @@ def get_ode_sampler(sde, shape, inverse_scaler,
     A sampling function `ode_sampler(model, z=None)` that returns samples and the number of function
     evaluations. The ODE runs in the dtype of `z` (float32 for prior samples).
   """
+  sde_lib.check_eps(sde, eps)
+  if denoise:
+    # The denoising step's predictor checks the SDE (e.g. DDPM's betas) now, not after the whole ODE solve.
+    ReverseDiffusionPredictor(sde, lambda x, t: x, probability_flow=False)
 
   def denoise_update_fn(model, x):
     score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
@@ -532,17 +534,17 @@ def get_ode_sampler(sde, shape, inverse_scaler,
       x_shape = x.shape
 
       def ode_func(t, y):
-        xt = _from_flattened_numpy(y, x_shape, like=x)
+        xt = from_flattened_numpy(y, x_shape).to(device=x.device, dtype=x.dtype)
         vec_t = torch.ones(x_shape[0], device=x.device, dtype=x.dtype) * t
-        return _to_flattened_numpy(drift_fn(model, xt, vec_t))
+        return to_flattened_numpy(drift_fn(model, xt, vec_t))
 
       # Black-box ODE solver for the probability flow ODE
-      solution = integrate.solve_ivp(ode_func, (sde.T, eps), _to_flattened_numpy(x),
+      solution = integrate.solve_ivp(ode_func, (sde.T, eps), to_flattened_numpy(x),
                                      rtol=rtol, atol=atol, method=method)
       if not solution.success:
         raise RuntimeError(f'The probability flow ODE solver failed: {solution.message}')
       nfe = solution.nfev
-      x = _from_flattened_numpy(solution.y[:, -1], x_shape, like=x)
+      x = from_flattened_numpy(solution.y[:, -1], x_shape).to(device=x.device, dtype=x.dtype)
 
       # Denoising is equivalent to running one predictor step without adding noise
       if denoise:

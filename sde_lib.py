@@ -12,6 +12,7 @@ Tensors may have any shape (B, ...): per-sample coefficients are broadcast over 
 
 import abc
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -366,6 +367,17 @@ class VESDE(SDE):
     f = torch.zeros_like(x)
     G = torch.sqrt(sigma ** 2 - adjacent_sigma ** 2)
     return f, G
+
+
+def check_eps(sde, eps):
+  """Raises `ValueError` unless 0 < eps < sde.T: the time samplers and the likelihood integrate down to.
+
+  Returns:
+    `eps`, unchanged.
+  """
+  if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < sde.T:
+    raise ValueError(f'eps={eps!r}: the smallest time of the integration must be a number in (0, T={sde.T}).')
+  return eps
 
 
 SDE_NAMES = ('vesde', 'vpsde', 'subvpsde')

@@ -146,3 +146,26 @@ def test_classifier_grad_fn_matches_softmax_formula():
   p = torch.softmax(classifier(x, s), -1)
   expected = (s[:, None] * (W[labels] - p @ W)).reshape(x.shape)
   assert torch.allclose(cg.get_classifier_grad_fn(classifier)(x, s, labels), expected)
+
+
+def test_labels_must_match_the_batch():
+  W = torch.randn(3, 2)
+  classifier = lambda x, s: x @ W.T  # noqa: E731
+  grad_fn = cg.get_classifier_grad_fn(classifier)
+  x, s = torch.randn(4, 2), torch.ones(4)
+  with pytest.raises(ValueError, match=r'labels have shape \(1,\); expected \(4, num_classes\) and \(4,\)'):
+    grad_fn(x, s, torch.tensor([1]))
+  sde = make_sde('ve', N=3)
+  sampler = cg.get_pc_conditional_sampler(sde, classifier, (4, 2), sampling.ReverseDiffusionPredictor, None,
+                                          IDENTITY, 0.16, continuous=True, device='cpu')
+  with pytest.raises(ValueError, match=r'labels have shape \(2,\); expected \(4,\)'):
+    sampler(ExactScoreModel(sde, GaussianData([0., 0.], [1., 1.])), torch.tensor([0, 1]))
+
+
+def test_controllable_samplers_refuse_eps_outside_0_T():
+  sde = make_sde('ve')
+  for build in (lambda: cg.get_pc_inpainter(sde, None, None, IDENTITY, 0.16, eps=2.),
+                lambda: cg.get_pc_colorizer(sde, None, None, IDENTITY, 0.16, eps=2.),
+                lambda: cg.get_pc_conditional_sampler(sde, None, (2, 2), None, None, IDENTITY, 0.16, eps=2.)):
+    with pytest.raises(ValueError, match=r'eps=2.0: .*\(0, T=1\)'):
+      build()

@@ -135,3 +135,21 @@ def test_likelihood_runs_on_tiny_ncsnpp(sde_name):
   data = torch.rand(2, 3, 8, 8) * 2 - 1  # centered data, as the config says
   bpd, z, nfe = fn(net, data)
   assert bpd.shape == (2,) and torch.isfinite(bpd).all() and z.shape == data.shape and nfe > 0
+
+
+def test_hutchinson_divergence_of_one_dimensional_data():
+  # Data of shape (B,): the per-sample sum has no trailing dimensions to run over.
+  div_fn = likelihood.get_div_fn(lambda x, t: 2. * x)
+  x = torch.randn(4)
+  probe = torch.randint(0, 2, (4,)).float() * 2 - 1
+  torch.testing.assert_close(div_fn(x, torch.zeros(4), probe), torch.full((4,), 2.))
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(eps=0.), r'eps=0.0: .*\(0, T=1\)'),
+    (dict(eps=1.5), r'eps=1.5: .*\(0, T=1\)'),
+    (dict(discrete_data='no'), "discrete_data='no' must be True or False"),
+])
+def test_likelihood_refuses_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    likelihood.get_likelihood_fn(make_sde('vp'), lambda v: v, **kwargs)

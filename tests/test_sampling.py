@@ -7,6 +7,7 @@ variance of p_eps within sampling error plus their O(1/N) discretization error.
 
 
 import ml_collections
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,31 @@ def test_ode_sampler_runs_on_tiny_ncsnpp(sde_name):
                                      eps=sde.sampling_eps, device='cpu')
   x, nfe = sampler(net)
   assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32 and torch.isfinite(x).all() and nfe > 0
+
+
+def test_ode_sampler_checks_the_denoising_step_at_construction():
+  # Before: the whole ODE solve ran, then the denoising step raised.
+  with pytest.raises(ValueError, match='N > beta_max'):
+    sampling.get_ode_sampler(make_sde('vp', N=10), (2, 2), IDENTITY, denoise=True, device='cpu')
+  sampling.get_ode_sampler(make_sde('vp', N=10), (2, 2), IDENTITY, denoise=False, device='cpu')
+
+
+@pytest.mark.parametrize('eps', [0., -1e-3, 1., 1.5, True, '1e-3'])
+def test_samplers_refuse_eps_outside_0_T(eps):
+  for build in (
+      lambda: sampling.get_pc_sampler(make_sde('ve'), (2, 2), sampling.ReverseDiffusionPredictor, None,
+                                      IDENTITY, 0.16, eps=eps, device='cpu'),
+      lambda: sampling.get_ode_sampler(make_sde('vp'), (2, 2), IDENTITY, eps=eps, device='cpu')):
+    with pytest.raises(ValueError, match=r'eps=.*must be a number in \(0, T=1\)'):
+      build()
+
+
+def test_correctors_take_numpy_integer_steps():
+  # Config values may be numpy integers; Score SDE accepts them.
+  sampler = sampling.get_pc_sampler(make_sde('ve', N=3), (2, 2), None, sampling.LangevinCorrector, IDENTITY,
+                                    0.16, n_steps=np.int64(2), continuous=True, device='cpu')
+  x, nfe = sampler(ExactScoreModel(make_sde('ve', N=3), GaussianData([0., 0.], [1., 1.])))
+  assert nfe == 3 * 3 and torch.isfinite(x).all()
+  with pytest.raises(ValueError, match='n_steps=True'):
+    sampling.get_pc_sampler(make_sde('ve'), (2, 2), None, sampling.LangevinCorrector, IDENTITY, 0.16,
+                            n_steps=True, device='cpu')

@@ -239,11 +239,20 @@ def run_inception_distributed(input_tensor, inception_model, num_batches=1, ince
     raise ValueError(f'run_inception_distributed expects images of shape (B, H, W, 3); got {images.shape}.')
   pools, logits = [], []
   for start in range(0, images.shape[0], INCEPTION_MAX_CHUNK):
+    expected = (f'the Inception-v3 feature vector ({INCEPTION_V3_TFHUB}), for images of 256 pixels or more'
+                if inceptionv3 else f"TF-GAN's Inception module ({INCEPTION_TFHUB}), for images under 256 pixels")
     res = run_inception_jit(images[start:start + INCEPTION_MAX_CHUNK], inception_model,
                             num_batches=num_batches, inceptionv3=inceptionv3)
+    # A module of the other kind (chosen by image size, as Score SDE) would fail later with an obscure error.
     if inceptionv3:
+      if isinstance(res, dict):
+        raise ValueError(f'config.eval.inception_model: the module returned a dict {sorted(res)!r}; expected '
+                         f'{expected}.')
       pools.append(np.asarray(res))
     else:
+      if not isinstance(res, dict):
+        raise ValueError(f'config.eval.inception_model: the module returned a {type(res).__name__}, not a dict; '
+                         f'expected {expected}.')
       missing = {INCEPTION_FINAL_POOL, INCEPTION_OUTPUT} - set(res)
       if missing:
         raise ValueError(f'The Inception module returned {sorted(res)!r}, without {sorted(missing)!r}; expected '

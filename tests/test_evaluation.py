@@ -296,3 +296,20 @@ def test_import_does_not_import_tensorflow():
   code = ('import sys, evaluation, datasets; '
           'assert not any(m.startswith("tensorflow") for m in sys.modules), "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], cwd=root, check=True)
+
+
+def test_module_of_the_wrong_kind_is_named():
+  def tfgan_like(images):
+    pool = tf.reduce_mean(images, axis=[1, 2])
+    return {'pool_3': pool, 'logits': pool}
+
+  def feature_vector(images):
+    return tf.reduce_mean(images, axis=[1, 2])
+
+  images = np.zeros((2, 3, 3, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"config\.eval\.inception_model: the module returned a dict \['logits', "
+                                       r"'pool_3'\]; expected the Inception-v3 feature vector"):
+    evaluation.run_inception_distributed(images, tfgan_like, inceptionv3=True)
+  with pytest.raises(ValueError, match=r'config\.eval\.inception_model: the module returned a .*, not a dict; '
+                                       r"expected TF-GAN's Inception module"):
+    evaluation.run_inception_distributed(images, feature_vector, inceptionv3=False)

@@ -63,7 +63,8 @@ class _NCSNv2Base(nn.Module):
     self.norm = get_normalization(config)
     self.nf, _, channels, _ = _common_fields(config)
     self.act = get_act(config)
-    self.register_buffer('sigmas', torch.tensor(mutils.get_sigmas(config)))
+    # Not persistent: Score SDE keeps NCSN's sigmas as a plain attribute, so its state_dicts have no 'sigmas'.
+    self.register_buffer('sigmas', torch.tensor(mutils.get_sigmas(config)), persistent=False)
     self.config = config
     self.begin_conv = nn.Conv2d(channels, self.nf, 3, stride=1, padding=1)
     self.normalizer = self.norm(self.nf, config.model.num_scales)
@@ -92,7 +93,7 @@ class _NCSNv2Base(nn.Module):
       inputs = [skip] if ref is None else [skip, ref]
       ref = getattr(self, name)(inputs, skip.shape[2:])
     output = self.end_conv(self.act(self.normalizer(ref)))
-    # float64 buffer (Score SDE's checkpoints): keep the output in the input's dtype.
+    # The sigmas are float64 (numpy's, as in Score SDE): keep the output in the input's dtype.
     used_sigmas = self.sigmas[y].to(output.dtype).view(x.shape[0], *([1] * len(x.shape[1:])))
     return output / used_sigmas
 

@@ -215,6 +215,8 @@ def test_ncsn_configs_build_a_model(rel):
   config.model.nf = 8
   config.device = torch.device('cpu')
   model = mutils.create_model(config)
+  # Score SDE keeps the sigmas as a plain attribute: they are not part of the state_dict.
+  assert not any('sigmas' in key for key in model.state_dict())
   sde = sde_lib.sde_from_config(config)
   score_fn = mutils.get_score_fn(sde, model, train=False, continuous=config.training.continuous)
   size = config.data.image_size

@@ -16,7 +16,7 @@ import utils
 from . import utils as mutils
 from .layers import (CondRefineBlock, ConditionalResidualBlock, RefineBlock, ResidualBlock, get_act,
                      ncsn_conv3x3)
-from .normalization import CONDITIONAL_NORMALIZATIONS, get_normalization
+from .normalization import CONDITIONAL_NORMALIZATIONS, NORMALIZATIONS, get_normalization
 
 CondResidualBlock = ConditionalResidualBlock
 conv3x3 = ncsn_conv3x3
@@ -60,6 +60,9 @@ class _NCSNv2Base(nn.Module):
 
   def _build_common(self, config):
     self.centered = config.data.centered
+    # nn.GroupNorm needs a group count that NCSN's blocks do not pass (Score SDE fails there with a TypeError).
+    utils.check_choice('model.normalization', config.model.normalization,
+                       tuple(n for n in NORMALIZATIONS if n != 'GroupNorm'))
     self.norm = get_normalization(config)
     self.nf, _, channels, _ = _common_fields(config)
     self.act = get_act(config)

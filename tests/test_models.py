@@ -289,6 +289,11 @@ def test_bad_normalization_in_ncsnv2_raises():
   config.model.normalization = 'LayerNorm'
   with pytest.raises(ValueError, match=r"config\.model\.normalization='LayerNorm'.*InstanceNorm\+\+"):
     mutils.create_model(config)
+  # GroupNorm is a known normalization, but not one NCSNv2's blocks can build.
+  config.model.normalization = 'GroupNorm'
+  with pytest.raises(ValueError, match=r"config\.model\.normalization='GroupNorm' is not allowed; choose one of "
+                                       r"\('InstanceNorm', 'InstanceNorm\+\+', 'VarianceNorm'\)"):
+    mutils.create_model(config)
 
 
 @pytest.mark.parametrize('changes,match', [

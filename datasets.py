@@ -284,6 +284,9 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
   """
   dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
   if dataset == 'TOY':
+    if uniform_dequantization:
+      raise ValueError('config.data.uniform_dequantization=True is not allowed for config.data.dataset=\'TOY\': '
+                       'the toy points are continuous, with no 8-bit levels to dequantize.')
     import toy  # pylint: disable=g-import-not-at-top
     train_ds, eval_ds = toy.get_toy_datasets(config, evaluation=evaluation)
     return train_ds, eval_ds, None

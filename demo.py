@@ -13,12 +13,11 @@ their initialization, data and noise, and differ only by the FP term. Then print
   - the DSM part of the evaluation loss.
 and writes figures to the workdir: `residual_vs_t_{ve,vp}.png` and `samples_{ve,vp}.png`, plus `results.json`.
 
-Offline, on 2 CPU cores, in a few minutes:
+Offline, on one CPU thread, in about a minute (docs/demo.md has the measured time):
   python demo.py --workdir demo_out [--toy checkerboard] [--quick]
 Training resumes from (or skips to the end of) the checkpoints already in the workdir; evaluation is redone.
 """
 
-import glob
 import importlib
 import json
 import logging
@@ -34,6 +33,7 @@ import torch
 
 import run_lib
 import toy
+import utils
 
 FLAGS = flags.FLAGS
 
@@ -86,23 +86,37 @@ def _copy_checkpoint(src_dir, dst_dir):
     shutil.copyfile(os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth'), dst)
 
 
+def _check_pretrain_steps(pretrain_dir, pretrain_iters):
+  """Refuses a workdir whose pretraining ran for another number of steps: the fine-tuned runs in it would not
+  match `--pretrain_iters`."""
+  meta = os.path.join(pretrain_dir, 'checkpoints-meta', 'checkpoint.pth')
+  if os.path.exists(meta):
+    step = int(utils.load_checkpoint_file(meta)['step'])
+    if step != pretrain_iters:
+      raise ValueError(f'{pretrain_dir} was pretrained for {step} steps, not --pretrain_iters={pretrain_iters}; '
+                       'use another --workdir.')
+
+
 def _load(path):
   with np.load(path) as f:
     return {key: f[key] for key in f.files}
 
 
 def read_results(config, eval_dir):
-  """Collects what `run_lib.evaluate` wrote for checkpoint `CKPT` into floats and arrays."""
-  bpd_files = sorted(glob.glob(os.path.join(eval_dir, f'{config.eval.bpd_dataset}_ckpt_{CKPT}_bpd_*.npz')))
-  if not bpd_files:
-    raise FileNotFoundError(f'No bits/dim files in {eval_dir}.')
-  bpds = np.concatenate([_load(path)['arr_0'].reshape(-1) for path in bpd_files])
+  """Collects what `run_lib.evaluate` wrote for checkpoint `CKPT` into floats and arrays.
+
+  Reads exactly the files this config's evaluation writes, so files an earlier run with other sizes left in
+  `eval_dir` are never mixed in.
+  """
+  # The last bits/dim file holds every value of the evaluation (`all_bpds`): toy_eval_batches per repeat.
+  last_round = config.data.toy_eval_batches * config.eval.bpd_num_repeats - 1
+  bpds = _load(os.path.join(eval_dir, f'{config.eval.bpd_dataset}_ckpt_{CKPT}_bpd_{last_round}.npz'))['all_bpds']
   loss = _load(os.path.join(eval_dir, f'ckpt_{CKPT}_loss.npz'))
   residual = _load(os.path.join(eval_dir, f'ckpt_{CKPT}_fp_residual.npz'))
   report = _load(os.path.join(eval_dir, f'report_{CKPT}.npz'))
-  sample_files = sorted(glob.glob(os.path.join(eval_dir, f'ckpt_{CKPT}', 'samples_*.npz')),
-                        key=lambda p: int(p.rsplit('_', 1)[1].split('.')[0]))
-  samples = np.concatenate([_load(path)['samples'].reshape(-1, 2) for path in sample_files])
+  num_rounds = math.ceil(config.eval.num_samples / config.eval.batch_size)
+  samples = np.concatenate([_load(os.path.join(eval_dir, f'ckpt_{CKPT}', f'samples_{r}.npz'))['samples']
+                            .reshape(-1, 2) for r in range(num_rounds)])[:config.eval.num_samples]
   return {
       'nll_bpd': float(np.mean(bpds)),
       'fp_residual_mean': float(np.mean(residual['residual'])),
@@ -176,6 +190,7 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
     pretrain_config.training.n_iters = pretrain_iters
     pretrain_config.training.snapshot_freq = pretrain_iters
     pretrain_dir = os.path.join(workdir, f'{toy_name}_{sde}_pretrain{suffix}')
+    _check_pretrain_steps(pretrain_dir, pretrain_iters)
     stage += 1
     logging.info('[%d/%d] %s SDE: DSM pretraining, %d steps in %s (%.0f s so far)', stage, stages, sde.upper(),
                  pretrain_iters, pretrain_dir, time.time() - start)

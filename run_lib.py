@@ -178,13 +178,6 @@ def _setup_training(config, workdir):
   if settings['snapshot_sampling']:
     sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sde.sampling_eps)
 
-  uniform_dequantization = _check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
-  train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization)
-  iterators = {'train': iter(train_ds), 'eval': iter(eval_ds)}
-  # Read one batch now, so that data that do not fit the model stop the run before anything is written.
-  first_batch = _to_model_input(_next_batch(iterators, 'train', train_ds), config, scaler)
-  _check_batch_shape(first_batch, shape, 'training')
-
   meta_path = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
   if os.path.exists(meta_path):
     # Strict: a checkpoint that does not fit the model raises here, before training touches the workdir.
@@ -194,6 +187,17 @@ def _setup_training(config, workdir):
     torch.manual_seed(config.seed + int(state['step']))
   else:
     logging.info('No checkpoint at %s: training starts from a fresh initialization.', meta_path)
+
+  uniform_dequantization = _check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
+  train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization)
+  if isinstance(train_ds, toy.ToyStream):
+    # The toy stream is a fixed function of the seed: continue it at the resumed step rather than replay the
+    # batches already trained on (tf.data pipelines reshuffle on every start instead, as in Score SDE).
+    train_ds = train_ds.from_batch(int(state['step']))
+  iterators = {'train': iter(train_ds), 'eval': iter(eval_ds)}
+  # Read one batch now, so that data that do not fit the model stop the run before anything is written.
+  first_batch = _to_model_input(_next_batch(iterators, 'train', train_ds), config, scaler)
+  _check_batch_shape(first_batch, shape, 'training')
 
   return types.SimpleNamespace(
       config=config, settings=settings, sde=sde, state=state, train_step_fn=train_step_fn,

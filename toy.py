@@ -6,8 +6,8 @@ The toy data are first-class datasets (`config.data.dataset = 'TOY'`, `config.da
 fly with numpy, seeded from `config.seed`, and are not in [0, 1]: the toy configs set `data.centered = False`,
 which makes the data scaler the identity.
 
-Every density is scaled to lie roughly in [-2, 2]^2 with a per-coordinate standard deviation near 1, so the VP
-SDE's N(0, I) prior fits and one VE `sigma_max` (see `configs/toy/default_toy_configs.py`) suits all of them.
+Every density is scaled to lie roughly in [-2.7, 2.7]^2 with a per-coordinate standard deviation between 0.95
+and 1.45, so the VP SDE's N(0, I) prior fits and one VE `sigma_max` (see `configs/toy/default_toy_configs.py`) suits all of them.
 """
 
 import logging
@@ -97,17 +97,29 @@ def _as_batch(points):
 
 
 class ToyStream:
-  """An endless stream of fresh batches, reproducible from the seed: each `iter()` restarts it."""
+  """An endless stream of fresh batches, reproducible from the seed: each `iter()` restarts it at `start`.
 
-  def __init__(self, name, batch_size, seed_sequence):
+  Batch k is drawn from its own seed `(*seed_sequence, k)`, so a stream can start at any batch in O(1):
+  a training run resumed at step s continues with batch s (`from_batch`) instead of replaying batches 0, 1, ...
+  that it has already trained on.
+  """
+
+  def __init__(self, name, batch_size, seed_sequence, start=0):
     self.name = name
     self.batch_size = batch_size
-    self.seed_sequence = seed_sequence
+    self.seed_sequence = list(seed_sequence)
+    self.start = utils.check_number('start', start, low=0, integer=True)
+
+  def from_batch(self, k):
+    """The same stream, starting at batch k."""
+    return ToyStream(self.name, self.batch_size, self.seed_sequence, start=k)
 
   def __iter__(self):
-    rng = np.random.default_rng(self.seed_sequence)
+    k = self.start
     while True:
+      rng = np.random.default_rng(self.seed_sequence + [k])
       yield _as_batch(sample_toy(self.name, self.batch_size, rng))
+      k += 1
 
 
 class ToySet:
@@ -152,6 +164,9 @@ def get_toy_datasets(config, evaluation=False):
     `(train_ds, eval_ds)`.
   """
   name = utils.check_choice('data.toy', config.data.toy, TOY_DENSITIES)
+  # The points are not in [0, 1]: the scaler must be the identity (a centered scaler would train on 2 x - 1
+  # and shift every NLL by 1 bit/dim).
+  utils.check_choice('data.centered', config.data.centered, (False,))
   utils.check_choice('data.image_size', config.data.image_size, (1,))
   utils.check_choice('data.num_channels', config.data.num_channels, (2,))
   num_eval_batches = utils.check_number('data.toy_eval_batches', config.data.toy_eval_batches, low=1,
@@ -274,9 +289,7 @@ def log_density(name, points):
   utils.check_choice('data.toy', name, TOY_DENSITIES)
   x = _as_points(points)
   if name == 'checkerboard':
-    cells = np.floor(x)
-    inside = (np.abs(x) <= 2.).all(1) & ((cells[:, 0] + cells[:, 1]) % 2 == 0)
-    return np.where(inside, -math.log(8.), -np.inf)
+    return np.where(_on_black_square(x), -math.log(8.), -np.inf)
   if name == 'gmm':
     sq = ((x[:, None, :] - _gmm_centers()[None]) ** 2).sum(-1)
     log_components = (-sq / (2 * _GMM_STD ** 2) - math.log(2 * math.pi * _GMM_STD ** 2) -
@@ -284,6 +297,20 @@ def log_density(name, points):
     top = log_components.max(1)
     return top + np.log(np.exp(log_components - top[:, None]).sum(1))
   raise NotImplementedError(f'The {name!r} density has no closed-form log-density.')
+
+
+def _on_black_square(x):
+  """Whether each point lies on one of the checkerboard's 8 closed unit squares (edges included: a sample
+  rounded to float32 can land exactly on an edge of its square)."""
+  inside = np.zeros(x.shape[0], dtype=bool)
+  for shift_x in (0., 1.):
+    for shift_y in (0., 1.):
+      # A coordinate on a grid line belongs to the cells on both sides of it.
+      cx = np.floor(x[:, 0]) - shift_x * (x[:, 0] == np.floor(x[:, 0]))
+      cy = np.floor(x[:, 1]) - shift_y * (x[:, 1] == np.floor(x[:, 1]))
+      on_board = (cx >= -2) & (cx <= 1) & (cy >= -2) & (cy <= 1)
+      inside |= on_board & ((cx + cy) % 2 == 0)
+  return inside
 
 
 def _pyplot():

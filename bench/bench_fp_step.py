@@ -13,6 +13,7 @@ Usage:
 
 import argparse
 import copy
+import gc
 import logging
 import os
 import statistics
@@ -53,14 +54,19 @@ def build(name, args, device):
     config.model.nf = args.nf
   if args.num_res_blocks is not None:
     config.model.num_res_blocks = args.num_res_blocks
-  model = mutils.create_model(config)
+  # The reference weights stay on the CPU, so that they do not count in any variant's peak GPU memory.
+  model = mutils.create_model(config).cpu()
   return config, model
 
 
 def time_variant(config, model, variant, args, device):
-  """Median wall time of a training step and the peak GPU memory (GiB; None on CPU)."""
+  """Median wall time of a training step, the peak GPU memory (GiB; None on CPU) and the last step's terms.
+
+  Everything the variant allocates is local, so it is freed before the next variant is measured. With
+  `--profile`, one more DSM + FP step is profiled.
+  """
   sde = sde_lib.sde_from_config(config)
-  model = copy.deepcopy(model)
+  model = copy.deepcopy(model).to(device)
   optimizer = losses.get_optimizer(config, model.parameters())
   state = dict(model=model, optimizer=optimizer, ema=ExponentialMovingAverage(model.parameters(), decay=0.999),
                step=0)
@@ -83,7 +89,9 @@ def time_variant(config, model, variant, args, device):
     if i >= args.warmup:
       times.append(time.perf_counter() - start)
   peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
-  return statistics.median(times), peak, {k: float(v) for k, v in terms.items()}, (state, step_fn, batch)
+  if args.profile and variant == 'dsm+fp':
+    profile(step_fn, state, batch, device, args.profile_rows)
+  return statistics.median(times), peak, {k: float(v) for k, v in terms.items()}
 
 
 def profile(step_fn, state, batch, device, rows):
@@ -122,17 +130,24 @@ def main():
         f'num_res_blocks {args.num_res_blocks}, median of {args.steps} steps after {args.warmup}')
   print('| model | variant | step (s) | ratio to DSM | peak GPU memory (GiB) | loss |')
   print('| --- | --- | --- | --- | --- | --- |')
+  variants = args.variants.split(',')
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+  # DSM first, so every other row has its ratio.
+  variants.sort(key=lambda v: v != 'dsm')
   for name in args.models.split(','):
     config, model = build(name, args, device)
     base = None
-    for variant in args.variants.split(','):
-      seconds, peak, terms, (state, step_fn, batch) = time_variant(config, model, variant, args, device)
+    for variant in variants:
+      seconds, peak, terms = time_variant(config, model, variant, args, device)
+      gc.collect()
+      if device.type == 'cuda':
+        torch.cuda.empty_cache()
       base = seconds if variant == 'dsm' else base
       ratio = f'{seconds / base:.2f}x' if base else '-'
       peak_text = f'{peak:.2f}' if peak is not None else 'n/a (CPU)'
       print(f'| {name} | {variant} | {seconds:.3f} | {ratio} | {peak_text} | {terms["loss"]:.4g} |', flush=True)
-      if args.profile and variant == 'dsm+fp':
-        profile(step_fn, state, batch, device, args.profile_rows)
 
 
 if __name__ == '__main__':

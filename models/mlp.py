@@ -66,11 +66,18 @@ class MLP(nn.Module):
     self.embedding_type = config_utils.check_choice('model.embedding_type', model.embedding_type,
                                                     EMBEDDING_TYPES)
     self.scale_by_sigma = config_utils.check_choice('model.scale_by_sigma', model.scale_by_sigma, (True, False))
-    if self.scale_by_sigma and self.embedding_type != 'fourier':
-      # Dividing by the label only makes sense when the label is sigma (continuous VE), which also is when the
+    continuous = config.training.continuous is True
+    if self.embedding_type == 'fourier' and not continuous:
+      # Features of log(label): discrete labels are noise-level indices, and index 0 gives log(0).
+      raise ValueError("config.model.embedding_type='fourier' needs config.training.continuous=True; got "
+                       f'{config.training.continuous!r}.')
+    sde_name = config.training.get('sde')
+    if self.scale_by_sigma and (self.embedding_type != 'fourier' or str(sde_name).lower() != 'vesde'):
+      # Dividing by the label only makes sense when the label is sigma: continuous VE, which also is when the
       # log-scale 'fourier' embedding applies.
-      raise ValueError(f"config.model.scale_by_sigma=True needs config.model.embedding_type='fourier' (labels "
-                       f"are sigma(t)); got {self.embedding_type!r}.")
+      raise ValueError(f"config.model.scale_by_sigma=True needs the labels to be sigma(t): "
+                       f"config.training.sde='vesde' (got {sde_name!r}), continuous, and "
+                       f"config.model.embedding_type='fourier' (got {self.embedding_type!r}).")
     channels = config_utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
     size = config_utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
     self.data_dim = channels * size * size

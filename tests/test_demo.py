@@ -64,3 +64,15 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     # Checkerboard: the true NLL is log2(8) / 2 = 1.5 bits/dim exactly.
     assert rows['true samples']['nll_bpd'] == pytest.approx(1.5)
     assert rows['true samples']['fp_residual_mean'] is None
+
+
+def test_workdir_pretrained_for_other_steps_is_refused(tmp_path):
+  import run_lib
+  import utils
+  config = demo.get_demo_config('ve', 'dsm', 'checkerboard', quick=True)
+  state = run_lib._build_state(config)
+  state['step'] = 3  # --quick pretrains for n_iters // 2 = 5 steps
+  meta = tmp_path / 'checkerboard_ve_pretrain_quick' / 'checkpoints-meta' / 'checkpoint.pth'
+  utils.save_checkpoint(str(meta), state)
+  with pytest.raises(ValueError, match=r'pretrained for 3 steps, not --pretrain_iters=5; use another --workdir'):
+    demo.run_demo(str(tmp_path), 'checkerboard', quick=True)

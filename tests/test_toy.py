@@ -43,6 +43,38 @@ def test_batches_are_nhwc_images_and_reproducible(name):
   assert not np.array_equal(next(it)['image'], next(it)['image'])
 
 
+def test_stream_starts_at_any_batch():
+  train_ds, _ = toy.get_toy_datasets(_config())
+  it = iter(train_ds)
+  first = [next(it)['image'] for _ in range(5)]
+  resumed = iter(train_ds.from_batch(3))
+  assert np.array_equal(next(resumed)['image'], first[3]) and np.array_equal(next(resumed)['image'], first[4])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('centered', True, r'config.data.centered=True is not allowed; choose one of \(False,\)'),
+])
+def test_toy_data_refuse_a_centering_scaler(field, value, message):
+  config = _config()
+  setattr(config.data, field, value)
+  with pytest.raises(ValueError, match=message):
+    toy.get_toy_datasets(config)
+
+
+def test_toy_data_refuse_dequantization():
+  import datasets
+  with pytest.raises(ValueError, match=r"uniform_dequantization=True is not allowed for config.data.dataset='TOY'"):
+    datasets.get_dataset(_config(), uniform_dequantization=True)
+
+
+def test_checkerboard_edges_belong_to_their_squares():
+  # Float32 rounding can put a sample exactly on an edge or corner of its square.
+  on_edges = np.array([[-2., -2.], [0., 0.], [1., 0.5], [-1., -1.5], [2., 1.], [1.5, 2.]])
+  assert np.all(np.isfinite(toy.log_density('checkerboard', on_edges)))
+  off = np.array([[0.5, -0.5], [0.5, 2.], [2.5, 0.5], [-2., 2.5]])  # white squares and their edges, off the board
+  assert np.all(np.isinf(toy.log_density('checkerboard', off)))
+
+
 def test_eval_sets_are_finite_fixed_and_disjoint_from_train():
   config = _config()
   train_ds, eval_ds = toy.get_toy_datasets(config, evaluation=True)
@@ -196,6 +228,17 @@ def test_mlp_scale_by_sigma_needs_sigma_labels():
   config = _tiny_mlp_config(vp_dsm)
   config.model.scale_by_sigma = True
   with pytest.raises(ValueError, match='scale_by_sigma'):
+    mutils.create_model(config)
+  # VP labels are 999 t, not sigma, even with Fourier features.
+  config.model.embedding_type = 'fourier'
+  with pytest.raises(ValueError, match=r"scale_by_sigma=True needs .*config.training.sde='vesde' \(got 'vpsde'\)"):
+    mutils.create_model(config)
+
+
+def test_mlp_fourier_features_need_continuous_labels():
+  config = _tiny_mlp_config(ve_dsm)
+  config.training.continuous = False  # discrete labels are indices: label 0 would give log(0)
+  with pytest.raises(ValueError, match="embedding_type='fourier' needs config.training.continuous=True"):
     mutils.create_model(config)
 
 

@@ -1,0 +1,30 @@
+"""The benchmarks run end to end at a tiny size and print their tables (numbers are not checked here)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_fp_step_bench_puts_dsm_first_and_prints_every_row():
+  out = _run('bench/bench_fp_step.py', '--batch', '2', '--nf', '16', '--num_res_blocks', '1', '--steps', '1',
+             '--warmup', '0', '--models', 'vp_ddpmpp', '--variants', 'dsm+fp (1/4 batch),dsm')
+  rows = [line for line in out.splitlines() if line.startswith('| vp_ddpmpp')]
+  assert [row.split('|')[2].strip() for row in rows] == ['dsm', 'dsm+fp (1/4 batch)']
+  assert all('x |' in row for row in rows)  # every row has its ratio to DSM
+
+
+def test_fp_step_bench_does_not_import_tensorflow():
+  # The GPU image has no TensorFlow: model, loss and benchmark code must import without it.
+  code = ("import runpy, sys; sys.argv = ['bench_fp_step.py', '--help']\n"
+          "try:\n  runpy.run_path('bench/bench_fp_step.py', run_name='__main__')\nexcept SystemExit:\n  pass\n"
+          "print('tensorflow imported:', 'tensorflow' in sys.modules)")
+  assert 'tensorflow imported: False' in _run('-c', code)

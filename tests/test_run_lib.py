@@ -50,22 +50,22 @@ def _snapshot(root):
   return files
 
 
-def _count_train_steps(monkeypatch):
-  """Wraps the training step fn so the test can count the optimizer steps a run takes."""
+def _record_train_steps(monkeypatch, record=lambda state, batch: int(state['step'])):
+  """Wraps the training step fn; returns the list of `record(state, batch)` for every optimizer step taken."""
   calls = []
   real = losses.step_fn_from_config
 
-  def counting(config, sde, train, optimize_fn=None, return_terms=False):
+  def recording(config, sde, train, optimize_fn=None, return_terms=False):
     step_fn = real(config, sde, train, optimize_fn=optimize_fn, return_terms=return_terms)
     if not train:
       return step_fn
 
-    def counted(state, batch):
-      calls.append(int(state['step']))
+    def recorded(state, batch):
+      calls.append(record(state, batch))
       return step_fn(state, batch)
-    return counted
+    return recorded
 
-  monkeypatch.setattr(losses, 'step_fn_from_config', counting)
+  monkeypatch.setattr(losses, 'step_fn_from_config', recording)
   return calls
 
 
@@ -79,7 +79,7 @@ def _tensorboard_tags(tb_dir):
 def test_train_resume_then_evaluate(npz_config, tmp_path, monkeypatch, caplog):
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path / 'w')
-  calls = _count_train_steps(monkeypatch)
+  calls = _record_train_steps(monkeypatch)
   config = npz_config  # FP regularizer on (alpha, beta > 0)
   config.training.n_iters = 2
   run_lib.train(config, workdir)
@@ -310,20 +310,7 @@ def test_toy_train_and_evaluate_with_sample_quality(tmp_path):
 
 
 def test_resumed_toy_run_continues_the_data_stream(tmp_path, monkeypatch):
-  seen = []
-  real = losses.step_fn_from_config
-
-  def recording(config, sde, train, optimize_fn=None, return_terms=False):
-    step_fn = real(config, sde, train, optimize_fn=optimize_fn, return_terms=return_terms)
-    if not train:
-      return step_fn
-
-    def recorded(state, batch):
-      seen.append(batch.reshape(batch.shape[0], -1).cpu().numpy())
-      return step_fn(state, batch)
-    return recorded
-
-  monkeypatch.setattr(losses, 'step_fn_from_config', recording)
+  seen = _record_train_steps(monkeypatch, lambda state, batch: batch.reshape(batch.shape[0], -1).cpu().numpy())
   config = configs_tiny.get_toy_config()
   config.training.snapshot_sampling = False
   config.training.n_iters = 2

@@ -19,8 +19,6 @@ from models.utils import from_flattened_numpy, to_flattened_numpy
 HUTCHINSON_TYPES = ('Gaussian', 'Rademacher', 'exact')
 
 
-
-
 def get_div_fn(fn):
   """Create the divergence function of `fn` using the Hutchinson-Skilling trace estimator.
 

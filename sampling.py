@@ -35,8 +35,6 @@ def _batch_mul(coeff, x):
   return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim())) * x
 
 
-
-
 def _register(registry, kind, cls, name):
   def _do_register(cls):
     local_name = cls.__name__ if name is None else name

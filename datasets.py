@@ -53,7 +53,7 @@ def import_tensorflow():
 
 def get_data_scaler(config):
   """Data normalizer. Assume data are always in [0, 1]."""
-  if utils.check_choice('data.centered', config.data.centered, (True, False)):
+  if utils.check_bool('data.centered', config.data.centered):
     # Rescale to [-1, 1]
     return lambda x: x * 2. - 1.
   else:
@@ -62,7 +62,7 @@ def get_data_scaler(config):
 
 def get_data_inverse_scaler(config):
   """Inverse data normalizer."""
-  if utils.check_choice('data.centered', config.data.centered, (True, False)):
+  if utils.check_bool('data.centered', config.data.centered):
     # Rescale [-1, 1] to [0, 1]
     return lambda x: (x + 1.) / 2.
   else:
@@ -263,8 +263,8 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
   """Creates the training and evaluation data pipelines (Score SDE's semantics).
 
   Images are float32 in [0, 1], NHWC, batches of `training.batch_size` (`eval.batch_size` when `evaluation`)
-  with the last partial batch dropped (unless `drop_remainder=False`). The batch is per process: Score SDE divides it over its JAX devices,
-  here `torch.nn.DataParallel` splits it. While training (`evaluation=False`) both datasets repeat forever and
+  with the last partial batch dropped (unless `drop_remainder=False`). The batch is per process: Score SDE
+  divides it over its JAX devices, here `torch.nn.DataParallel` splits it. While training (`evaluation=False`) both datasets repeat forever and
   `data.random_flip` flips images left-right at random; for evaluation they are one epoch, never flipped. Both
   are shuffled, as in Score SDE.
 
@@ -294,7 +294,7 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
   batch_size = _batch_size(config, evaluation)
   image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
   num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-  random_flip = utils.check_choice('data.random_flip', config.data.random_flip, (True, False))
+  random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
   if dataset == 'NPZ':
     # Validate the file before TensorFlow is imported: a bad file should fail fast.
     npz_arrays = load_npz_dataset(config.data.path, image_size, num_channels)

@@ -381,10 +381,9 @@ def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False
     `step_fn(state, batch)`.
   """
   training = config.training
-  continuous = utils.check_choice('training.continuous', training.continuous, (True, False))
-  reduce_mean = utils.check_choice('training.reduce_mean', training.reduce_mean, (True, False))
-  likelihood_weighting = utils.check_choice('training.likelihood_weighting', training.likelihood_weighting,
-                                            (True, False))
+  continuous = utils.check_bool('training.continuous', training.continuous)
+  reduce_mean = utils.check_bool('training.reduce_mean', training.reduce_mean)
+  likelihood_weighting = utils.check_bool('training.likelihood_weighting', training.likelihood_weighting)
   fp = dict(scalar_fp=training.scalar_fp, fp_dist=training.fp_dist, fp_wgt_type=training.fp_wgt_type,
             alpha=training.alpha, beta=training.beta, m=training.m,
             fp_batch_fraction=training.fp_batch_fraction)

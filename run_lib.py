@@ -56,10 +56,6 @@ def _active_terms(config):
   return ('loss', 'dsm') + (('fp_vector',) if vector else ()) + (('fp_scalar',) if scalar else ())
 
 
-def _check_bool(field, value):
-  return utils.check_choice(field, value, (True, False))
-
-
 def _is_toy(config):
   return config.data.dataset == 'TOY'
 
@@ -151,7 +147,7 @@ def _training_settings(config):
                                          t.snapshot_freq_for_preemption, low=1, integer=True),
       log_freq=utils.check_number('training.log_freq', t.log_freq, low=1, integer=True),
       eval_freq=utils.check_number('training.eval_freq', t.eval_freq, low=1, integer=True),
-      snapshot_sampling=_check_bool('training.snapshot_sampling', t.snapshot_sampling),
+      snapshot_sampling=utils.check_bool('training.snapshot_sampling', t.snapshot_sampling),
       batch_size=utils.check_number('training.batch_size', t.batch_size, low=1, integer=True),
   )
 
@@ -188,7 +184,7 @@ def _setup_training(config, workdir):
   else:
     logging.info('No checkpoint at %s: training starts from a fresh initialization.', meta_path)
 
-  uniform_dequantization = _check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
+  uniform_dequantization = utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
   train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization)
   if isinstance(train_ds, toy.ToyStream):
     # The toy stream is a fixed function of the seed: continue it at the resumed step rather than replay the
@@ -356,10 +352,10 @@ def _eval_settings(config):
   settings = dict(
       begin_ckpt=utils.check_number('eval.begin_ckpt', e.begin_ckpt, low=0, integer=True),
       batch_size=utils.check_number('eval.batch_size', e.batch_size, low=1, integer=True),
-      enable_loss=_check_bool('eval.enable_loss', e.enable_loss),
-      enable_bpd=_check_bool('eval.enable_bpd', e.enable_bpd),
-      enable_sampling=_check_bool('eval.enable_sampling', e.enable_sampling),
-      enable_fp_residual=_check_bool('eval.enable_fp_residual', e.enable_fp_residual),
+      enable_loss=utils.check_bool('eval.enable_loss', e.enable_loss),
+      enable_bpd=utils.check_bool('eval.enable_bpd', e.enable_bpd),
+      enable_sampling=utils.check_bool('eval.enable_sampling', e.enable_sampling),
+      enable_fp_residual=utils.check_bool('eval.enable_fp_residual', e.enable_fp_residual),
       num_samples=utils.check_number('eval.num_samples', e.num_samples, low=1, integer=True),
       bpd_dataset=utils.check_choice('eval.bpd_dataset', e.bpd_dataset, ('train', 'test')),
       bpd_num_repeats=utils.check_number('eval.bpd_num_repeats', e.bpd_num_repeats, low=1, integer=True),
@@ -535,10 +531,10 @@ def _setup_evaluation(config, workdir, eval_folder):
   utils.check_number('seed', config.seed, low=0, integer=True)
   sde = sde_lib.sde_from_config(config)
   state = _build_state(config)
-  continuous = _check_bool('training.continuous', config.training.continuous)
+  continuous = utils.check_bool('training.continuous', config.training.continuous)
   scaler = datasets.get_data_scaler(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config)
-  uniform_dequantization = _check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
+  uniform_dequantization = utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
   _, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization, evaluation=True)
   ctx = types.SimpleNamespace(
       config=config, settings=settings, sde=sde, state=state, continuous=continuous, scaler=scaler,

@@ -16,7 +16,6 @@ import functools
 import math
 import numbers
 
-import numpy as np
 import torch
 from scipy import integrate
 
@@ -78,12 +77,6 @@ def get_corrector(name):
   return _CORRECTORS[name]
 
 
-def _check_bool(field, value):
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f'config.{field}={value!r} is not allowed; choose one of (True, False).')
-  return bool(value)
-
-
 def _check_device(value):
   try:
     return torch.device(value)
@@ -110,7 +103,7 @@ def get_sampling_fn(config, sde, shape, inverse_scaler, eps):
     sampler also takes an optional latent `z`.
   """
   method = utils.check_choice('sampling.method', str(config.sampling.method).lower(), ('pc', 'ode'))
-  denoise = _check_bool('sampling.noise_removal', config.sampling.noise_removal)
+  denoise = utils.check_bool('sampling.noise_removal', config.sampling.noise_removal)
   device = _check_device(config.device)
   # Probability flow ODE sampling with black-box ODE solvers
   if method == 'ode':
@@ -123,8 +116,8 @@ def get_sampling_fn(config, sde, shape, inverse_scaler, eps):
                                                sorted(_CORRECTORS)))
   snr = utils.check_number('sampling.snr', config.sampling.snr, low=0)
   n_steps = utils.check_number('sampling.n_steps_each', config.sampling.n_steps_each, low=1, integer=True)
-  probability_flow = _check_bool('sampling.probability_flow', config.sampling.probability_flow)
-  continuous = _check_bool('training.continuous', config.training.continuous)
+  probability_flow = utils.check_bool('sampling.probability_flow', config.sampling.probability_flow)
+  continuous = utils.check_bool('training.continuous', config.training.continuous)
   return get_pc_sampler(sde=sde, shape=shape, predictor=predictor, corrector=corrector,
                         inverse_scaler=inverse_scaler, snr=snr, n_steps=n_steps,
                         probability_flow=probability_flow, continuous=continuous, denoise=denoise, eps=eps,

@@ -37,6 +37,16 @@ def check_choice(field, value, allowed):
   return value
 
 
+def check_bool(field, value):
+  """Raises `ValueError` unless `value` is a boolean (Python's or numpy's); returns it as a Python bool.
+
+  Not `value in (True, False)`, which 1 and 0.0 pass.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'config.{field}={value!r} is not allowed; choose one of (True, False).')
+  return bool(value)
+
+
 def _same_choice(value, choice):
   # Python has 1 == True and 0.0 == False: a boolean field must hold a bool, and a number field not a bool.
   return isinstance(value, bool) == isinstance(choice, bool) and value == choice

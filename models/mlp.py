@@ -65,7 +65,7 @@ class MLP(nn.Module):
     num_layers = config_utils.check_number('model.num_layers', model.num_layers, low=0, integer=True)
     self.embedding_type = config_utils.check_choice('model.embedding_type', model.embedding_type,
                                                     EMBEDDING_TYPES)
-    self.scale_by_sigma = config_utils.check_choice('model.scale_by_sigma', model.scale_by_sigma, (True, False))
+    self.scale_by_sigma = config_utils.check_bool('model.scale_by_sigma', model.scale_by_sigma)
     continuous = config.training.continuous is True
     if self.embedding_type == 'fourier' and not continuous:
       # Features of log(label): discrete labels are noise-level indices, and index 0 gives log(0).

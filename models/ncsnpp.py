@@ -59,10 +59,10 @@ def check_unet_config(config):
   num_res_blocks = utils.check_number('model.num_res_blocks', model.num_res_blocks, low=1, integer=True)
   attn_resolutions = tuple(model.attn_resolutions)
   dropout = utils.check_number('model.dropout', model.dropout, low=0, high=1, high_open=True)
-  utils.check_choice('model.resamp_with_conv', model.resamp_with_conv, (True, False))
-  utils.check_choice('model.conditional', model.conditional, (True, False))
-  utils.check_choice('model.scale_by_sigma', model.scale_by_sigma, (True, False))
-  utils.check_choice('data.centered', config.data.centered, (True, False))
+  utils.check_bool('model.resamp_with_conv', model.resamp_with_conv)
+  utils.check_bool('model.conditional', model.conditional)
+  utils.check_bool('model.scale_by_sigma', model.scale_by_sigma)
+  utils.check_bool('data.centered', config.data.centered)
   utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
   # These U-Nets hard-code GroupNorm (as Score SDE); any other value would be silently ignored.
   utils.check_choice('model.normalization', model.normalization, ('GroupNorm',))
@@ -89,10 +89,9 @@ class NCSNpp(nn.Module):
     self.all_resolutions = all_resolutions
     resamp_with_conv = model.resamp_with_conv
     self.conditional = conditional = model.conditional  # noise-conditional
-    fir = utils.check_choice('model.fir', model.fir, (True, False))
+    fir = utils.check_bool('model.fir', model.fir)
     fir_kernel = tuple(model.fir_kernel)
-    self.skip_rescale = skip_rescale = utils.check_choice('model.skip_rescale', model.skip_rescale,
-                                                          (True, False))
+    self.skip_rescale = skip_rescale = utils.check_bool('model.skip_rescale', model.skip_rescale)
     self.resblock_type = resblock_type = utils.check_choice(
         'model.resblock_type', str(model.resblock_type).lower(), RESBLOCK_TYPES)
     self.progressive = progressive = utils.check_choice(

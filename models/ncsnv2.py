@@ -46,7 +46,7 @@ def _common_fields(config):
   nf = utils.check_number('model.nf', config.model.nf, low=1, integer=True)
   num_scales = utils.check_number('model.num_scales', config.model.num_scales, low=1, integer=True)
   channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-  centered = utils.check_choice('data.centered', config.data.centered, (True, False))
+  centered = utils.check_bool('data.centered', config.data.centered)
   return nf, num_scales, channels, centered
 
 

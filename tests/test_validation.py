@@ -4,6 +4,7 @@ what is allowed."""
 import math
 
 import ml_collections
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,14 @@ def test_boolean_fields_take_only_bools(value):
   with pytest.raises(ValueError, match=r'config.data.random_flip=.* is not allowed'):
     utils.check_choice('data.random_flip', value, (True, False))
   assert utils.check_choice('data.random_flip', False, (True, False)) is False
+
+
+@pytest.mark.parametrize('value', [1, 0, 1.0, 'True', None])
+def test_check_bool(value):
+  with pytest.raises(ValueError, match=r'config.training.continuous=.* is not allowed; choose one of \(True, False\)'):
+    utils.check_bool('training.continuous', value)
+  assert utils.check_bool('training.continuous', True) is True
+  assert utils.check_bool('training.continuous', np.bool_(False)) is False
 
 
 def test_number_choices_do_not_take_bools():

@@ -13,13 +13,9 @@ Names and signatures are Score SDE's. Deliberate differences from the released c
 import torch
 
 import sde_lib
+import utils
 from models import utils as mutils
 from sampling import NoneCorrector, NonePredictor, get_pc_update_fns
-
-
-def _batch_mul(coeff, x):
-  """Multiplies x of shape (B, ...) by a per-sample coefficient of shape (B,)."""
-  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim())) * x
 
 
 def get_pc_inpainter(sde, predictor, corrector, inverse_scaler, snr,
@@ -56,7 +52,7 @@ def get_pc_inpainter(sde, predictor, corrector, inverse_scaler, snr,
       vec_t = torch.ones(data.shape[0], device=data.device) * t
       x, x_mean = update_fn(x, vec_t, model=model)
       masked_data_mean, std = sde.marginal_prob(data, vec_t)
-      masked_data = masked_data_mean + _batch_mul(std, torch.randn_like(x))
+      masked_data = masked_data_mean + utils.batch_mul(std, torch.randn_like(x))
       x = x * (1. - mask) + masked_data * mask
       x_mean = x_mean * (1. - mask) + masked_data_mean * mask
       return x, x_mean
@@ -150,7 +146,7 @@ def get_pc_colorizer(sde, predictor, corrector, inverse_scaler,
       vec_t = torch.ones(x.shape[0], device=x.device) * t
       x, x_mean = update_fn(x, vec_t, model=model)
       masked_data_mean, std = sde.marginal_prob(decouple(gray_scale_img), vec_t)
-      masked_data = masked_data_mean + _batch_mul(std, torch.randn_like(x))
+      masked_data = masked_data_mean + utils.batch_mul(std, torch.randn_like(x))
       x = couple(decouple(x) * (1. - mask) + masked_data * mask)
       x_mean = couple(decouple(x_mean) * (1. - mask) + masked_data_mean * mask)
       return x, x_mean

@@ -13,6 +13,7 @@ import torch
 from scipy import integrate
 
 import sde_lib
+import utils
 from models import utils as mutils
 from models.utils import from_flattened_numpy, to_flattened_numpy
 
@@ -34,8 +35,8 @@ def get_div_fn(fn):
       x = x.detach().requires_grad_(True)
       fn_eps = torch.sum(fn(x, t) * eps)
       grad_fn_eps = torch.autograd.grad(fn_eps, x)[0]
-    # reshape, not sum over dims 1..: data of shape (B,) have no such dims.
-    return (grad_fn_eps * eps).reshape(x.shape[0], -1).sum(dim=1)
+    # Not a sum over dims 1..: data of shape (B,) have no such dims.
+    return utils.sum_except_batch(grad_fn_eps * eps)
 
   return div_fn
 

@@ -59,10 +59,6 @@ def optimization_manager(config):
   return optimize_fn
 
 
-def _expand(coeff, x):
-  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
-
-
 def _reduce_op(reduce_mean):
   if reduce_mean:
     return torch.mean
@@ -165,7 +161,7 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
     if z is None:
       z = torch.randn_like(batch)
     mean, std = sde.marginal_prob(batch, t)
-    perturbed_data = mean + _expand(std, batch) * z
+    perturbed_data = mean + utils.expand_batch(std, batch) * z
     k = math.ceil(fp_batch_fraction * B) if fp_on else 0
     # Autograd in x is needed for the FP term even when the caller (an eval step) runs under no_grad.
     with torch.enable_grad() if fp_on else contextlib.nullcontext():
@@ -183,11 +179,11 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
         score = score_fn(perturbed_data, t)
 
       if not likelihood_weighting:
-        losses = torch.square(score * _expand(std, score) + z)
+        losses = torch.square(score * utils.expand_batch(std, score) + z)
         losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
       else:
         g2 = sde.diffusion(t) ** 2
-        losses = torch.square(score + z / _expand(std, score))
+        losses = torch.square(score + z / utils.expand_batch(std, score))
         losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * g2
       dsm = torch.mean(losses)
 
@@ -236,10 +232,10 @@ def get_smld_loss_fn(vesde, train, reduce_mean=False):
     model_fn = mutils.get_model_fn(model, train=train)
     labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
     sigmas = smld_sigma_array.to(batch.device)[labels]
-    noise = torch.randn_like(batch) * _expand(sigmas, batch)
+    noise = torch.randn_like(batch) * utils.expand_batch(sigmas, batch)
     perturbed_data = noise + batch
     score = model_fn(perturbed_data, labels)
-    target = -noise / _expand(sigmas ** 2, batch)
+    target = -noise / utils.expand_batch(sigmas ** 2, batch)
     losses = torch.square(score - target)
     losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas ** 2
     return torch.mean(losses)
@@ -260,8 +256,8 @@ def get_ddpm_loss_fn(vpsde, train, reduce_mean=True):
     sqrt_alphas_cumprod = vpsde.sqrt_alphas_cumprod.to(batch.device)
     sqrt_1m_alphas_cumprod = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)
     noise = torch.randn_like(batch)
-    perturbed_data = (_expand(sqrt_alphas_cumprod[labels], batch) * batch +
-                      _expand(sqrt_1m_alphas_cumprod[labels], batch) * noise)
+    perturbed_data = (utils.expand_batch(sqrt_alphas_cumprod[labels], batch) * batch +
+                      utils.expand_batch(sqrt_1m_alphas_cumprod[labels], batch) * noise)
     score = model_fn(perturbed_data, labels)
     losses = torch.square(score - noise)
     losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)

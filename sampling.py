@@ -29,11 +29,6 @@ _CORRECTORS = {}
 _PREDICTORS = {}
 
 
-def _batch_mul(coeff, x):
-  """Multiplies x of shape (B, ...) by a per-sample coefficient of shape (B,)."""
-  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim())) * x
-
-
 def _register(registry, kind, cls, name):
   def _do_register(cls):
     local_name = cls.__name__ if name is None else name
@@ -186,7 +181,7 @@ class EulerMaruyamaPredictor(Predictor):
     z = torch.randn_like(x)
     drift, diffusion = self.rsde.sde(x, t)
     x_mean = x + drift * dt
-    x = x_mean + _batch_mul(diffusion * math.sqrt(-dt), z)
+    x = x_mean + utils.batch_mul(diffusion * math.sqrt(-dt), z)
     return x, x_mean
 
 
@@ -218,7 +213,7 @@ class ReverseDiffusionPredictor(Predictor):
     f, G = self.rsde.discretize(x, t)
     z = torch.randn_like(x)
     x_mean = x - f
-    x = x_mean + _batch_mul(G, z)
+    x = x_mean + utils.batch_mul(G, z)
     return x, x_mean
 
 
@@ -251,11 +246,11 @@ class AncestralSamplingPredictor(Predictor):
     sigma = sigmas[timestep]
     adjacent_sigma = torch.where(timestep == 0, torch.zeros_like(sigma), sigmas[(timestep - 1).clamp(min=0)])
     score = self.score_fn(x, t)
-    x_mean = x + _batch_mul(sigma ** 2 - adjacent_sigma ** 2, score)
+    x_mean = x + utils.batch_mul(sigma ** 2 - adjacent_sigma ** 2, score)
     # Posterior std of SMLD's chain: sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2.
     std = torch.sqrt((adjacent_sigma ** 2 * (sigma ** 2 - adjacent_sigma ** 2)) / (sigma ** 2))
     noise = torch.randn_like(x)
-    x = x_mean + _batch_mul(std, noise)
+    x = x_mean + utils.batch_mul(std, noise)
     return x, x_mean
 
   def vpsde_update_fn(self, x, t):
@@ -263,9 +258,9 @@ class AncestralSamplingPredictor(Predictor):
     timestep = _timestep(sde, t)
     beta = sde.discrete_betas.to(device=t.device, dtype=x.dtype)[timestep]
     score = self.score_fn(x, t)
-    x_mean = _batch_mul(1. / torch.sqrt(1. - beta), x + _batch_mul(beta, score))
+    x_mean = utils.batch_mul(1. / torch.sqrt(1. - beta), x + utils.batch_mul(beta, score))
     noise = torch.randn_like(x)
-    x = x_mean + _batch_mul(torch.sqrt(beta), noise)
+    x = x_mean + utils.batch_mul(torch.sqrt(beta), noise)
     return x, x_mean
 
   def update_fn(self, x, t):
@@ -317,8 +312,8 @@ class LangevinCorrector(Corrector):
       grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
       noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
       step_size = (self.snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-      x_mean = x + _batch_mul(step_size, grad)
-      x = x_mean + _batch_mul(torch.sqrt(step_size * 2), noise)
+      x_mean = x + utils.batch_mul(step_size, grad)
+      x = x_mean + utils.batch_mul(torch.sqrt(step_size * 2), noise)
     return x, x_mean
 
 
@@ -341,8 +336,8 @@ class AnnealedLangevinDynamics(Corrector):
       grad = self.score_fn(x, t)
       noise = torch.randn_like(x)
       step_size = (self.snr * std) ** 2 * 2 * alpha
-      x_mean = x + _batch_mul(step_size, grad)
-      x = x_mean + _batch_mul(torch.sqrt(step_size * 2), noise)
+      x_mean = x + utils.batch_mul(step_size, grad)
+      x = x_mean + utils.batch_mul(torch.sqrt(step_size * 2), noise)
     return x, x_mean
 
 

@@ -38,20 +38,6 @@ HUTCHINSON_TYPES = ('gaussian', 'rademacher')
 FP_WEIGHTINGS = ('constant', 'convention', 'll')
 
 
-def _expand(coeff, x):
-  """Reshapes a per-sample coefficient of shape (B,) to broadcast against x of shape (B, ...)."""
-  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
-
-
-def _sum_except_batch(x):
-  return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
-def data_dim(x):
-  """Number of dimensions D of one sample of the batch x."""
-  return math.prod(x.shape[1:])
-
-
 def _grad(output, x, grad_outputs, create_graph):
   """d<output, grad_outputs>/dx; zeros (not an error) where `output` does not depend on x."""
   (grad,) = torch.autograd.grad(output, x, grad_outputs=grad_outputs, create_graph=create_graph,
@@ -86,7 +72,7 @@ def hutchinson_divergence(s, x, num_probes=1, hutchinson_type='gaussian', create
   total = 0.
   for _ in range(num_probes):
     v = hutchinson_probe(x, hutchinson_type, generator)
-    total = total + _sum_except_batch(_grad(s, x, v, create_graph) * v)
+    total = total + utils.sum_except_batch(_grad(s, x, v, create_graph) * v)
   return total / num_probes
 
 
@@ -198,7 +184,7 @@ def finite_difference_time_derivative(score_fn, x, t, s=None, hs=1e-3, hd=5e-4, 
     s_a = score_fn(x, t_a)
   with replayed_rng(rng_state, x.device):
     s_b = score_fn(x, t_b)
-  return _expand(w_a, x) * s_a + _expand(w_0, x) * s + _expand(w_b, x) * s_b
+  return utils.expand_batch(w_a, x) * s_a + utils.expand_batch(w_0, x) * s + utils.expand_batch(w_b, x) * s_b
 
 
 def score_and_time_derivative(score_fn, x, t):
@@ -322,7 +308,7 @@ class ScoreFPE:
     # The vector residual differentiates div s again in x, so its graph is needed even without create_graph.
     div_s = self.divergence_of(s, x, create_graph=create_graph or vector, generator=generator)
     f = self.sde.drift(x, t)
-    scalar_term = 0.5 * g2 * (div_s + _sum_except_batch(s ** 2)) - _sum_except_batch(f * s)
+    scalar_term = 0.5 * g2 * (div_s + utils.sum_except_batch(s ** 2)) - utils.sum_except_batch(f * s)
     if scalar:
       out['scalar'] = scalar_term
     if vector:
@@ -386,7 +372,7 @@ def residual_vs_time(score_fn, sde, x0, ts, fpe=None, fp_wgt_type='ll', m=2, bat
   batch_size = n if batch_size is None else batch_size
   names = ('residual', 'residual_weighted', 'scalar', 'time_derivative')
   out = {name: np.zeros(len(ts)) for name in names}
-  D = data_dim(x0)
+  D = utils.data_dim(x0)
   for i, t_value in enumerate(ts):
     sums = dict.fromkeys(names, 0.)
     for start in range(0, n, batch_size):
@@ -394,7 +380,7 @@ def residual_vs_time(score_fn, sde, x0, ts, fpe=None, fp_wgt_type='ll', m=2, bat
       t = torch.full((x0_chunk.shape[0],), t_value, device=x0.device, dtype=x0.dtype)
       mean, std = sde.marginal_prob(x0_chunk, t)
       z = torch.randn(x0_chunk.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-      x_t = mean + _expand(std, x0_chunk) * z
+      x_t = mean + utils.expand_batch(std, x0_chunk) * z
       with torch.enable_grad():
         x_t = x_t.detach().requires_grad_(True)
         evaluation = fpe.evaluate_score(score_fn, x_t, t, with_time_derivative=True)

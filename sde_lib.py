@@ -20,20 +20,6 @@ import torch
 import utils
 
 
-def _expand(coeff, x):
-  """Reshapes a per-sample coefficient of shape (B,) to broadcast against x of shape (B, ...)."""
-  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
-
-
-def _data_dim(x):
-  """Number of dimensions D of one sample of the batch x."""
-  return math.prod(x.shape[1:])
-
-
-def _sum_except_batch(x):
-  return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
 class SDE(abc.ABC):
   """SDE abstract class. Functions are designed for a mini-batch of inputs.
 
@@ -156,21 +142,21 @@ class ReverseSDE:
     """Create the drift and diffusion functions for the reverse SDE/ODE."""
     drift, diffusion = self.forward_sde.sde(x, t)
     score = self.score_fn(x, t)
-    drift = drift - _expand(diffusion, x) ** 2 * score * self._score_weight()
+    drift = drift - utils.expand_batch(diffusion, x) ** 2 * score * self._score_weight()
     diffusion = torch.zeros_like(diffusion) if self.probability_flow else diffusion
     return drift, diffusion
 
   def discretize(self, x, t):
     """Create discretized iteration rules for the reverse diffusion sampler."""
     f, G = self.forward_sde.discretize(x, t)
-    rev_f = f - _expand(G, x) ** 2 * self.score_fn(x, t) * self._score_weight()
+    rev_f = f - utils.expand_batch(G, x) ** 2 * self.score_fn(x, t) * self._score_weight()
     rev_G = torch.zeros_like(G) if self.probability_flow else G
     return rev_f, rev_G
 
 
 def _standard_normal_logp(z):
-  D = _data_dim(z)
-  return -D / 2. * math.log(2 * math.pi) - _sum_except_batch(z ** 2) / 2.
+  D = utils.data_dim(z)
+  return -D / 2. * math.log(2 * math.pi) - utils.sum_except_batch(z ** 2) / 2.
 
 
 class _LinearBetaSDE(SDE):
@@ -197,10 +183,10 @@ class _LinearBetaSDE(SDE):
     return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
   def drift(self, x, t):
-    return -0.5 * _expand(self.beta(t), x) * x
+    return -0.5 * utils.expand_batch(self.beta(t), x) * x
 
   def drift_divergence(self, x, t):
-    return -0.5 * self.beta(t) * _data_dim(x)
+    return -0.5 * self.beta(t) * utils.data_dim(x)
 
   def prior_sampling(self, shape):
     return torch.randn(*shape)
@@ -210,7 +196,7 @@ class _LinearBetaSDE(SDE):
 
   def _continuous_score(self, output, x, t):
     std = self.marginal_prob(torch.zeros_like(x), t)[1]
-    return -output / _expand(std, output)
+    return -output / utils.expand_batch(std, output)
 
 
 class VPSDE(_LinearBetaSDE):
@@ -238,7 +224,7 @@ class VPSDE(_LinearBetaSDE):
 
   def marginal_prob(self, x, t):
     log_mean_coeff = self._log_mean_coeff(t)
-    mean = _expand(torch.exp(log_mean_coeff), x) * x
+    mean = utils.expand_batch(torch.exp(log_mean_coeff), x) * x
     std = torch.sqrt(1. - torch.exp(2. * log_mean_coeff))
     return mean, std
 
@@ -251,7 +237,7 @@ class VPSDE(_LinearBetaSDE):
       return self._continuous_score(output, x, t)
     labels = self.network_time_label(t, continuous)
     std = self.sqrt_1m_alphas_cumprod.to(labels.device)[labels.long()]
-    return -output / _expand(std, output)
+    return -output / utils.expand_batch(std, output)
 
   def discretize(self, x, t):
     """DDPM discretization."""
@@ -259,7 +245,7 @@ class VPSDE(_LinearBetaSDE):
     beta = self.discrete_betas.to(x.device)[timestep]
     alpha = self.alphas.to(x.device)[timestep]
     sqrt_beta = torch.sqrt(beta)
-    f = _expand(torch.sqrt(alpha), x) * x - x
+    f = utils.expand_batch(torch.sqrt(alpha), x) * x - x
     G = sqrt_beta
     return f, G
 
@@ -288,7 +274,7 @@ class subVPSDE(_LinearBetaSDE):
 
   def marginal_prob(self, x, t):
     log_mean_coeff = self._log_mean_coeff(t)
-    mean = _expand(torch.exp(log_mean_coeff), x) * x
+    mean = utils.expand_batch(torch.exp(log_mean_coeff), x) * x
     std = 1 - torch.exp(2. * log_mean_coeff)
     return mean, std
 
@@ -344,8 +330,8 @@ class VESDE(SDE):
     return torch.randn(*shape) * self.sigma_max
 
   def prior_logp(self, z):
-    D = _data_dim(z)
-    return -D / 2. * math.log(2 * math.pi * self.sigma_max ** 2) - _sum_except_batch(z ** 2) / (
+    D = utils.data_dim(z)
+    return -D / 2. * math.log(2 * math.pi * self.sigma_max ** 2) - utils.sum_except_batch(z ** 2) / (
         2 * self.sigma_max ** 2)
 
   def network_time_label(self, t, continuous):

@@ -11,6 +11,7 @@ silently trains from random weights when keys do not fit), and saving is atomic.
 
 import contextlib
 import logging
+import math
 import numbers
 import os
 import pathlib
@@ -76,6 +77,26 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
     interval = f'{lo}{"-inf" if low is None else low}, {"inf" if high is None else high}{hi}'
     raise ValueError(f'config.{field}={value!r} is out of range; allowed: {interval}.')
   return value
+
+
+def expand_batch(coeff, x):
+  """Reshapes a per-sample coefficient of shape (B,) to broadcast against x of shape (B, ...)."""
+  return coeff.reshape(coeff.shape + (1,) * (x.dim() - coeff.dim()))
+
+
+def batch_mul(coeff, x):
+  """x scaled per sample by a coefficient of shape (B,)."""
+  return expand_batch(coeff, x) * x
+
+
+def sum_except_batch(x):
+  """Sum over every dimension but the first: shape (B,)."""
+  return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def data_dim(x):
+  """Number of dimensions D of one sample of the batch x."""
+  return math.prod(x.shape[1:])
 
 
 # The four entries of a Score SDE checkpoint.

@@ -420,16 +420,8 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
                      'statistics need at least 2.')
   pool_3 = np.concatenate(pools, axis=0)
   mu, sigma = activation_statistics(pool_3)
-  out_dir = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(out_dir, exist_ok=True)
-  # Written to a temporary name first, so a failure never leaves a truncated stats file behind.
-  tmp_path = output_path + '.tmp.npz'
-  try:
-    with open(tmp_path, 'wb') as f:
-      np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
-    os.replace(tmp_path, output_path)
-  finally:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
+  # Atomic: a failure never leaves a truncated stats file behind.
+  with utils.atomic_write(output_path) as f:
+    np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
   logging.info('Wrote the Inception statistics of %d images to %s.', pool_3.shape[0], output_path)
   return pool_3

@@ -371,10 +371,8 @@ def _eval_settings(config):
 
 def _save_npz(path, *unnamed, **named):
   """Writes an .npz atomically (a reader polling the folder never sees half a file)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as fout:
+  with utils.atomic_write(path) as fout:
     np.savez_compressed(fout, *unnamed, **named)
-  os.replace(tmp, path)
 
 
 def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None):

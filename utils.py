@@ -286,8 +286,8 @@ def restore_checkpoint(ckpt_dir, state, device):
 def save_checkpoint(ckpt_dir, state):
   """Saves `state` in Score SDE's format, atomically: a crash mid-save leaves the previous file intact.
 
-  The checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed over
-  `ckpt_dir` (`os.replace` is atomic on POSIX and Windows).
+  The checkpoint is written with `atomic_write`: to a temporary file in the same directory, flushed to disk,
+  then renamed over `ckpt_dir`.
 
   Args:
     ckpt_dir: path of the checkpoint file (the name is Score SDE's).
@@ -299,14 +299,27 @@ def save_checkpoint(ckpt_dir, state):
       'ema': state['ema'].state_dict(),
       'step': state['step'],
   }
-  path = pathlib.Path(ckpt_dir)
+  with atomic_write(ckpt_dir) as f:
+    torch.save(saved_state, f)
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+  """Opens a binary file that replaces `path` only once the body has written it completely.
+
+  The data go to a temporary file in the same directory, are flushed to disk, then renamed over `path`
+  (`os.replace` is atomic on POSIX and Windows): a crash or an error in the body leaves the previous file
+  intact and no temporary file behind, and a reader polling the folder never sees half a file. Parent
+  directories are created.
+  """
+  path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
   try:
     # O_EXCL: never write through a file someone else created; mode 0o666 lets the umask apply as for open().
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
     with os.fdopen(fd, 'wb') as f:
-      torch.save(saved_state, f)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -557,8 +557,7 @@ def _setup_evaluation(config, workdir, eval_folder):
       # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.
       raise ValueError('eval.enable_fp_residual=True needs a continuous-time model (training.continuous=True); '
                        'the score of a discrete-time model is not differentiable in t.')
-    utils.check_choice('training.fp_wgt_type', config.training.fp_wgt_type, score_fpe.FP_WEIGHTINGS)
-    utils.check_number('training.m', config.training.m, low=0, low_open=True)
+    # training.fp_wgt_type and training.m were validated with the other FP fields by _active_terms above.
     ctx.fpe = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)
   if settings['enable_sampling']:
     shape = _sample_shape(config, settings['batch_size'])

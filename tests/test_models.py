@@ -19,7 +19,8 @@ from helpers import tiny_ncsnpp_config
 from models import utils as mutils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = os.path.join(ROOT, '..', 'shared', 'spec')
+# Copies of the compatibility spec, carried by the repository (tests/data/README.md says how they were made).
+SPEC = os.path.join(ROOT, 'tests', 'data')
 MANIFEST = os.path.join(SPEC, 'state_dict_manifests.json')
 REFERENCE_FILES = ('tiny_ve_ncsnpp_cont.pt', 'tiny_vp_ddpm_cont.pt')
 

@@ -9,10 +9,12 @@ without it, and it is always kept off the GPUs: the data pipeline and the Incept
 leave every byte of GPU memory to PyTorch.
 """
 
+import gc
 import logging
 import os
 
 import numpy as np
+import torch
 
 import utils
 
@@ -264,9 +266,10 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
 
   Images are float32 in [0, 1], NHWC, batches of `training.batch_size` (`eval.batch_size` when `evaluation`)
   with the last partial batch dropped (unless `drop_remainder=False`). The batch is per process: Score SDE
-  divides it over its JAX devices, here `torch.nn.DataParallel` splits it. While training (`evaluation=False`) both datasets repeat forever and
-  `data.random_flip` flips images left-right at random; for evaluation they are one epoch, never flipped. Both
-  are shuffled, as in Score SDE.
+  divides it over its JAX devices, here `torch.nn.DataParallel` splits it (run_lib's data set objects split
+  the global batch over torchrun's ranks instead, `ImageData`). While training (`evaluation=False`) both
+  datasets repeat forever and `data.random_flip` flips images left-right at random; for evaluation they are one
+  epoch, never flipped. Both are shuffled, as in Score SDE.
 
   Args:
     config: the config; reads `data.dataset`, `data.image_size`, `data.num_channels`, `data.random_flip`,
@@ -290,11 +293,35 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
     import toy  # pylint: disable=g-import-not-at-top
     train_ds, eval_ds = toy.get_toy_datasets(config, evaluation=evaluation)
     return train_ds, eval_ds, None
+  random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
+  return _image_pipelines(config, batch_size=_batch_size(config, evaluation), evaluation=evaluation,
+                          flip=random_flip and not evaluation, uniform_dequantization=uniform_dequantization,
+                          drop_remainder=drop_remainder)
 
-  batch_size = _batch_size(config, evaluation)
+
+def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantization, drop_remainder,
+                     shuffle_seed=None, keep=None):
+  """The train and eval tf.data pipelines of an image dataset (`get_dataset`'s, with more control).
+
+  Args:
+    config: the config (`get_dataset` lists what it reads).
+    batch_size: images per batch.
+    evaluation: one epoch (True) or repeat forever (False).
+    flip: random left-right flips (Score SDE: while training only).
+    uniform_dequantization: (255 x + u) / 256 per pixel, u ~ U[0, 1).
+    drop_remainder: drop the last partial batch.
+    shuffle_seed: None shuffles differently on every start (Score SDE); an int makes the order a function of
+      it (the file order of tfds data sets too).
+    keep: None, or `(offset, count, period)`: of every `period` consecutive elements of the shuffled stream,
+      keep those at positions offset..offset+count-1 (this rank's share of each global batch; `batch_size`
+      must then be `count`). Elements are dropped before they are decoded.
+
+  Returns:
+    `(train_ds, eval_ds, dataset_builder)`.
+  """
+  dataset = config.data.dataset
   image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
   num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-  random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
   if dataset == 'NPZ':
     # Validate the file before TensorFlow is imported: a bad file should fail fast.
     npz_arrays = load_npz_dataset(config.data.path, image_size, num_channels)
@@ -304,8 +331,6 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
 
   tf = import_tensorflow()
   num_epochs = 1 if evaluation else None
-  # Score SDE's choice: flip only while training, and flip both datasets then.
-  flip = bool(random_flip) and not evaluation
 
   def finish(img):
     """Random flip and uniform dequantization, shared by every image dataset."""
@@ -360,11 +385,15 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
             f'config.data.data_dir={config.data.get("data_dir", "")!r}: {e}. Without network, prepare the data '
             'with tfds elsewhere and point config.data.data_dir at the directory.') from e
       ds = dataset_builder.as_dataset(split=split, shuffle_files=True,
-                                      read_config=tfds.ReadConfig(options=options))
+                                      read_config=tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed))
     else:
       ds = dataset_builder.with_options(options)
     ds = ds.repeat(count=num_epochs)
-    ds = ds.shuffle(SHUFFLE_BUFFER_SIZE)
+    ds = ds.shuffle(SHUFFLE_BUFFER_SIZE, seed=shuffle_seed)
+    if keep is not None:
+      offset, count, period = keep
+      ds = ds.enumerate().filter(lambda i, _: (i % period >= offset) & (i % period < offset + count))
+      ds = ds.map(lambda _, d: d)
     ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.experimental.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.experimental.AUTOTUNE)
@@ -377,3 +406,205 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
   train_ds = create_dataset(train_split_name)
   eval_ds = create_dataset(eval_split_name)
   return train_ds, eval_ds, dataset_builder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data set objects: what run_lib needs of a data set, so that no code outside this module and toy.py asks which
+# kind of data it trains on.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _check_divides(field, value, world_size):
+  if value % world_size:
+    raise ValueError(f'config.{field}={value} does not divide over {world_size} processes (torchrun '
+                     '--nproc_per_node); the batch size is the global one, split evenly over the ranks.')
+  return value // world_size
+
+
+class ImageData:
+  """An image data set (every `data.dataset` but 'TOY') as run_lib uses it.
+
+  Batches come from the tf.data pipelines of `get_dataset`, in an order that is a function of `config.seed` (and
+  of the step a training run starts at); random flips and uniform dequantization are drawn in torch, for the
+  global batch, from generators seeded by the step, so that a batch is the same however it is split over
+  ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`), scored by FID/IS/KID of Inception
+  features against the data set's statistics file; bits/dim are Score SDE's: dequantized data, Rademacher
+  trace estimator, the 8-bit offset.
+  """
+
+  # `likelihood.get_likelihood_fn` options, and whether bits/dim are computed on dequantized data.
+  likelihood_options = {'hutchinson_type': 'Rademacher', 'discrete_data': True}
+  bpd_dequantize = True
+
+  def __init__(self, config):
+    self.config = config
+    self.dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+    self.image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+    self.num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
+    self.scaler = get_data_scaler(config)
+    self.inverse_scaler = get_data_inverse_scaler(config)
+    self.random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
+    self.uniform_dequantization = utils.check_bool('data.uniform_dequantization',
+                                                   config.data.uniform_dequantization)
+    self.seed = utils.check_number('seed', config.seed, low=0, integer=True)
+    self.train_batch_size = _batch_size(config, evaluation=False)
+    self.eval_batch_size = _batch_size(config, evaluation=True)
+    self.device = torch.device(config.device)
+    self._inception = None
+    self._inceptionv3 = False
+
+  def sample_shape(self, batch_size):
+    """Shape (B, C, H, W) of a batch as the model sees it."""
+    return (batch_size, self.num_channels, self.image_size, self.image_size)
+
+  def to_model_input(self, images, flip=None, dequantization_noise=None):
+    """A batch of images (NHWC in [0, 1], numpy or tf) as the model's input: NCHW on the device, scaled.
+
+    Args:
+      images: the batch.
+      flip: optional bool tensor (B,): which images to flip left-right.
+      dequantization_noise: optional u ~ U[0, 1) of the batch's NCHW shape: images become (255 x + u) / 256.
+    """
+    # A copy: tf.data's arrays are read-only, which torch.from_numpy warns about.
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
+    if flip is not None:
+      x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
+    if dequantization_noise is not None:
+      x = (x * 255. + dequantization_noise) / 256.
+    return self.scaler(x)
+
+  def _global_draws(self, shape, tag, index, ctx, flip, dequantize):
+    """This rank's slice of the flips and dequantization noise of global batch `index` of `shape`."""
+    if not (flip or dequantize):
+      return None, None
+    generator = torch.Generator(device=self.device)
+    generator.manual_seed(utils.seed_for(self.seed, tag, index))
+    flips = torch.rand(shape[0], generator=generator, device=self.device) < 0.5 if flip else None
+    noise = torch.rand(shape, generator=generator, device=self.device) if dequantize else None
+    local = shape[0] // ctx.world_size
+    part = slice(ctx.rank * local, (ctx.rank + 1) * local)
+    return (None if flips is None else flips[part]), (None if noise is None else noise[part])
+
+  def _stream(self, split, global_batch, start, ctx, tag):
+    """This rank's share of each global batch of an endless shuffled stream, as model input."""
+    local = _check_divides('training.batch_size', global_batch, ctx.world_size)
+    keep = None if ctx.world_size == 1 else (ctx.rank * local, local, global_batch)
+    train_ds, eval_ds, _ = _image_pipelines(
+        self.config, batch_size=local, evaluation=False, flip=False, uniform_dequantization=False,
+        drop_remainder=True, shuffle_seed=utils.seed_for(self.seed, tag, start), keep=keep)
+    shape = self.sample_shape(global_batch)
+    for index, batch in enumerate(train_ds if split == 'train' else eval_ds, start=start):
+      flip, noise = self._global_draws(shape, tag, index, ctx, self.random_flip, self.uniform_dequantization)
+      yield self.to_model_input(batch['image'], flip, noise)
+
+  def train_batches(self, start_step, ctx):
+    """This rank's share of the training batch of every step from `start_step` on (an endless iterator).
+
+    The order of the images is a function of (seed, start_step): a resumed run shuffles anew, as Score SDE's
+    tf.data pipeline does on every start.
+    """
+    return self._stream('train', self.train_batch_size, start_step, ctx, 'train')
+
+  def eval_stream(self, ctx):
+    """Batches of the eval split for the training loop's periodic eval step (Score SDE: of the training batch
+    size, repeated, flipped and dequantized like the training data)."""
+    return self._stream('eval', self.train_batch_size, 0, ctx, 'eval_stream')
+
+  def eval_batches(self, split, dequantize=None, repeat=0, only=None):
+    """One epoch of a split in batches of `eval.batch_size`, in a fixed order: `(index, model input)` pairs.
+
+    Args:
+      split: 'train' or 'test' (the data set's held-out split).
+      dequantize: uniformly dequantize, with noise that is a function of (seed, split, repeat, index); None:
+        as the training data (`data.uniform_dequantization`).
+      repeat: which pass over the split this is (a new dequantization per pass).
+      only: optional predicate on the batch index: the other batches are yielded as `(index, None)`, not
+        converted (a rank's share of the evaluation; every rank still sees every index).
+    """
+    if dequantize is None:
+      dequantize = self.uniform_dequantization
+    train_ds, eval_ds, _ = _image_pipelines(
+        self.config, batch_size=self.eval_batch_size, evaluation=True, flip=False, uniform_dequantization=False,
+        drop_remainder=True, shuffle_seed=utils.seed_for(self.seed, 'eval_order'))
+    for index, batch in enumerate(train_ds if split == 'train' else eval_ds):
+      if only is not None and not only(index):
+        yield index, None
+        continue
+      noise = None
+      if dequantize:
+        images = np.asarray(batch['image'])
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(utils.seed_for(self.seed, 'dequantize', split, repeat, index))
+        noise = torch.rand(self.sample_shape(images.shape[0]), generator=generator, device=self.device)
+      yield index, self.to_model_input(batch['image'], dequantization_noise=noise)
+
+  def num_eval_batches(self, split):
+    """How many batches `eval_batches(split)` yields, or None where tf.data cannot tell without reading."""
+    train_ds, eval_ds, _ = _image_pipelines(
+        self.config, batch_size=self.eval_batch_size, evaluation=True, flip=False, uniform_dequantization=False,
+        drop_remainder=True)
+    count = int((train_ds if split == 'train' else eval_ds).cardinality())
+    return count if count >= 0 else None
+
+  # Samples ------------------------------------------------------------------------------------------------
+
+  def sample_arrays(self, samples):
+    """Samples (NCHW in [0, 1], torch) as Score SDE saves them: uint8 NHWC."""
+    return np.clip(samples.permute(0, 2, 3, 1).cpu().numpy() * 255., 0, 255).astype(np.uint8)
+
+  def save_snapshot(self, samples, directory, step):
+    """Score SDE's snapshot files: `sample.np` (uint8 NHWC, `np.save`) and `sample.png` (a grid)."""
+    del step
+    from torchvision.utils import make_grid, save_image  # pylint: disable=g-import-not-at-top
+    nrow = int(np.sqrt(samples.shape[0]))
+    with open(os.path.join(directory, 'sample.np'), 'wb') as fout:
+      np.save(fout, self.sample_arrays(samples))
+    save_image(make_grid(samples, nrow, padding=2), os.path.join(directory, 'sample.png'))
+
+  def prepare_sample_quality(self):
+    """Loads the Inception network and checks the statistics file, before any sampling."""
+    import evaluation  # pylint: disable=g-import-not-at-top
+    self._inceptionv3 = evaluation.inceptionv3_from_config(self.config)
+    self._inception = evaluation.get_inception_model(inceptionv3=self._inceptionv3, config=self.config)
+    # The statistics file must exist before hours of sampling, not after.
+    evaluation.load_dataset_stats(self.config)
+
+  def sample_statistics(self, arrays):
+    """Inception features of a round of samples (`statistics_{r}.npz`): `pool_3`, and `logits` (not for v3)."""
+    import evaluation  # pylint: disable=g-import-not-at-top
+    # Garbage-collect before and after TensorFlow's Inception network, as Score SDE does.
+    gc.collect()
+    latents = evaluation.run_inception_distributed(arrays, self._inception, inceptionv3=self._inceptionv3)
+    gc.collect()
+    stats = {'pool_3': latents['pool_3']}
+    if not self._inceptionv3:
+      stats['logits'] = latents['logits']
+    return stats
+
+  def sample_quality(self, rounds, num_samples):
+    """FID, IS and KID of the first `num_samples` samples against the data set's statistics.
+
+    Args:
+      rounds: per round, `(arrays, statistics)`.
+      num_samples: how many samples count.
+
+    Returns:
+      A dict of floats `{'IS', 'fid', 'kid'}` (Score SDE's `report_{ckpt}.npz` names).
+    """
+    import evaluation  # pylint: disable=g-import-not-at-top
+    pools = np.concatenate([stats['pool_3'] for _, stats in rounds], axis=0)[:num_samples]
+    logits = None
+    if not self._inceptionv3:
+      logits = np.concatenate([stats['logits'] for _, stats in rounds], axis=0)[:num_samples]
+    data_pools = evaluation.load_dataset_stats(self.config)['pool_3']
+    metrics = evaluation.sample_quality_metrics(data_pools, pools, logits)
+    return {'IS': metrics['is'], 'fid': metrics['fid'], 'kid': metrics['kid']}
+
+
+def get_data(config):
+  """The data set object of `config.data.dataset`: `toy.ToyData` for 'TOY', else `ImageData`."""
+  dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+  if dataset == 'TOY':
+    import toy  # pylint: disable=g-import-not-at-top
+    return toy.ToyData(config)
+  return ImageData(config)

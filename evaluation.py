@@ -404,7 +404,9 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
                                         drop_remainder=False)
   pools = []
   num_images = 0
-  for batch in train_ds:
+  num_batches = int(train_ds.cardinality())  # negative where tf.data cannot tell
+  progress = utils.Progress(num_batches if num_batches >= 0 else None, 'Inception statistics', unit='batch')
+  for batch_index, batch in enumerate(train_ds):
     images = images_to_uint8(batch['image'])
     if images.shape[-1] != 3:
       raise ValueError(f'The Inception network needs RGB images; config.data.num_channels='
@@ -412,9 +414,10 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
     pools.append(run_inception_distributed(images, inception_model, inceptionv3=inceptionv3)
                  [INCEPTION_FINAL_POOL])
     num_images += images.shape[0]
-    logging.info('Inception statistics: %d images.', num_images)
+    logging.info('Inception statistics: %d images (%s).', num_images, progress.status(batch_index + 1))
     if max_images is not None and num_images >= max_images:
       break
+  progress.close()
   if num_images < 2:
     raise ValueError(f'The training split of config.data.dataset={config.data.dataset!r} gave {num_images} images; '
                      'statistics need at least 2.')

@@ -9,9 +9,17 @@ positive, FP-Diffusion's score Fokker-Planck regularizer (docs/score_fpe.md):
 
 with the residuals computed once for every SDE by `score_fpe.py`. With alpha = beta = 0 (the default of every
 Score SDE config) the loss and its cost are exactly Score SDE's.
+
+Losses are small objects built once from the config (`loss_from_config`), validated at construction. A loss
+reports its terms per sample, by name (`'dsm'`, and each regularizer's, e.g. `'fp_vector'`, `'fp_scalar'`),
+and knows how to reduce them and the weighted sum that is the training objective. Score SDE's functions
+(`get_sde_loss_fn`, `get_smld_loss_fn`, `get_ddpm_loss_fn`, `get_step_fn`) keep their names, signatures and
+behaviour as thin wrappers over these objects. A new regularizer is a class with the interface of
+`score_fpe.ScoreFPERegularizer` (its own module and config block) added to `REGULARIZERS`.
 """
 
-import contextlib
+import abc
+import collections
 import logging
 import math
 
@@ -19,14 +27,19 @@ import torch
 import torch.optim as optim
 
 import score_fpe
+import trainer as trainer_lib
 import utils
 from models import utils as mutils
 from sde_lib import VESDE, VPSDE
 
 OPTIMIZERS = ('Adam',)
-SCALAR_FP = ('False', 'True', 'both')
-FP_DISTS = ('pert', 'x', 'random')
+# The FP options' allowed values (score_fpe's), under the names this module has always had.
+SCALAR_FP = score_fpe.SCALAR_FP
+FP_DISTS = score_fpe.FP_DISTS
 
+# The regularizers `loss_from_config` builds: classes with `from_config(config, sde, eps)` (see
+# `score_fpe.ScoreFPERegularizer` for the interface). One that is off reports no terms and costs nothing.
+REGULARIZERS = (score_fpe.ScoreFPERegularizer,)
 
 def get_optimizer(config, params):
   """Returns the optimizer that `config.optim` describes (Adam, as Score SDE)."""
@@ -45,16 +58,32 @@ def optimization_manager(config):
   warmup_default = utils.check_number('optim.warmup', config.optim.warmup, low=0, integer=True)
   grad_clip_default = utils.check_number('optim.grad_clip', config.optim.grad_clip)
 
-  def optimize_fn(optimizer, params, step, lr=lr_default, warmup=warmup_default, grad_clip=grad_clip_default):
-    """Optimizes with warmup and gradient clipping (disabled if negative)."""
+  def optimize_fn(optimizer, params, step, lr=lr_default, warmup=warmup_default, grad_clip=grad_clip_default,
+                  *, scaler=None):
+    """Optimizes with warmup and gradient clipping (disabled if negative).
+
+    `scaler` (not in Score SDE): a `torch.amp.GradScaler` whose scaled gradients are unscaled before clipping
+    and which skips the update when they are not finite (float16 training).
+
+    Returns:
+      The gradient norm before clipping (a 0-dim tensor), or None when clipping is disabled.
+    """
     # Every step, also without warmup (where Score SDE leaves the rate alone): an optimizer restored from a
     # checkpoint would otherwise keep the checkpoint's rate and silently ignore optim.lr.
     factor = min(step / warmup, 1.0) if warmup > 0 else 1.0
     for g in optimizer.param_groups:
       g['lr'] = lr * factor
+    if scaler is not None:
+      scaler.unscale_(optimizer)
+    grad_norm = None
     if grad_clip >= 0:
-      torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
-    optimizer.step()
+      grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
+    if scaler is not None:
+      scaler.step(optimizer)
+      scaler.update()
+    else:
+      optimizer.step()
+    return grad_norm
 
   return optimize_fn
 
@@ -65,23 +94,291 @@ def _reduce_op(reduce_mean):
   return lambda *args, **kwargs: 0.5 * torch.sum(*args, **kwargs)
 
 
-def check_fp_options(scalar_fp='both', fp_dist='pert', fp_wgt_type='ll', alpha=0., beta=0., m=2,
-                     fp_batch_fraction=1.):
-  """Validates the FP-Diffusion loss options; errors name the `config.training` field."""
-  utils.check_choice('training.scalar_fp', scalar_fp, SCALAR_FP)
-  utils.check_choice('training.fp_dist', fp_dist, FP_DISTS)
-  utils.check_choice('training.fp_wgt_type', fp_wgt_type, score_fpe.FP_WEIGHTINGS)
-  utils.check_number('training.alpha', alpha, low=0.)
-  utils.check_number('training.beta', beta, low=0.)
-  utils.check_number('training.m', m, low=0., low_open=True)
-  utils.check_number('training.fp_batch_fraction', fp_batch_fraction, low=0., high=1., low_open=True)
+def _per_sample(losses, reduce_mean):
+  """Score SDE's reduction over the data dimensions: mean, or half the sum."""
+  return _reduce_op(reduce_mean)(losses.reshape(losses.shape[0], -1), dim=-1)
 
 
-def fp_terms_active(scalar_fp, alpha, beta):
-  """(vector, scalar): which FP terms enter the loss; a term with weight 0 is never computed."""
-  vector = scalar_fp in ('False', 'both') and alpha > 0
-  scalar = scalar_fp in ('True', 'both') and beta > 0
-  return vector, scalar
+def reduce_term(values, reduction, batch_size, sum_over_ranks=None, world_size=1):
+  """A term's per-sample values reduced to the number the loss adds up.
+
+  Args:
+    values: per-sample values, shape (n,).
+    reduction: 'mean' (over the n samples), or 'norm': FP-Diffusion's L2 norm over a batch of `batch_size`,
+      computed on n of its samples and rescaled by sqrt(batch_size / n) so that it estimates the same number.
+    batch_size: the batch the values come from.
+    sum_over_ranks: for 'norm' under torch.distributed, a function summing a tensor over ranks. The norm is
+      then the one of the global batch (each rank holds an equal share), and its gradient on each rank is
+      scaled so that averaging gradients over ranks gives the gradient of the global norm.
+    world_size: the number of ranks `sum_over_ranks` sums over.
+
+  Returns:
+    A 0-dim tensor, differentiable.
+  """
+  if reduction == 'mean':
+    return values.mean()
+  if reduction != 'norm':
+    raise ValueError(f'Unknown reduction {reduction!r}; expected "mean" or "norm".')
+  scale = batch_size / values.shape[0]
+  if sum_over_ranks is None or world_size == 1:
+    return torch.linalg.vector_norm(values) * math.sqrt(scale)
+  local = values.square().sum()
+  others = sum_over_ranks(local.detach()) - local.detach()
+  norm = torch.sqrt(scale * (local + others))
+  # Value: the global norm. Gradient: world_size x the local share, which the gradient average restores.
+  return norm.detach() + world_size * (norm - norm.detach())
+
+
+class Loss(abc.ABC):
+  """A training objective: per-sample terms by name, their reductions and weights.
+
+  Subclasses set `reductions` (term name -> 'mean' or 'norm', see `reduce_term`) and `weights` (term name ->
+  weight in the total) and implement `draw_noise` and `__call__`.
+  """
+
+  reductions = {'dsm': 'mean'}
+  weights = {'dsm': 1.}
+
+  @property
+  def term_names(self):
+    """The terms this loss reports, in a fixed order ('dsm' first)."""
+    return tuple(self.weights)
+
+  @abc.abstractmethod
+  def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
+    """Everything random one evaluation of the loss on a batch of `shape` needs, as a dict of tensors whose
+    first axis is the batch's: split with the batch, the noise stays with its samples (over ranks and
+    micro-batches). `generator` None draws from torch's global generator (Score SDE's behaviour)."""
+
+  @abc.abstractmethod
+  def __call__(self, model, batch, train, noise=None, eager_model=None):
+    """The per-sample terms on `batch`: a dict term name -> tensor of shape (n,).
+
+    Args:
+      model: the score model.
+      batch: the data, already scaled, shape (B, ...).
+      train: training (model in train mode, gradients through the terms) or evaluation.
+      noise: `draw_noise`'s dict for this batch (default: drawn here).
+      eager_model: the model to use where a compiled `model` cannot be (double backward); default `model`.
+    """
+
+  def reduce(self, per_sample, batch_size, sum_over_ranks=None, world_size=1):
+    """term name -> 0-dim tensor (see `reduce_term`)."""
+    return {name: reduce_term(values, self.reductions[name], batch_size, sum_over_ranks, world_size)
+            for name, values in per_sample.items()}
+
+  def total(self, reduced):
+    """The objective: the weighted sum of the reduced terms."""
+    return sum(self.weights[name] * value for name, value in reduced.items())
+
+  def describe(self):
+    """One line for the log."""
+    return f'{type(self).__name__} (discrete time; no regularizer: they need continuous time)'
+
+
+# The DSM loss's perturbation of a batch: x_t = mean(x0, t) + std(t) z.
+Perturbed = collections.namedtuple('Perturbed', ['x0', 't', 'z', 'std', 'x_t'])
+
+
+class SDELoss(Loss):
+  """Score SDE's continuous-time DSM loss, plus regularizers (FP-Diffusion's score-FPE term).
+
+  DSM per sample: |s(x_t, t) std(t) + z|^2 (Score SDE's weighting) or g(t)^2 |s(x_t, t) + z / std(t)|^2
+  (likelihood weighting), reduced over the data dimensions by the mean or half the sum; then averaged over the
+  batch.
+  """
+
+  def __init__(self, sde, reduce_mean=True, likelihood_weighting=True, eps=1e-5, regularizers=()):
+    """Builds the loss; `regularizers` that are off (no active term) are dropped."""
+    self.sde = sde
+    self.reduce_mean = utils.check_bool('training.reduce_mean', reduce_mean)
+    self.likelihood_weighting = utils.check_bool('training.likelihood_weighting', likelihood_weighting)
+    self.eps = utils.check_number('eps', eps, low=0., high=sde.T, high_open=True)
+    self.all_regularizers = tuple(regularizers)
+    self.regularizers = tuple(r for r in regularizers if r.active)
+    shared = [r for r in self.regularizers if r.shares_evaluation]
+    if len(shared) > 1:
+      raise ValueError('At most one regularizer can share the DSM loss\'s network evaluation.')
+    self._shared = shared[0] if shared else None
+    self.reductions = dict(Loss.reductions)
+    self.weights = dict(Loss.weights)
+    for r in self.regularizers:
+      self.reductions.update({name: r.reductions[name] for name in r.term_names})
+      self.weights.update(r.weights)
+
+  def describe(self):
+    dsm = (f'DSM (continuous time, {"likelihood" if self.likelihood_weighting else "Score SDE"} weighting, '
+           f'reduce_mean={self.reduce_mean})')
+    return '; '.join([dsm] + [r.describe() for r in self.all_regularizers])
+
+  def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
+    # t, then z: Score SDE's order, so that with the global generator the draws are Score SDE's.
+    noise = {
+        't': torch.rand(shape[0], generator=generator, device=device) * (self.sde.T - self.eps) + self.eps,
+        'z': torch.randn(shape, generator=generator, device=device, dtype=dtype),
+    }
+    for r in self.regularizers:
+      noise.update(r.draw_noise(shape, device, dtype, generator))
+    return noise
+
+  def perturb(self, batch, noise):
+    """x_t ~ p_t(x_t | x0) for the batch, with the noise's t and z."""
+    t, z = noise['t'], noise['z']
+    mean, std = self.sde.marginal_prob(batch, t)
+    return Perturbed(batch, t, z, std, mean + utils.expand_batch(std, batch) * z)
+
+  def dsm_per_sample(self, score, perturbed):
+    """The DSM loss of each sample, in float32 (`score` may come from an autocast region)."""
+    score = utils.at_least_float32(score)
+    z, std = utils.at_least_float32(perturbed.z), utils.at_least_float32(perturbed.std)
+    if not self.likelihood_weighting:
+      return _per_sample(torch.square(score * utils.expand_batch(std, score) + z), self.reduce_mean)
+    g2 = utils.at_least_float32(self.sde.diffusion(perturbed.t)) ** 2
+    return _per_sample(torch.square(score + z / utils.expand_batch(std, score)), self.reduce_mean) * g2
+
+  def __call__(self, model, batch, train, noise=None, eager_model=None):
+    if noise is None:
+      noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
+    continuous_score = lambda m: mutils.get_score_fn(self.sde, m, train=train, continuous=True)
+    score_fn = continuous_score(model)
+    eager_score_fn = score_fn if eager_model is None else continuous_score(eager_model)
+    p = self.perturb(batch, noise)
+    shared = None
+    if self._shared is not None:
+      # One network evaluation at (x_t, t) serves the DSM loss and the regularizer on its first k samples
+      # (and, by forward-mode AD, gives d_t s too); the rest of the batch is evaluated separately, so that
+      # the higher-order derivatives run through the first k samples only.
+      k = self._shared.num_samples(batch.shape[0])
+      with torch.enable_grad():
+        x_fp = utils.at_least_float32(p.x_t[:k].detach()).requires_grad_(True)
+        evaluation = self._shared.evaluate(eager_score_fn, x_fp, p.t[:k])
+      shared = (x_fp, evaluation)
+      score = evaluation.s
+      if k < batch.shape[0]:
+        score = torch.cat([score, score_fn(p.x_t[k:], p.t[k:]).to(score.dtype)], dim=0)
+    else:
+      score = score_fn(p.x_t, p.t)
+    terms = {'dsm': self.dsm_per_sample(score, p)}
+    for r in self.regularizers:
+      terms.update(r(eager_score_fn, p.x0, p.x_t, p.t, noise, shared=shared if r is self._shared else None,
+                     create_graph=train))
+    return terms
+
+
+class SMLDLoss(Loss):
+  """Score SDE's discrete-time SMLD (NCSN) loss for the VE SDE: noise levels drawn from its sigmas."""
+
+  def __init__(self, vesde, reduce_mean=False):
+    if not isinstance(vesde, VESDE):
+      raise ValueError(f'SMLD training only works for VESDEs, not {type(vesde).__name__}.')
+    self.sde = vesde
+    self.reduce_mean = reduce_mean
+    # Previous SMLD models assume descending sigmas
+    self.smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
+
+  def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
+    return {'labels': torch.randint(0, self.sde.N, (shape[0],), generator=generator, device=device),
+            'z': torch.randn(shape, generator=generator, device=device, dtype=dtype)}
+
+  def __call__(self, model, batch, train, noise=None, eager_model=None):
+    if noise is None:
+      noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
+    model_fn = mutils.get_model_fn(model, train=train)
+    labels = noise['labels']
+    sigmas = self.smld_sigma_array.to(batch.device)[labels]
+    perturbation = noise['z'] * utils.expand_batch(sigmas, batch)
+    score = utils.at_least_float32(model_fn(perturbation + batch, labels))
+    target = -perturbation / utils.expand_batch(sigmas ** 2, batch)
+    return {'dsm': _per_sample(torch.square(score - target), self.reduce_mean) * sigmas ** 2}
+
+
+class DDPMLoss(Loss):
+  """Score SDE's discrete-time DDPM loss for the VP SDE: the noise prediction error at a random step."""
+
+  def __init__(self, vpsde, reduce_mean=True):
+    if not isinstance(vpsde, VPSDE):
+      raise ValueError(f'DDPM training only works for VPSDEs, not {type(vpsde).__name__}.')
+    self.sde = vpsde
+    self.reduce_mean = reduce_mean
+
+  def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
+    return {'labels': torch.randint(0, self.sde.N, (shape[0],), generator=generator, device=device),
+            'z': torch.randn(shape, generator=generator, device=device, dtype=dtype)}
+
+  def __call__(self, model, batch, train, noise=None, eager_model=None):
+    if noise is None:
+      noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
+    model_fn = mutils.get_model_fn(model, train=train)
+    labels, z = noise['labels'], noise['z']
+    sqrt_alphas_cumprod = self.sde.sqrt_alphas_cumprod.to(batch.device)
+    sqrt_1m_alphas_cumprod = self.sde.sqrt_1m_alphas_cumprod.to(batch.device)
+    perturbed_data = (utils.expand_batch(sqrt_alphas_cumprod[labels], batch) * batch +
+                      utils.expand_batch(sqrt_1m_alphas_cumprod[labels], batch) * z)
+    score = utils.at_least_float32(model_fn(perturbed_data, labels))
+    return {'dsm': _per_sample(torch.square(score - z), self.reduce_mean)}
+
+
+def _discrete_loss(sde, reduce_mean):
+  """Score SDE's discrete (legacy) objectives: SMLD for VE, DDPM for VP; sub-VP has none."""
+  if isinstance(sde, VESDE):
+    return SMLDLoss(sde, reduce_mean=reduce_mean)
+  if isinstance(sde, VPSDE):
+    return DDPMLoss(sde, reduce_mean=reduce_mean)
+  raise ValueError(f'Discrete training for {type(sde).__name__} is not recommended.')
+
+
+def build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers=()):
+  """The loss object for these options (continuous: `SDELoss` with the regularizers; else SMLD/DDPM)."""
+  if continuous:
+    return SDELoss(sde, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
+                   regularizers=regularizers)
+  if likelihood_weighting:
+    raise ValueError('Likelihood weighting is not supported for original SMLD/DDPM training '
+                     '(training.continuous=False).')
+  active = [r for r in regularizers if r.active]
+  if active:
+    raise ValueError(f'{type(active[0]).__name__} ({active[0].describe()}) is not supported for original '
+                     'SMLD/DDPM training (training.continuous=False); switch it off.')
+  return _discrete_loss(sde, reduce_mean)
+
+
+def loss_from_config(config, sde):
+  """The training objective `config.training` describes, every field it uses validated once, here."""
+  training = config.training
+  continuous = utils.check_bool('training.continuous', training.continuous)
+  reduce_mean = utils.check_bool('training.reduce_mean', training.reduce_mean)
+  likelihood_weighting = utils.check_bool('training.likelihood_weighting', training.likelihood_weighting)
+  regularizers = [cls.from_config(config, sde) for cls in REGULARIZERS]
+  return build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers)
+
+
+def _fp_regularizer(sde, continuous, eps, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m, fp_time_derivative,
+                    fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type, fp_num_probes, fp_batch_fraction):
+  """The score-FPE regularizer of the keyword arguments of Score SDE-style functions below."""
+  fpe = score_fpe.ScoreFPE(sde, eps=eps, time_derivative=fp_time_derivative, fd_hs=fp_fd_hs, fd_hd=fp_fd_hd,
+                           divergence=fp_divergence, hutchinson_type=fp_hutchinson_type, num_probes=fp_num_probes)
+  return score_fpe.ScoreFPERegularizer(sde, fpe, scalar_fp=scalar_fp, fp_dist=fp_dist, fp_wgt_type=fp_wgt_type,
+                                       alpha=alpha, beta=beta, m=m, fp_batch_fraction=fp_batch_fraction,
+                                       continuous=continuous)
+
+
+def _legacy_terms(terms):
+  """The dict of terms Score SDE-style functions return: 'loss', 'dsm', 'fp_vector', 'fp_scalar' (NaN when not
+  computed), plus any other term the loss reports; values detached except 'loss'."""
+  nan = torch.full((), float('nan'), device=terms['loss'].device)
+  out = {'fp_vector': nan, 'fp_scalar': nan}
+  out.update({name: value if name == 'loss' else value.detach() for name, value in terms.items()})
+  return {name: out[name] for name in ('loss', 'dsm', 'fp_vector', 'fp_scalar', *out)}
+
+
+def _legacy_step_fn(trainer, train, return_terms):
+  step_fn = trainer.step_fn(train, return_terms=True)
+
+  def legacy_step_fn(state, batch):
+    terms = step_fn(state, batch)
+    return _legacy_terms(terms) if return_terms else terms['loss']
+
+  return legacy_step_fn
 
 
 def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_weighting=True, eps=1e-5,
@@ -90,6 +387,8 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
                     fp_divergence='hutchinson', fp_hutchinson_type='gaussian', fp_num_probes=1,
                     fp_batch_fraction=1., return_terms=False):
   """Create a loss function for training with arbitrary SDEs: DSM, plus the score-FPE regularizer.
+
+  A wrapper over `SDELoss` with Score SDE's signature (and FP-Diffusion's keyword arguments).
 
   Args:
     sde: An `sde_lib.SDE` object that represents the forward SDE.
@@ -117,31 +416,11 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
     A loss function `loss_fn(model, batch, t=None, z=None)`; `t` (B,) and `z` (shape of batch) optionally fix
     the DSM's times and noise (for tests and diagnostics).
   """
-  check_fp_options(scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m, fp_batch_fraction)
-  vector_on, scalar_on = fp_terms_active(scalar_fp, alpha, beta)
-  fp_on = vector_on or scalar_on
-  fpe = None
-  if fp_on:
-    if not continuous:
-      raise ValueError('The score-FPE term (training.alpha or training.beta > 0) needs a continuous-time '
-                       'model (training.continuous=True): the score must be differentiable in t.')
-    fpe = score_fpe.ScoreFPE(sde, eps=eps, time_derivative=fp_time_derivative, fd_hs=fp_fd_hs, fd_hd=fp_fd_hd,
-                             divergence=fp_divergence, hutchinson_type=fp_hutchinson_type,
-                             num_probes=fp_num_probes)
-  reduce_op = _reduce_op(reduce_mean)
-
-  def fp_loss_terms(score_fn, x, t, evaluation, batch_size):
-    """R_vec and R_sc at (x, t), x a leaf requiring grad from which `evaluation` was computed."""
-    res = fpe.residuals(score_fn, x, t, evaluation, vector=vector_on, scalar=scalar_on, create_graph=train)
-    r_vec = r_sc = None
-    if vector_on:
-      lam = score_fpe.fp_time_weight(sde, t, fp_wgt_type)
-      r_vec = torch.mean(lam * score_fpe.per_sample_vector_term(res['vector'], m))
-    if scalar_on:
-      # The released code's L2 norm over the batch; on a fraction k of the batch B it is rescaled by
-      # sqrt(B / k), so that it estimates the same quantity as on the whole batch.
-      r_sc = torch.linalg.vector_norm(res['scalar']) * math.sqrt(batch_size / x.shape[0])
-    return r_vec, r_sc
+  regularizer = _fp_regularizer(sde, continuous, eps, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m,
+                                fp_time_derivative, fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type,
+                                fp_num_probes, fp_batch_fraction)
+  loss = SDELoss(sde, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting, eps=eps,
+                 regularizers=(regularizer,))
 
   def loss_fn(model, batch, t=None, z=None):
     """Compute the loss function.
@@ -154,123 +433,32 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
     Returns:
       loss: A scalar that represents the average loss value across the mini-batch (or the dict of terms).
     """
-    score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
-    B = batch.shape[0]
-    if t is None:
-      t = torch.rand(B, device=batch.device) * (sde.T - eps) + eps
-    if z is None:
-      z = torch.randn_like(batch)
-    mean, std = sde.marginal_prob(batch, t)
-    perturbed_data = mean + utils.expand_batch(std, batch) * z
-    k = math.ceil(fp_batch_fraction * B) if fp_on else 0
-    # Autograd in x is needed for the FP term even when the caller (an eval step) runs under no_grad.
-    with torch.enable_grad() if fp_on else contextlib.nullcontext():
-      if fp_on and fp_dist == 'pert':
-        # One network evaluation at (x_t, t) serves both the DSM and the FP term (and, by forward-mode AD,
-        # d_t s too). On a fraction of the batch, the rest is evaluated separately, so that the
-        # higher-order derivatives run through the first k samples only.
-        x_fp = perturbed_data[:k].detach().requires_grad_(True)
-        t_fp = t[:k]
-        evaluation = fpe.evaluate_score(score_fn, x_fp, t_fp, with_time_derivative=vector_on)
-        score = evaluation.s
-        if k < B:
-          score = torch.cat([score, score_fn(perturbed_data[k:], t[k:])], dim=0)
-      else:
-        score = score_fn(perturbed_data, t)
+    noise = loss.draw_noise(batch.shape, batch.device, batch.dtype)
+    if t is not None:
+      noise['t'] = t
+    if z is not None:
+      noise['z'] = z
+    reduced = loss.reduce(loss(model, batch, train, noise), batch.shape[0])
+    total = loss.total(reduced)
+    return _legacy_terms({'loss': total, **reduced}) if return_terms else total
 
-      if not likelihood_weighting:
-        losses = torch.square(score * utils.expand_batch(std, score) + z)
-        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
-      else:
-        g2 = sde.diffusion(t) ** 2
-        losses = torch.square(score + z / utils.expand_batch(std, score))
-        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * g2
-      dsm = torch.mean(losses)
+  return loss_fn
 
-      loss = dsm
-      r_vec = r_sc = None
-      if fp_on:
-        if fp_dist != 'pert':
-          if fp_dist == 'x':
-            xx = batch[:k]
-          else:
-            # 'random': uniform over the range the batch spans, as the released code.
-            low, high = batch.min(), batch.max()
-            xx = low + (high - low) * torch.rand_like(batch[:k])
-          x_fp = xx.detach().requires_grad_(True)
-          t_fp = t[:k]
-          evaluation = fpe.evaluate_score(score_fn, x_fp, t_fp, with_time_derivative=vector_on)
-        r_vec, r_sc = fp_loss_terms(score_fn, x_fp, t_fp, evaluation, B)
-        if r_vec is not None:
-          loss = loss + alpha * r_vec
-        if r_sc is not None:
-          loss = loss + beta * r_sc
 
-    if not return_terms:
-      return loss
-    nan = torch.full((), float('nan'), device=batch.device)
-    return {
-        'loss': loss,
-        'dsm': dsm.detach(),
-        'fp_vector': nan if r_vec is None else r_vec.detach(),
-        'fp_scalar': nan if r_sc is None else r_sc.detach(),
-    }
-
+def _scalar_loss_fn(loss, train):
+  def loss_fn(model, batch):
+    return loss.total(loss.reduce(loss(model, batch, train), batch.shape[0]))
   return loss_fn
 
 
 def get_smld_loss_fn(vesde, train, reduce_mean=False):
   """Legacy code to reproduce previous results on SMLD(NCSN). Not recommended for new work."""
-  if not isinstance(vesde, VESDE):
-    raise ValueError(f'SMLD training only works for VESDEs, not {type(vesde).__name__}.')
-
-  # Previous SMLD models assume descending sigmas
-  smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
-  reduce_op = _reduce_op(reduce_mean)
-
-  def loss_fn(model, batch):
-    model_fn = mutils.get_model_fn(model, train=train)
-    labels = torch.randint(0, vesde.N, (batch.shape[0],), device=batch.device)
-    sigmas = smld_sigma_array.to(batch.device)[labels]
-    noise = torch.randn_like(batch) * utils.expand_batch(sigmas, batch)
-    perturbed_data = noise + batch
-    score = model_fn(perturbed_data, labels)
-    target = -noise / utils.expand_batch(sigmas ** 2, batch)
-    losses = torch.square(score - target)
-    losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas ** 2
-    return torch.mean(losses)
-
-  return loss_fn
+  return _scalar_loss_fn(SMLDLoss(vesde, reduce_mean=reduce_mean), train)
 
 
 def get_ddpm_loss_fn(vpsde, train, reduce_mean=True):
   """Legacy code to reproduce previous results on DDPM. Not recommended for new work."""
-  if not isinstance(vpsde, VPSDE):
-    raise ValueError(f'DDPM training only works for VPSDEs, not {type(vpsde).__name__}.')
-
-  reduce_op = _reduce_op(reduce_mean)
-
-  def loss_fn(model, batch):
-    model_fn = mutils.get_model_fn(model, train=train)
-    labels = torch.randint(0, vpsde.N, (batch.shape[0],), device=batch.device)
-    sqrt_alphas_cumprod = vpsde.sqrt_alphas_cumprod.to(batch.device)
-    sqrt_1m_alphas_cumprod = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)
-    noise = torch.randn_like(batch)
-    perturbed_data = (utils.expand_batch(sqrt_alphas_cumprod[labels], batch) * batch +
-                      utils.expand_batch(sqrt_1m_alphas_cumprod[labels], batch) * noise)
-    score = model_fn(perturbed_data, labels)
-    losses = torch.square(score - noise)
-    losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
-    return torch.mean(losses)
-
-  return loss_fn
-
-
-
-
-def _set_requires_grad(params, flags):
-  for p, flag in zip(params, flags):
-    p.requires_grad_(flag)
+  return _scalar_loss_fn(DDPMLoss(vpsde, reduce_mean=reduce_mean), train)
 
 
 def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True, likelihood_weighting=False,
@@ -278,6 +466,8 @@ def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True
                 fp_time_derivative='finite_difference', fp_fd_hs=1e-3, fp_fd_hd=5e-4, fp_divergence='hutchinson',
                 fp_hutchinson_type='gaussian', fp_num_probes=1, fp_batch_fraction=1., return_terms=False):
   """Create a one-step training/evaluation function.
+
+  A wrapper over `trainer.Trainer` (Score SDE's numerics: float32, one batch, one process).
 
   Args:
     sde: An `sde_lib.SDE` object that represents the forward SDE.
@@ -293,78 +483,15 @@ def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True
   Returns:
     A one-step function `step_fn(state, batch)` for training or evaluation.
   """
-  check_fp_options(scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m, fp_batch_fraction)
-  if continuous:
-    loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
-                              likelihood_weighting=likelihood_weighting, scalar_fp=scalar_fp, fp_dist=fp_dist,
-                              fp_wgt_type=fp_wgt_type, alpha=alpha, beta=beta, m=m,
-                              fp_time_derivative=fp_time_derivative, fp_fd_hs=fp_fd_hs, fp_fd_hd=fp_fd_hd,
-                              fp_divergence=fp_divergence, fp_hutchinson_type=fp_hutchinson_type,
-                              fp_num_probes=fp_num_probes, fp_batch_fraction=fp_batch_fraction,
-                              return_terms=True)
-  else:
-    if likelihood_weighting:
-      raise ValueError('Likelihood weighting is not supported for original SMLD/DDPM training '
-                       '(training.continuous=False).')
-    if any(fp_terms_active(scalar_fp, alpha, beta)):
-      raise ValueError(f'The score-FPE term (training.alpha={alpha!r}, training.beta={beta!r}) is not supported '
-                       'for original SMLD/DDPM training (training.continuous=False); set both to 0.')
-    # Score SDE's discrete (legacy) objectives: SMLD for VE, DDPM for VP; sub-VP has none.
-    if isinstance(sde, VESDE):
-      discrete_loss_fn = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
-    elif isinstance(sde, VPSDE):
-      discrete_loss_fn = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
-    else:
-      raise ValueError(f'Discrete training for {type(sde).__name__} is not recommended.')
-
-    def loss_fn(model, batch):
-      dsm = discrete_loss_fn(model, batch)
-      nan = torch.full((), float('nan'), device=batch.device)
-      return {'loss': dsm, 'dsm': dsm.detach(), 'fp_vector': nan, 'fp_scalar': nan}
-
-  def step_fn(state, batch):
-    """Running one step of training or evaluation.
-
-    Args:
-      state: A dictionary of training information, containing the score model, optimizer,
-       EMA status, and number of optimization steps.
-      batch: A mini-batch of training/evaluation data.
-
-    Returns:
-      loss: The average loss value of this state (or the dict of terms with `return_terms`).
-    """
-    model = state['model']
-    if train:
-      optimizer = state['optimizer']
-      optimizer.zero_grad()
-      terms = loss_fn(model, batch)
-      terms['loss'].backward()
-      optimize_fn(optimizer, model.parameters(), step=state['step'])
-      state['step'] += 1
-      state['ema'].update(model.parameters())
-      terms['loss'] = terms['loss'].detach()
-    else:
-      ema = state['ema']
-      params = list(model.parameters())
-      flags = [p.requires_grad for p in params]
-      ema.store(params)
-      ema.copy_to(params)
-      # No parameter graph in evaluation; the FP term enables autograd in x by itself (loss_fn).
-      _set_requires_grad(params, [False] * len(params))
-      try:
-        with torch.no_grad():
-          terms = loss_fn(model, batch)
-      finally:
-        _set_requires_grad(params, flags)
-        ema.restore(params)
-      terms = {name: value.detach() for name, value in terms.items()}
-    return terms if return_terms else terms['loss']
-
-  return step_fn
+  regularizer = _fp_regularizer(sde, continuous, 1e-5, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m,
+                                fp_time_derivative, fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type,
+                                fp_num_probes, fp_batch_fraction)
+  loss = build_loss(sde, reduce_mean, continuous, likelihood_weighting, (regularizer,))
+  return _legacy_step_fn(trainer_lib.Trainer(loss, optimize_fn), train, return_terms)
 
 
 def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False):
-  """The step function that `config.training` describes; reads and validates every field the loss uses.
+  """The step function that `config.training` describes (`loss_from_config`), Score SDE's numerics.
 
   Args:
     config: the experiment's config.
@@ -376,22 +503,6 @@ def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False
   Returns:
     `step_fn(state, batch)`.
   """
-  training = config.training
-  continuous = utils.check_bool('training.continuous', training.continuous)
-  reduce_mean = utils.check_bool('training.reduce_mean', training.reduce_mean)
-  likelihood_weighting = utils.check_bool('training.likelihood_weighting', training.likelihood_weighting)
-  fp = dict(scalar_fp=training.scalar_fp, fp_dist=training.fp_dist, fp_wgt_type=training.fp_wgt_type,
-            alpha=training.alpha, beta=training.beta, m=training.m,
-            fp_batch_fraction=training.fp_batch_fraction)
-  check_fp_options(**fp)
-  estimator = dict(fp_time_derivative=training.fp_time_derivative, fp_fd_hs=training.fp_fd_hs,
-                   fp_fd_hd=training.fp_fd_hd, fp_divergence=training.fp_divergence,
-                   fp_hutchinson_type=training.fp_hutchinson_type, fp_num_probes=training.fp_num_probes)
-  # The estimator fields are validated even while the FP term is off, so a typo never waits for alpha > 0.
-  score_fpe.fpe_from_config(config, sde)
   if train and optimize_fn is None:
     raise ValueError('A training step needs optimize_fn (losses.optimization_manager(config)).')
-  if any(fp_terms_active(fp['scalar_fp'], fp['alpha'], fp['beta'])):
-    logging.info('Score-FPE regularizer on: %s', {**fp, **estimator})
-  return get_step_fn(sde, train, optimize_fn=optimize_fn, reduce_mean=reduce_mean, continuous=continuous,
-                     likelihood_weighting=likelihood_weighting, return_terms=return_terms, **fp, **estimator)
+  return _legacy_step_fn(trainer_lib.Trainer(loss_from_config(config, sde), optimize_fn), train, return_terms)

@@ -3,10 +3,13 @@
   python main.py --config configs/fp/cifar10_ve_ncsnpp_continuous.py --workdir W --mode train
   python main.py --config ... --workdir W --mode eval [--eval_folder eval]
   python main.py --config ... --workdir W --mode fid_stats
+  torchrun --standalone --nproc_per_node=N main.py --config ... --workdir W --mode train|eval|fid_stats
 
 Config fields can be overridden on the command line, e.g. `--config.training.alpha=0.1`. Logs go to the console
-and are appended to `W/stdout.txt`. See docs/workflow.md. TensorFlow is never imported here: the data pipeline
-and the Inception network import it lazily and keep it off the GPU.
+and are appended to `W/stdout.txt`. Under torchrun (`distributed.py`), rank 0 alone writes the log file and logs
+below WARNING; the other ranks log warnings and errors only, prefixed with their rank. See docs/workflow.md.
+TensorFlow is never imported here: the data pipeline and the Inception network import it lazily and keep it
+off the GPU.
 """
 
 import logging
@@ -16,6 +19,7 @@ from absl import app
 from absl import flags
 from ml_collections.config_flags import config_flags
 
+import distributed
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -59,21 +63,39 @@ def compute_fid_stats(config):
   logging.info('Wrote %s.', path)
 
 
+def _quiet_other_ranks(rank):
+  """On ranks other than 0: warnings and errors only, each line saying which rank it comes from."""
+  logger = logging.getLogger()
+  logger.setLevel('WARNING')
+  for handler in logger.handlers:
+    handler.setFormatter(logging.Formatter(f'[rank {rank}] {LOG_FORMAT}'))
+
+
 def main(argv):
   del argv
-  log_to_file(FLAGS.workdir)
-  logging.info('mode: %s, workdir: %s, config:\n%s', FLAGS.mode, FLAGS.workdir, FLAGS.config)
+  ctx = distributed.init_from_env(FLAGS.config.device)
+  if ctx.distributed:
+    # Each rank computes on its own device (cuda:LOCAL_RANK); the config must say so for models and samplers.
+    FLAGS.config.device = ctx.device
+  if ctx.is_main:
+    log_to_file(FLAGS.workdir)
+    logging.info('mode: %s, workdir: %s, config:\n%s', FLAGS.mode, FLAGS.workdir, FLAGS.config)
+  else:
+    _quiet_other_ranks(ctx.rank)
   try:
     if FLAGS.mode == 'train':
       run_lib.train(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
       run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
-    else:
+    elif ctx.is_main:
+      # The statistics of the data set are one pass of Inception over it: rank 0 alone.
       compute_fid_stats(FLAGS.config)
   except Exception:
     # Into stdout.txt as well as the console, so the log of a failed run says why it stopped.
     logging.exception('%s failed.', FLAGS.mode)
     raise
+  finally:
+    distributed.shutdown()
 
 
 if __name__ == '__main__':

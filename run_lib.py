@@ -12,9 +12,14 @@ Steps count optimizer updates: `state['step']` is the number of updates applied 
 checkpoints), and training stops when it reaches `training.n_iters`. Everything the run needs (config values, the
 data pipeline, the sampler, the checkpoint to resume from) is built and checked before anything is written into
 the workdir, so a bad start leaves the workdir as it was.
+
+The pieces: a loss object (`losses.loss_from_config`), the step that owns forward, backward, update and EMA
+(`trainer.Trainer`), and a data set object (`datasets.get_data`) that knows how batches become model input, how
+samples are saved and scored and which bits/dim apply. Under torchrun (`distributed.py`) every rank trains on
+its share of each global batch and evaluates its share of the evaluation's batches and sampling rounds; rank 0
+alone writes files.
 """
 
-import gc
 import logging
 import math
 import os
@@ -25,13 +30,13 @@ import numpy as np
 import torch
 
 import datasets
-import evaluation
+import distributed
 import likelihood
 import losses
 import sampling
 import score_fpe
 import sde_lib
-import toy
+import trainer as trainer_lib
 import utils
 import models  # noqa: F401  (registers every architecture with models.utils)
 from models import utils as mutils
@@ -44,34 +49,13 @@ CHECKPOINT_POLL_SECONDS = 60.
 CHECKPOINT_WAIT_LIMIT_SECONDS = None
 
 
-def _active_terms(config):
-  """The loss terms the config computes, of the step fn's 'loss', 'dsm', 'fp_vector', 'fp_scalar'.
-
-  The step fn (`return_terms=True`) reports a term it does not compute as NaN: such terms are neither logged
-  nor saved.
-  """
-  t = config.training
-  losses.check_fp_options(t.scalar_fp, t.fp_dist, t.fp_wgt_type, t.alpha, t.beta, t.m, t.fp_batch_fraction)
-  vector, scalar = losses.fp_terms_active(t.scalar_fp, t.alpha, t.beta)
-  return ('loss', 'dsm') + (('fp_vector',) if vector else ()) + (('fp_scalar',) if scalar else ())
-
-
-def _is_toy(config):
-  return config.data.dataset == 'TOY'
-
-
-def _sample_shape(config, batch_size):
-  """Shape (B, C, H, W) of a batch as the model sees it."""
-  channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-  size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
-  return (batch_size, channels, size, size)
-
-
-def _to_model_input(batch, config, scaler):
-  """A dataset batch (NHWC, in [0, 1] for images) as the model's input: NCHW on the device, scaled."""
-  # A copy: tf.data's arrays are read-only, which torch.from_numpy warns about.
-  x = torch.from_numpy(np.array(batch['image'], dtype=np.float32)).to(config.device).permute(0, 3, 1, 2)
-  return scaler(x)
+def _build_state(config):
+  """Score SDE's training state: `{'optimizer', 'model', 'ema', 'step'}`, freshly initialized."""
+  score_model = mutils.create_model(config)
+  ema_rate = utils.check_number('model.ema_rate', config.model.ema_rate, low=0, high=1)
+  ema = ExponentialMovingAverage(score_model.parameters(), decay=ema_rate)
+  optimizer = losses.get_optimizer(config, score_model.parameters())
+  return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
 
 
 def _check_batch_shape(x, shape, split):
@@ -82,54 +66,33 @@ def _check_batch_shape(x, shape, split):
                      f'{tuple(shape[1:])} (config.data.num_channels, config.data.image_size).')
 
 
-def _next_batch(iterators, name, dataset):
-  """Next batch of a dataset, restarting its iterator when a finite dataset is exhausted."""
-  try:
-    return next(iterators[name])
-  except StopIteration:
-    iterators[name] = iter(dataset)
-    return next(iterators[name])
-
-
-def _build_state(config):
-  """Score SDE's training state: `{'optimizer', 'model', 'ema', 'step'}`, freshly initialized."""
-  score_model = mutils.create_model(config)
-  ema_rate = utils.check_number('model.ema_rate', config.model.ema_rate, low=0, high=1)
-  ema = ExponentialMovingAverage(score_model.parameters(), decay=ema_rate)
-  optimizer = losses.get_optimizer(config, score_model.parameters())
-  return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
-
-
-def _snapshot_images(sample, path_np, path_png):
-  """Score SDE's snapshot files: uint8 NHWC samples (`np.save` to `sample.np`) and a PNG grid."""
-  from torchvision.utils import make_grid, save_image  # lazy: torchvision is only needed for images
-  nrow = int(np.sqrt(sample.shape[0]))
-  image_grid = make_grid(sample, nrow, padding=2)
-  images = np.clip(sample.permute(0, 2, 3, 1).cpu().numpy() * 255, 0, 255).astype(np.uint8)
-  with open(path_np, 'wb') as fout:
-    np.save(fout, images)
-  save_image(image_grid, path_png)
-
-
-def _snapshot_points(config, sample, path_np, path_png, step):
-  """Snapshot of 2-D toy samples: float (N, 2) points and a scatter plot next to the true density."""
-  points = sample.reshape(sample.shape[0], -1).cpu().numpy()
-  with open(path_np, 'wb') as fout:
-    np.save(fout, points)
-  toy.plot_samples(toy.reference_samples(config, points.shape[0]), {f'step {step}': points}, path_png,
-                   title=f'{config.data.toy}, step {step}')
-
-
-def _sample_with_ema(sampling_fn, state):
-  """Samples with the EMA weights, then puts the training weights back."""
-  model, ema = state['model'], state['ema']
-  ema.store(model.parameters())
-  ema.copy_to(model.parameters())
+def _sample_with_ema(sampling_fn, model, state):
+  """Samples with the EMA weights (through `model`, which may be a compiled module sharing the state's
+  parameters), then puts the training weights back."""
+  ema, params = state['ema'], state['model'].parameters
+  ema.store(params())
+  ema.copy_to(params())
   try:
     sample, _ = sampling_fn(model)
   finally:
-    ema.restore(model.parameters())
+    ema.restore(params())
   return sample
+
+
+def _compiled(config, state):
+  """`torch.compile`d forward module sharing the model's parameters if `training.compile`, else None."""
+  if not utils.check_bool('training.compile', config.training.compile):
+    return None
+  model = state['model']
+  inner = model.module if isinstance(model, torch.nn.DataParallel) else model
+  # The inner module: the checkpoint keys stay the DataParallel model's (Score SDE's), and compiled graphs do
+  # not trace DataParallel's scatter. The score-FPE regularizer does not use it (no double backward).
+  return torch.compile(inner)
+
+
+def _sampling_model(trainer, state):
+  """The module samplers call: the compiled forward module if there is one (it shares the parameters)."""
+  return state['model'] if trainer.forward_model is None else trainer.forward_model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +112,27 @@ def _training_settings(config):
       eval_freq=utils.check_number('training.eval_freq', t.eval_freq, low=1, integer=True),
       snapshot_sampling=utils.check_bool('training.snapshot_sampling', t.snapshot_sampling),
       batch_size=utils.check_number('training.batch_size', t.batch_size, low=1, integer=True),
+      grad_accum_steps=utils.check_number('training.grad_accum_steps', t.grad_accum_steps, low=1, integer=True),
   )
+
+
+def _check_batch_split(settings, ctx):
+  """The global batch must split evenly over ranks, then micro-batches: every share has the same weight."""
+  batch_size, k = settings['batch_size'], settings['grad_accum_steps']
+  if batch_size % (ctx.world_size * k):
+    raise ValueError(f'config.training.batch_size={batch_size} must be a multiple of the number of processes '
+                     f'({ctx.world_size}) times config.training.grad_accum_steps={k}: the global batch is split '
+                     'evenly over the ranks, then into micro-batches.')
+
+
+def make_trainer(config, sde, state):
+  """The `trainer.Trainer` of a config: its loss, optimizer schedule, precision, accumulation and noise seed."""
+  return trainer_lib.Trainer(
+      losses.loss_from_config(config, sde), losses.optimization_manager(config),
+      precision=trainer_lib.PrecisionPolicy(config.training.mixed_precision, config.device),
+      grad_accum_steps=config.training.grad_accum_steps,
+      noise_seed=utils.check_number('seed', config.seed, low=0, integer=True),
+      forward_model=_compiled(config, state))
 
 
 def _setup_training(config, workdir):
@@ -158,59 +141,62 @@ def _setup_training(config, workdir):
   Nothing is written: a config value, the data or a checkpoint that does not fit stops the run here, with the
   workdir as it was.
   """
+  ctx = distributed.context()
   settings = _training_settings(config)
-  torch.manual_seed(utils.check_number('seed', config.seed, low=0, integer=True))
+  _check_batch_split(settings, ctx)
+  seed = utils.check_number('seed', config.seed, low=0, integer=True)
+  # Every rank builds the same initial weights (then restores the same checkpoint, if any).
+  torch.manual_seed(seed)
   sde = sde_lib.sde_from_config(config)
   state = _build_state(config)
-  optimize_fn = losses.optimization_manager(config)
-  train_step_fn = losses.step_fn_from_config(config, sde, train=True, optimize_fn=optimize_fn,
-                                             return_terms=True)
-  eval_step_fn = losses.step_fn_from_config(config, sde, train=False, optimize_fn=optimize_fn,
-                                            return_terms=True)
-  scaler = datasets.get_data_scaler(config)
-  inverse_scaler = datasets.get_data_inverse_scaler(config)
-  shape = _sample_shape(config, settings['batch_size'])
+  trainer = make_trainer(config, sde, state)
+  data = datasets.get_data(config)
+  shape = data.sample_shape(settings['batch_size'])
   sampling_fn = None
   if settings['snapshot_sampling']:
-    sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sde.sampling_eps)
+    sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
 
   meta_path = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
   if os.path.exists(meta_path):
     # Strict: a checkpoint that does not fit the model raises here, before training touches the workdir.
     state = utils.restore_checkpoint(meta_path, state, config.device)
     logging.info('Resuming from %s at step %d.', meta_path, int(state['step']))
-    # Seeded with the step, so a resumed run does not replay the noise of the run it resumes.
-    torch.manual_seed(config.seed + int(state['step']))
   else:
     logging.info('No checkpoint at %s: training starts from a fresh initialization.', meta_path)
+  step = int(state['step'])
+  # Dropout and samplers draw from the global generator: a different stream per rank, and a resumed run does
+  # not replay the run it resumes. (The loss's noise comes from the trainer's per-step generator.)
+  torch.manual_seed(utils.seed_for(seed, 'global', ctx.rank, step))
 
-  uniform_dequantization = utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
-  train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization)
-  if isinstance(train_ds, toy.ToyStream):
-    # The toy stream is a fixed function of the seed: continue it at the resumed step rather than replay the
-    # batches already trained on (tf.data pipelines reshuffle on every start instead, as in Score SDE).
-    train_ds = train_ds.from_batch(int(state['step']))
-  iterators = {'train': iter(train_ds), 'eval': iter(eval_ds)}
+  iterators = {'train': data.train_batches(step, ctx), 'eval': data.eval_stream(ctx)}
   # Read one batch now, so that data that do not fit the model stop the run before anything is written.
-  first_batch = _to_model_input(_next_batch(iterators, 'train', train_ds), config, scaler)
+  first_batch = next(iterators['train'])
   _check_batch_shape(first_batch, shape, 'training')
 
   return types.SimpleNamespace(
-      config=config, settings=settings, sde=sde, state=state, train_step_fn=train_step_fn,
-      eval_step_fn=eval_step_fn, terms=_active_terms(config), scaler=scaler, sampling_fn=sampling_fn,
-      train_ds=train_ds, eval_ds=eval_ds, iterators=iterators, pending_batch=first_batch, meta_path=meta_path,
-      checkpoint_dir=os.path.join(workdir, 'checkpoints'), sample_dir=os.path.join(workdir, 'samples'),
-      tb_dir=os.path.join(workdir, 'tensorboard'), monitor=NonFiniteLossMonitor(config.device))
+      config=config, ctx=ctx, settings=settings, sde=sde, state=state, trainer=trainer, data=data,
+      sampling_fn=sampling_fn, sampling_model=_sampling_model(trainer, state), iterators=iterators,
+      pending_batch=first_batch, meta_path=meta_path, checkpoint_dir=os.path.join(workdir, 'checkpoints'),
+      sample_dir=os.path.join(workdir, 'samples'), tb_dir=os.path.join(workdir, 'tensorboard'),
+      monitor=NonFiniteLossMonitor(config.device))
 
 
 def _make_workdir(run):
-  """Creates the workdir's folders and the TensorBoard writer (the first writes of a training run)."""
-  for path in (run.checkpoint_dir, os.path.dirname(run.meta_path), run.sample_dir, run.tb_dir):
-    os.makedirs(path, exist_ok=True)
-  # Lazy: torch.utils.tensorboard imports TensorFlow when it is installed; by now the data pipeline has
-  # configured TensorFlow to stay off the GPU.
-  from torch.utils import tensorboard
-  return tensorboard.SummaryWriter(run.tb_dir)
+  """Creates the workdir's folders and the TensorBoard writer (rank 0: the first writes of a training run).
+
+  Returns:
+    The writer, or None on the other ranks.
+  """
+  writer = None
+  if run.ctx.is_main:
+    for path in (run.checkpoint_dir, os.path.dirname(run.meta_path), run.sample_dir, run.tb_dir):
+      os.makedirs(path, exist_ok=True)
+    # Lazy: torch.utils.tensorboard imports TensorFlow when it is installed; by now the data pipeline has
+    # configured TensorFlow to stay off the GPU.
+    from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
+    writer = tensorboard.SummaryWriter(run.tb_dir)
+  distributed.barrier()
+  return writer
 
 
 class NonFiniteLossMonitor:
@@ -218,29 +204,43 @@ class NonFiniteLossMonitor:
 
   `update` runs every step with device-side ops only; `check` reads the flag (one sync) and is called at
   `log_freq` and before every checkpoint save, so no checkpoint is ever written after a non-finite loss.
+  Under torchrun the flag is combined over ranks (the earliest bad step of any), so every rank stops alike.
   """
 
+  _NONE = torch.iinfo(torch.long).max
+
   def __init__(self, device):
-    self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    self._first_bad_step = torch.full((), self._NONE, dtype=torch.long, device=device)
 
   def update(self, loss, step):
-    bad = ~torch.isfinite(loss) & (self._first_bad_step < 0)
-    self._first_bad_step = torch.where(bad, torch.full_like(self._first_bad_step, step), self._first_bad_step)
+    bad = ~torch.isfinite(loss)
+    self._first_bad_step = torch.where(bad, torch.clamp(self._first_bad_step, max=step), self._first_bad_step)
 
   def check(self):
-    first_bad_step = int(self._first_bad_step)
-    if first_bad_step >= 0:
+    first_bad_step = int(distributed.all_reduce_min(self._first_bad_step))
+    if first_bad_step != self._NONE:
       raise FloatingPointError(
           f'The training loss is not finite (NaN or inf) at step {first_bad_step}; training stopped. The '
           f'checkpoints written before that step are intact; lower optim.lr or check the data.')
 
 
-def _log_terms(writer, prefix, terms, names, step):
-  """Logs the loss terms `names` to TensorBoard and returns them as floats (the loop's only `.item()` calls)."""
-  values = {name: terms[name].item() for name in names}
-  for name, value in values.items():
-    tag = {'loss': 'training_loss'}.get(name, name) if prefix == 'train' else f'eval_{name}'
-    writer.add_scalar(tag, value, step)
+def _mean_over_ranks(terms):
+  """The mean over ranks of a dict of 0-dim tensors (one collective; the identity in one process)."""
+  ctx = distributed.context()
+  if not ctx.distributed:
+    return terms
+  names = list(terms)
+  summed = distributed.all_reduce_sum(torch.stack([terms[name].float() for name in names]))
+  return {name: summed[i] / ctx.world_size for i, name in enumerate(names)}
+
+
+def _log_terms(writer, prefix, terms, step):
+  """Logs the loss terms to TensorBoard (rank 0) and returns them as floats (the loop's only `.item()` calls)."""
+  values = {name: value.item() for name, value in _mean_over_ranks(terms).items()}
+  if writer is not None:
+    for name, value in values.items():
+      tag = {'loss': 'training_loss'}.get(name, name) if prefix == 'train' else f'eval_{name}'
+      writer.add_scalar(tag, value, step)
   return values
 
 
@@ -249,37 +249,38 @@ def _format_terms(values):
 
 
 def _save_checkpoints(run, step):
-  """Writes the preemption checkpoint and the snapshot due at `step`; returns whether a snapshot was written."""
+  """Writes the preemption checkpoint and the snapshot due at `step` (rank 0); returns whether a snapshot was
+  due."""
   s = run.settings
   final = step == s['n_iters']
   due_meta = final or step % s['preemption_freq'] == 0
   due_snapshot = final or step % s['snapshot_freq'] == 0
   if due_meta or due_snapshot:
     run.monitor.check()
-  if due_meta:
-    utils.save_checkpoint(run.meta_path, run.state)
-  if due_snapshot:
-    path = os.path.join(run.checkpoint_dir, f'checkpoint_{step // s["snapshot_freq"]}.pth')
-    utils.save_checkpoint(path, run.state)
-    logging.info('step: %d, saved %s', step, path)
+  if run.ctx.is_main:
+    if due_meta:
+      utils.save_checkpoint(run.meta_path, run.state)
+    if due_snapshot:
+      path = os.path.join(run.checkpoint_dir, f'checkpoint_{step // s["snapshot_freq"]}.pth')
+      utils.save_checkpoint(path, run.state)
+      logging.info('step: %d, saved %s', step, path)
   return due_snapshot
 
 
 def _save_sample_snapshot(run, step):
-  sample = _sample_with_ema(run.sampling_fn, run.state)
+  """Snapshot samples with the EMA weights (rank 0 samples and writes; the other ranks go on)."""
+  if not run.ctx.is_main:
+    return
+  sample = _sample_with_ema(run.sampling_fn, run.sampling_model, run.state)
   this_sample_dir = os.path.join(run.sample_dir, f'iter_{step}')
   os.makedirs(this_sample_dir, exist_ok=True)
-  path_np = os.path.join(this_sample_dir, 'sample.np')
-  path_png = os.path.join(this_sample_dir, 'sample.png')
-  if _is_toy(run.config):
-    _snapshot_points(run.config, sample, path_np, path_png, step)
-  else:
-    _snapshot_images(sample, path_np, path_png)
+  run.data.save_snapshot(sample, this_sample_dir, step)
 
 
 def _eval_step(run, writer, step):
-  batch = _to_model_input(_next_batch(run.iterators, 'eval', run.eval_ds), run.config, run.scaler)
-  values = _log_terms(writer, 'eval', run.eval_step_fn(run.state, batch), run.terms, step)
+  """Score SDE's periodic eval loss on one batch of the eval split (each rank its share), EMA weights."""
+  terms = run.trainer.eval_step(run.state, next(run.iterators['eval']))
+  values = _log_terms(writer, 'eval', terms, step)
   logging.info('step: %d, eval_loss: %.5e (%s)', step, values['loss'], _format_terms(values))
 
 
@@ -287,27 +288,26 @@ def _training_loop(run, writer):
   s = run.settings
   initial_step = int(run.state['step'])
   logging.info('Starting training loop at step %d (n_iters %d).', initial_step, s['n_iters'])
-  last_log_time, last_log_step = time.time(), initial_step
-  while int(run.state['step']) < s['n_iters']:
-    batch = run.pending_batch if run.pending_batch is not None else _to_model_input(
-        _next_batch(run.iterators, 'train', run.train_ds), run.config, run.scaler)
-    run.pending_batch = None
-    terms = run.train_step_fn(run.state, batch)
-    step = int(run.state['step'])  # the step fn has incremented it: `step` updates are done
-    run.monitor.update(terms['loss'], step)
-    if step % s['log_freq'] == 0:
-      values = _log_terms(writer, 'train', terms, run.terms, step)
-      now = time.time()
-      steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      logging.info('step: %d, training_loss: %.5e (%s), %.3g steps/s', step, values['loss'],
-                   _format_terms(values), steps_per_sec)
-      run.monitor.check()
-    if step % s['eval_freq'] == 0:
-      _eval_step(run, writer, step)
-    if _save_checkpoints(run, step) and run.sampling_fn is not None:
-      _save_sample_snapshot(run, step)
-  run.monitor.check()
+  progress = utils.Progress(s['n_iters'], 'train', unit='step', done=initial_step, show_bar=run.ctx.is_main)
+  try:
+    while int(run.state['step']) < s['n_iters']:
+      batch = run.pending_batch if run.pending_batch is not None else next(run.iterators['train'])
+      run.pending_batch = None
+      terms = run.trainer.train_step(run.state, batch)
+      step = int(run.state['step'])  # the step has incremented it: `step` updates are done
+      run.monitor.update(terms['loss'], step)
+      if step % s['log_freq'] == 0:
+        values = _log_terms(writer, 'train', terms, step)
+        logging.info('step: %d, training_loss: %.5e (%s), %s', step, values['loss'], _format_terms(values),
+                     progress.status(step))
+        run.monitor.check()
+      if step % s['eval_freq'] == 0:
+        _eval_step(run, writer, step)
+      if _save_checkpoints(run, step) and run.sampling_fn is not None:
+        _save_sample_snapshot(run, step)
+    run.monitor.check()
+  finally:
+    progress.close()
 
 
 def train(config, workdir):
@@ -315,7 +315,7 @@ def train(config, workdir):
 
   Resumes from `workdir/checkpoints-meta/checkpoint.pth` when it exists (with its optimizer, EMA and step), so
   a released Score SDE checkpoint copied there is fine-tuned from its step. Resuming at or past
-  `training.n_iters` logs so and returns.
+  `training.n_iters` logs so and returns. Under torchrun, every rank runs this; rank 0 writes.
 
   Args:
     config: Configuration to use.
@@ -328,6 +328,10 @@ def train(config, workdir):
       written before that step are intact.
   """
   run = _setup_training(config, workdir)
+  logging.info('Loss: %s', run.trainer.loss.describe())
+  logging.info('Batch: %d in all, %d process(es), %d micro-batch(es) per step; precision: %s%s.',
+               run.settings['batch_size'], run.ctx.world_size, run.settings['grad_accum_steps'],
+               run.trainer.precision.name, '' if run.trainer.forward_model is None else ', compiled forward')
   step = int(run.state['step'])
   if step >= run.settings['n_iters']:
     logging.info('The checkpoint is at step %d, at or past training.n_iters=%d: nothing to train.', step,
@@ -337,7 +341,8 @@ def train(config, workdir):
   try:
     _training_loop(run, writer)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
   logging.info('Training finished at step %d.', int(run.state['step']))
 
 
@@ -401,21 +406,78 @@ def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None):
     time.sleep(poll_seconds if limit_seconds is None else max(0., min(poll_seconds, limit_seconds - waited)))
 
 
+def _seeded(config, *what):
+  """Seeds torch's global generator for one unit of evaluation work (a batch, a pass, a sampling round).
+
+  The seed is a function of the unit, not of the order of work: every checkpoint is evaluated with the same
+  noise (a paired comparison), and a rank evaluating a batch draws what a single process would.
+  """
+  torch.manual_seed(utils.seed_for(config.seed, *what))
+
+
+def over_ranks(items, fn):
+  """Applies `fn` to the items of an ordered sequence of work, each rank to its share, in waves.
+
+  Every rank iterates `items` alike: pairs `(index, item)` with indices 0, 1, 2, ... Rank r computes
+  `fn(index, item)` for the indices with index % world_size == r (the others' items may be None: not
+  converted); after each wave of world_size items the results are gathered to rank 0.
+
+  Yields:
+    On rank 0, `(index, result)` for every item, in index order (one wave at a time, so results can be
+    written as they come); nothing on the other ranks. In one process: every item, one at a time.
+  """
+  ctx = distributed.context()
+  mine = []
+  count = 0
+  for index, item in items:
+    count = index + 1
+    if index % ctx.world_size == ctx.rank:
+      mine.append((index, fn(index, item)))
+    if count % ctx.world_size == 0:
+      yield from _gathered(mine)
+      mine = []
+  if count % ctx.world_size:
+    yield from _gathered(mine)
+
+
+def _gathered(mine):
+  gathered = distributed.gather_objects(mine)
+  if gathered is None:
+    return
+  yield from sorted((pair for rank_pairs in gathered for pair in rank_pairs), key=lambda pair: pair[0])
+
+
+def _mine(index):
+  ctx = distributed.context()
+  return index % ctx.world_size == ctx.rank
+
+
 def _evaluate_loss(ctx, ckpt):
-  """Eval loss over the whole eval split: Score SDE's `ckpt_{ckpt}_loss.npz`, plus the FP terms when on."""
-  values = {name: [] for name in ctx.terms}
-  for i, batch in enumerate(ctx.eval_ds):
-    terms = ctx.eval_step_fn(ctx.state, _to_model_input(batch, ctx.config, ctx.scaler))
-    for name in ctx.terms:
-      values[name].append(terms[name].item())
+  """Eval loss over the whole eval split: Score SDE's `ckpt_{ckpt}_loss.npz`, plus the regularizer's terms."""
+
+  def loss_terms(index, batch):
+    _seeded(ctx.config, 'eval_loss', index)
+    return {name: value.item() for name, value in ctx.trainer.eval_step(ctx.state, batch).items()}
+
+  values = {}
+  for i, terms in over_ranks(ctx.data.eval_batches('test', only=_mine), loss_terms):
+    for name, value in terms.items():
+      values.setdefault(name, []).append(value)
     if (i + 1) % 1000 == 0:
       logging.info('Finished %dth step loss evaluation', i + 1)
+  if not ctx.is_main:
+    return
+  if not values:
+    raise ValueError(f'The eval split yields no batch of config.eval.batch_size={ctx.settings["batch_size"]} '
+                     '(it has fewer examples): lower eval.batch_size.')
   all_losses = np.asarray(values['loss'])
   arrays = dict(all_losses=all_losses, mean_loss=all_losses.mean())
   message = f'ckpt: {ckpt}, eval_loss: {all_losses.mean():.5e}'
-  if len(ctx.terms) > 2:  # the FP regularizer is on: its terms, and the DSM loss they add to
-    for name in ctx.terms[1:]:
-      term = np.asarray(values[name])
+  if len(values) > 2:  # a regularizer is on: its terms, and the DSM loss they add to
+    for name, term in values.items():
+      if name == 'loss':
+        continue
+      term = np.asarray(term)
       arrays[f'all_{name}'] = term
       arrays[f'mean_{name}'] = term.mean()
       message += f', {name}: {term.mean():.5e}'
@@ -426,92 +488,83 @@ def _evaluate_loss(ctx, ckpt):
 def _evaluate_bpd(ctx, ckpt):
   """Bits/dim over `eval.bpd_num_repeats` passes of the bpd split; Score SDE's per-batch files."""
   s = ctx.settings
+  split = s['bpd_dataset']
   bpds = []
+  num_batches = ctx.data.num_eval_batches(split)
+  progress = utils.Progress(None if num_batches is None else num_batches * s['bpd_num_repeats'],
+                            f'ckpt {ckpt} bits/dim', unit='batch', show_bar=ctx.is_main)
   # Score SDE's round id, batch_id + len(ds_bpd) * repeat, is the running count of batches.
   bpd_round_id = 0
   for repeat in range(s['bpd_num_repeats']):
-    for batch_id, batch in enumerate(ctx.ds_bpd):
-      bpd = ctx.likelihood_fn(ctx.state['model'], _to_model_input(batch, ctx.config, ctx.scaler))[0]
-      bpd = bpd.detach().cpu().numpy().reshape(-1)
+
+    def batch_bpd(index, batch, repeat=repeat):
+      _seeded(ctx.config, 'bpd', split, repeat, index)
+      return ctx.likelihood_fn(ctx.state['model'], batch)[0].detach().cpu().numpy().reshape(-1)
+
+    batches = ctx.data.eval_batches(split, dequantize=ctx.data.bpd_dequantize, repeat=repeat, only=_mine)
+    for batch_id, bpd in over_ranks(batches, batch_bpd):
       bpds.extend(bpd)
-      logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %6f', ckpt, repeat, batch_id,
-                   np.mean(np.asarray(bpds)))
+      logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %6f (%s)', ckpt, repeat, batch_id,
+                   np.mean(np.asarray(bpds)), progress.status(bpd_round_id + 1))
       # Score SDE's file holds this batch's bits/dim as the unnamed array `arr_0`; `all_bpds` adds all so far.
-      _save_npz(os.path.join(ctx.eval_dir, f'{s["bpd_dataset"]}_ckpt_{ckpt}_bpd_{bpd_round_id}.npz'), bpd,
+      _save_npz(os.path.join(ctx.eval_dir, f'{split}_ckpt_{ckpt}_bpd_{bpd_round_id}.npz'), bpd,
                 all_bpds=np.asarray(bpds))
       bpd_round_id += 1
-  logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f', ckpt, s['bpd_dataset'], s['bpd_num_repeats'],
-               np.mean(np.asarray(bpds)) if bpds else float('nan'))
-
-
-def _image_metrics(ctx, ckpt, this_sample_dir, num_rounds):
-  """IS, FID and KID of every round's Inception features against the dataset's statistics (Score SDE's)."""
-  all_logits, all_pools = [], []
-  for r in range(num_rounds):
-    with np.load(os.path.join(this_sample_dir, f'statistics_{r}.npz'), allow_pickle=False) as stat:
-      if not ctx.inceptionv3:
-        all_logits.append(stat['logits'])
-      all_pools.append(stat['pool_3'])
-  n = ctx.settings['num_samples']
-  all_pools = np.concatenate(all_pools, axis=0)[:n]
-  all_logits = None if ctx.inceptionv3 else np.concatenate(all_logits, axis=0)[:n]
-  data_pools = evaluation.load_dataset_stats(ctx.config)['pool_3']
-  metrics = evaluation.sample_quality_metrics(data_pools, all_pools, all_logits)
-  logging.info('ckpt-%d --- inception_score: %.6e, FID: %.6e, KID: %.6e', ckpt, metrics['is'], metrics['fid'],
-               metrics['kid'])
-  _save_npz(os.path.join(ctx.eval_dir, f'report_{ckpt}.npz'), IS=metrics['is'], fid=metrics['fid'],
-            kid=metrics['kid'])
+  progress.close()
+  if ctx.is_main:
+    logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f', ckpt, split, s['bpd_num_repeats'],
+                 np.mean(np.asarray(bpds)) if bpds else float('nan'))
 
 
 def _evaluate_samples(ctx, ckpt):
-  """Samples in rounds of `eval.batch_size` (Score SDE's `ckpt_{ckpt}/samples_{r}.npz`), then their metrics."""
+  """Samples in rounds of `eval.batch_size` (Score SDE's `ckpt_{ckpt}/samples_{r}.npz`, and per-round
+  statistics `statistics_{r}.npz` where the data set has them), then `report_{ckpt}.npz`."""
   s = ctx.settings
   this_sample_dir = os.path.join(ctx.eval_dir, f'ckpt_{ckpt}')
-  os.makedirs(this_sample_dir, exist_ok=True)
+  if ctx.is_main:
+    os.makedirs(this_sample_dir, exist_ok=True)
   # ceil: Score SDE's num_samples // batch_size + 1 draws a useless extra round when they divide exactly.
   num_rounds = math.ceil(s['num_samples'] / s['batch_size'])
-  toy_samples = []
-  for r in range(num_rounds):
-    logging.info('sampling -- ckpt: %d, round: %d', ckpt, r)
-    samples, _ = ctx.sampling_fn(ctx.state['model'])
-    if _is_toy(ctx.config):
-      points = samples.reshape(samples.shape[0], -1).cpu().numpy()
-      _save_npz(os.path.join(this_sample_dir, f'samples_{r}.npz'), samples=points)
-      toy_samples.append(points)
-      continue
-    images = np.clip(samples.permute(0, 2, 3, 1).cpu().numpy() * 255., 0, 255).astype(np.uint8)
-    _save_npz(os.path.join(this_sample_dir, f'samples_{r}.npz'), samples=images)
-    # Garbage-collect before and after TensorFlow's Inception network, as Score SDE does.
-    gc.collect()
-    latents = evaluation.run_inception_distributed(images, ctx.inception_model, inceptionv3=ctx.inceptionv3)
-    gc.collect()
-    stats = dict(pool_3=latents['pool_3'])
-    if not ctx.inceptionv3:
-      stats['logits'] = latents['logits']
-    _save_npz(os.path.join(this_sample_dir, f'statistics_{r}.npz'), **stats)
-  if _is_toy(ctx.config):
-    metrics = toy.sample_quality(np.concatenate(toy_samples, axis=0)[:s['num_samples']], ctx.config)
+  progress = utils.Progress(num_rounds, f'ckpt {ckpt} sampling', unit='round', show_bar=ctx.is_main)
+
+  def sample_round(r, _):
+    _seeded(ctx.config, 'sampling', r)
+    samples, _ = ctx.sampling_fn(ctx.sampling_model)
+    arrays = ctx.data.sample_arrays(samples)
+    return arrays, ctx.data.sample_statistics(arrays)
+
+  rounds = []
+  for r, (arrays, stats) in over_ranks(((r, None) for r in range(num_rounds)), sample_round):
+    logging.info('sampling -- ckpt: %d, round: %d (%s)', ckpt, r, progress.status(r + 1))
+    _save_npz(os.path.join(this_sample_dir, f'samples_{r}.npz'), samples=arrays)
+    if stats is not None:
+      _save_npz(os.path.join(this_sample_dir, f'statistics_{r}.npz'), **stats)
+    rounds.append((arrays, stats))
+  progress.close()
+  if ctx.is_main:
+    metrics = ctx.data.sample_quality(rounds, s['num_samples'])
     logging.info('ckpt-%d --- %s', ckpt, _format_terms(metrics))
     _save_npz(os.path.join(ctx.eval_dir, f'report_{ckpt}.npz'), **metrics)
-  else:
-    _image_metrics(ctx, ckpt, this_sample_dir, num_rounds)
 
 
 def _evaluate_fp_residual(ctx, ckpt):
-  """The score-FPE residual as a function of t on `eval.fp_residual_num_batches` eval batches.
+  """The score-FPE residual as a function of t on `eval.fp_residual_num_batches` eval batches (rank 0).
 
   Writes `ckpt_{ckpt}_fp_residual.npz` with the arrays of `score_fpe.residual_vs_time` over the t grid:
   `t`, `residual`, `residual_weighted`, `scalar`, `time_derivative`.
   """
+  if not ctx.is_main:
+    return
   s = ctx.settings
   batches = []
-  for batch in ctx.eval_ds:
+  for _, batch in ctx.data.eval_batches('test'):
     if len(batches) == s['fp_residual_num_batches']:
       break
-    batches.append(_to_model_input(batch, ctx.config, ctx.scaler))
+    batches.append(batch)
   if len(batches) < s['fp_residual_num_batches']:
     logging.warning('eval.fp_residual_num_batches=%d, but the eval split has only %d batches.',
                     s['fp_residual_num_batches'], len(batches))
+  _seeded(ctx.config, 'fp_residual')
   score_fn = mutils.get_score_fn(ctx.sde, ctx.state['model'], train=False, continuous=ctx.continuous)
   ts = np.linspace(ctx.sde.sampling_eps, ctx.sde.T, s['fp_residual_num_times'])
   # The training run's estimators (`training.fp_*`), so the diagnostic measures what the loss penalizes.
@@ -525,49 +578,33 @@ def _evaluate_fp_residual(ctx, ckpt):
 
 def _setup_evaluation(config, workdir, eval_folder):
   """Builds and validates everything evaluation needs; writes nothing."""
+  dist_ctx = distributed.context()
   settings = _eval_settings(config)
   utils.check_number('seed', config.seed, low=0, integer=True)
   sde = sde_lib.sde_from_config(config)
   state = _build_state(config)
   continuous = utils.check_bool('training.continuous', config.training.continuous)
-  scaler = datasets.get_data_scaler(config)
-  inverse_scaler = datasets.get_data_inverse_scaler(config)
-  uniform_dequantization = utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization)
-  _, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=uniform_dequantization, evaluation=True)
+  data = datasets.get_data(config)
+  trainer = make_trainer(config, sde, state)
   ctx = types.SimpleNamespace(
-      config=config, settings=settings, sde=sde, state=state, continuous=continuous, scaler=scaler,
-      eval_ds=eval_ds, terms=_active_terms(config), eval_step_fn=None, ds_bpd=None, likelihood_fn=None,
-      sampling_fn=None, inception_model=None, inceptionv3=False, fpe=None,
+      config=config, settings=settings, sde=sde, state=state, continuous=continuous, data=data, trainer=trainer,
+      is_main=dist_ctx.is_main, likelihood_fn=None, sampling_fn=None,
+      sampling_model=_sampling_model(trainer, state), fpe=None,
       checkpoint_dir=os.path.join(workdir, 'checkpoints'), eval_dir=os.path.join(workdir, eval_folder))
-  if settings['enable_loss']:
-    ctx.eval_step_fn = losses.step_fn_from_config(config, sde, train=False,
-                                                  optimize_fn=losses.optimization_manager(config),
-                                                  return_terms=True)
   if settings['enable_bpd']:
-    # Images: uniformly dequantized 8-bit data, Score SDE's discrete bits/dim and its Rademacher trace
-    # estimator. Toy data are continuous and 2-D: the density's own bits/dim, no dequantization, and the
-    # exact trace (2 backward passes), so the NLL has no estimator noise.
-    discrete = not _is_toy(config)
-    train_bpd, eval_bpd, _ = datasets.get_dataset(config, uniform_dequantization=discrete, evaluation=True)
-    ctx.ds_bpd = train_bpd if settings['bpd_dataset'] == 'train' else eval_bpd
-    ctx.likelihood_fn = likelihood.get_likelihood_fn(
-        sde, inverse_scaler, hutchinson_type='Rademacher' if discrete else 'exact', discrete_data=discrete)
+    # The data set says which bits/dim apply: Score SDE's (dequantized 8-bit images, Rademacher trace
+    # estimator) or a continuous density's (exact trace).
+    ctx.likelihood_fn = likelihood.get_likelihood_fn(sde, data.inverse_scaler, **data.likelihood_options)
   if settings['enable_fp_residual']:
     if not continuous:
       # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.
       raise ValueError('eval.enable_fp_residual=True needs a continuous-time model (training.continuous=True); '
                        'the score of a discrete-time model is not differentiable in t.')
-    # training.fp_wgt_type and training.m were validated with the other FP fields by _active_terms above.
     ctx.fpe = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)
   if settings['enable_sampling']:
-    shape = _sample_shape(config, settings['batch_size'])
-    ctx.sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sde.sampling_eps)
-    if not _is_toy(config):
-      # Score SDE: Inception-v3 pool features (no logits, IS = -1) for images of 256 pixels or more.
-      ctx.inceptionv3 = evaluation.inceptionv3_from_config(config)
-      ctx.inception_model = evaluation.get_inception_model(inceptionv3=ctx.inceptionv3, config=config)
-      # The statistics file must exist before hours of sampling, not after.
-      evaluation.load_dataset_stats(config)
+    shape = data.sample_shape(settings['batch_size'])
+    ctx.sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
+    data.prepare_sample_quality()
   return ctx
 
 
@@ -585,6 +622,9 @@ def evaluate(config, workdir, eval_folder='eval'):
     - `ckpt_{ckpt}_fp_residual.npz`: the score-FPE residual on a grid of `eval.fp_residual_num_times` t in
       [sde.sampling_eps, T] (`score_fpe.residual_vs_time`: `t`, `residual`, `residual_weighted`, `scalar`,
       `time_derivative`).
+  Every unit of work (a batch of the loss or of a bits/dim pass, a sampling round) draws its noise from a seed
+  of its own, so the numbers do not depend on how many processes evaluate (torchrun splits the units over
+  ranks; rank 0 writes the same files as a single process).
 
   Args:
     config: Configuration to use.
@@ -592,7 +632,8 @@ def evaluate(config, workdir, eval_folder='eval'):
     eval_folder: The subfolder for storing evaluation results.
   """
   ctx = _setup_evaluation(config, workdir, eval_folder)
-  os.makedirs(ctx.eval_dir, exist_ok=True)
+  if ctx.is_main:
+    os.makedirs(ctx.eval_dir, exist_ok=True)
   s = ctx.settings
   logging.info('Evaluating checkpoints %d..%d into %s.', s['begin_ckpt'], s['end_ckpt'], ctx.eval_dir)
   for ckpt in range(s['begin_ckpt'], s['end_ckpt'] + 1):
@@ -603,8 +644,6 @@ def evaluate(config, workdir, eval_folder='eval'):
     ctx.state = utils.restore_checkpoint(ckpt_path, ctx.state, config.device)
     ctx.state['ema'].copy_to(ctx.state['model'].parameters())
     logging.info('ckpt: %d (step %d) loaded from %s', ckpt, int(ctx.state['step']), ckpt_path)
-    # Reproducible: every checkpoint is evaluated with the same noise (Score SDE does not seed).
-    torch.manual_seed(config.seed)
     if s['enable_loss']:
       _evaluate_loss(ctx, ckpt)
     if s['enable_bpd']:
@@ -613,3 +652,4 @@ def evaluate(config, workdir, eval_folder='eval'):
       _evaluate_samples(ctx, ckpt)
     if s['enable_fp_residual']:
       _evaluate_fp_residual(ctx, ckpt)
+    distributed.barrier()

@@ -55,7 +55,8 @@ def hutchinson_probe(x, hutchinson_type='gaussian', generator=None):
   raise ValueError(f'hutchinson_type={hutchinson_type!r}; choose one of {HUTCHINSON_TYPES!r}.')
 
 
-def hutchinson_divergence(s, x, num_probes=1, hutchinson_type='gaussian', create_graph=True, generator=None):
+def hutchinson_divergence(s, x, num_probes=1, hutchinson_type='gaussian', create_graph=True, generator=None,
+                          probes=None):
   """Hutchinson's unbiased estimate of div_x s = tr(ds/dx): the mean over probes v of v^T (ds/dx) v.
 
   Args:
@@ -65,15 +66,30 @@ def hutchinson_divergence(s, x, num_probes=1, hutchinson_type='gaussian', create
     hutchinson_type: 'gaussian' or 'rademacher'.
     create_graph: keep the graph, so the estimate is differentiable again (in x and in parameters).
     generator: optional `torch.Generator` for the probes.
+    probes: optional probes drawn beforehand (`draw_probes`), shape (B, num_probes, ...); then `generator` and
+      `hutchinson_type` are not used.
 
   Returns:
     The estimate, shape (B,).
   """
+  if probes is None:
+    probes = draw_probes(x.shape, num_probes, hutchinson_type, generator, x.device, x.dtype)
   total = 0.
-  for _ in range(num_probes):
-    v = hutchinson_probe(x, hutchinson_type, generator)
+  for i in range(probes.shape[1]):
+    v = probes[:, i].to(x.dtype)
     total = total + utils.sum_except_batch(_grad(s, x, v, create_graph) * v)
-  return total / num_probes
+  return total / probes.shape[1]
+
+
+def draw_probes(shape, num_probes, hutchinson_type='gaussian', generator=None, device=None, dtype=torch.float32):
+  """`num_probes` Hutchinson probes per sample for data of `shape` (B, ...): shape (B, num_probes, ...).
+
+  The sample axis comes first, so that the probes of a batch can be drawn once and split with the batch (over
+  ranks or micro-batches) as its times and noise are.
+  """
+  probe_shape = (shape[0], num_probes) + tuple(shape[1:])
+  template = torch.empty(probe_shape, device=device, dtype=dtype)
+  return hutchinson_probe(template, hutchinson_type, generator)
 
 
 def exact_divergence(s, x, create_graph=True):
@@ -267,12 +283,18 @@ class ScoreFPE:
     rng_state = capture_rng_state(x.device) if with_time_derivative else None
     return ScoreEvaluation(score_fn(x, t), None, rng_state)
 
-  def divergence_of(self, s, x, create_graph=True, generator=None):
-    """div_x s by the chosen estimator, shape (B,)."""
+  def divergence_of(self, s, x, create_graph=True, generator=None, probes=None):
+    """div_x s by the chosen estimator, shape (B,); `probes` as `hutchinson_divergence`'s."""
     if self.divergence == 'exact':
       return exact_divergence(s, x, create_graph=create_graph)
     return hutchinson_divergence(s, x, self.num_probes, self.hutchinson_type, create_graph=create_graph,
-                                 generator=generator)
+                                 generator=generator, probes=probes)
+
+  def draw_probes(self, shape, generator=None, device=None, dtype=torch.float32):
+    """The Hutchinson probes `residuals` would draw for data of `shape`, or None for the exact divergence."""
+    if self.divergence == 'exact':
+      return None
+    return draw_probes(shape, self.num_probes, self.hutchinson_type, generator, device, dtype)
 
   def time_derivative_of(self, score_fn, x, t, evaluation):
     """d_t s at (x, t) by the chosen estimator, reusing `evaluation` where it can."""
@@ -283,7 +305,8 @@ class ScoreFPE:
     return finite_difference_time_derivative(score_fn, x, t, s=evaluation.s, hs=self.fd_hs, hd=self.fd_hd,
                                              eps=self.eps, T=self.sde.T, rng_state=evaluation.rng_state)
 
-  def residuals(self, score_fn, x, t, evaluation, vector=True, scalar=True, create_graph=True, generator=None):
+  def residuals(self, score_fn, x, t, evaluation, vector=True, scalar=True, create_graph=True, generator=None,
+                probes=None):
     """The score-FPE residuals at (x, t).
 
     Args:
@@ -295,6 +318,7 @@ class ScoreFPE:
       scalar: return the scalar term 1/2 g^2 [div s + |s|^2] - <f, s>.
       create_graph: keep the graph for parameter gradients (True when training).
       generator: optional `torch.Generator` for Hutchinson probes.
+      probes: optional Hutchinson probes drawn beforehand (`draw_probes`), shape (B, num_probes, ...).
 
     Returns:
       A dict with 'scalar' (shape (B,)) if `scalar`, and 'vector' (shape of x) and 'time_derivative'
@@ -306,7 +330,7 @@ class ScoreFPE:
     s = evaluation.s
     g2 = self.sde.diffusion(t) ** 2
     # The vector residual differentiates div s again in x, so its graph is needed even without create_graph.
-    div_s = self.divergence_of(s, x, create_graph=create_graph or vector, generator=generator)
+    div_s = self.divergence_of(s, x, create_graph=create_graph or vector, generator=generator, probes=probes)
     f = self.sde.drift(x, t)
     scalar_term = 0.5 * g2 * (div_s + utils.sum_except_batch(s ** 2)) - utils.sum_except_batch(f * s)
     if scalar:
@@ -406,3 +430,166 @@ def fpe_from_config(config, sde, eps=1e-5):
   return ScoreFPE(sde, eps=eps, time_derivative=training.fp_time_derivative, fd_hs=training.fp_fd_hs,
                   fd_hd=training.fp_fd_hd, divergence=training.fp_divergence,
                   hutchinson_type=training.fp_hutchinson_type, num_probes=training.fp_num_probes)
+
+
+SCALAR_FP = ('False', 'True', 'both')
+FP_DISTS = ('pert', 'x', 'random')
+
+
+class ScoreFPERegularizer:
+  """FP-Diffusion's regularizer as loss terms: `alpha R_vec + beta R_sc` (docs/score_fpe.md).
+
+  A regularizer of `losses.SDELoss`: built once (every field validated here, and nowhere else), it reports per
+  sample the terms it computes, by name, and says how the loss reduces and weighs them:
+    - 'fp_vector': lambda(t) |r|_2^m / D^m, r the vector residual; reduced by the mean over the FP samples;
+    - 'fp_scalar': the scalar term 1/2 g^2 [div s + |s|^2] - <f, s>; reduced as the released code does, by
+      the L2 norm over the batch ('norm': rescaled by sqrt(B / k) when computed on k of the B samples).
+  A term with weight 0 (or switched off by `scalar_fp`) is neither computed nor reported.
+
+  Precision: everything here runs in float32 with autocast off, whatever `training.mixed_precision` says: the
+  finite difference divides differences of scores by steps of about 1e-3, which in bfloat16 (3 significant
+  digits) would be rounding noise, and the divergence and grad_x Phi are second derivatives.
+  """
+
+  reductions = {'fp_vector': 'mean', 'fp_scalar': 'norm'}
+
+  def __init__(self, sde, fpe, *, scalar_fp='both', fp_dist='pert', fp_wgt_type='ll', alpha=0., beta=0., m=2,
+               fp_batch_fraction=1., continuous=True):
+    """Validates the options; errors name the `config.training` field.
+
+    Args:
+      sde: the forward SDE.
+      fpe: the `ScoreFPE` estimator (`fpe_from_config`).
+      scalar_fp: which terms: 'False' (vector), 'True' (scalar), 'both'.
+      fp_dist: where the residual is evaluated: 'pert' (the DSM's x_t and t, sharing its network evaluation),
+        'x' (the clean data at the DSM's t), 'random' (uniform in [batch.min(), batch.max()]^D).
+      fp_wgt_type: lambda(t) of the vector term: 'constant', 'convention' (g), 'll' (g^2).
+      alpha, beta: weights of the vector and scalar terms (0 = not computed).
+      m: power of the vector residual's norm.
+      fp_batch_fraction: the terms use the first ceil(fp_batch_fraction * B) samples of a batch.
+      continuous: whether the model takes continuous times (the terms need d_t s).
+    """
+    self.sde = sde
+    self.fpe = fpe
+    self.scalar_fp = utils.check_choice('training.scalar_fp', scalar_fp, SCALAR_FP)
+    self.fp_dist = utils.check_choice('training.fp_dist', fp_dist, FP_DISTS)
+    self.fp_wgt_type = utils.check_choice('training.fp_wgt_type', fp_wgt_type, FP_WEIGHTINGS)
+    self.alpha = utils.check_number('training.alpha', alpha, low=0.)
+    self.beta = utils.check_number('training.beta', beta, low=0.)
+    self.m = utils.check_number('training.m', m, low=0., low_open=True)
+    self.fp_batch_fraction = utils.check_number('training.fp_batch_fraction', fp_batch_fraction, low=0., high=1.,
+                                                low_open=True)
+    self.vector = scalar_fp in ('False', 'both') and alpha > 0
+    self.scalar = scalar_fp in ('True', 'both') and beta > 0
+    if self.active and not continuous:
+      raise ValueError(f'The score-FPE term (training.alpha={alpha!r}, training.beta={beta!r}) needs a '
+                       'continuous-time model (training.continuous=True): the score must be differentiable '
+                       'in t. Set both to 0 for SMLD/DDPM training.')
+    self.weights = {}
+    if self.vector:
+      self.weights['fp_vector'] = alpha
+    if self.scalar:
+      self.weights['fp_scalar'] = beta
+
+  @classmethod
+  def from_config(cls, config, sde, eps=1e-5):
+    """The regularizer `config.training` describes; the estimator fields are validated even while it is off,
+    so that a typo does not wait for alpha > 0."""
+    t = config.training
+    return cls(sde, fpe_from_config(config, sde, eps=eps), scalar_fp=t.scalar_fp, fp_dist=t.fp_dist,
+               fp_wgt_type=t.fp_wgt_type, alpha=t.alpha, beta=t.beta, m=t.m,
+               fp_batch_fraction=t.fp_batch_fraction,
+               continuous=utils.check_bool('training.continuous', t.continuous))
+
+  @property
+  def active(self):
+    """Whether any term is computed."""
+    return self.vector or self.scalar
+
+  @property
+  def term_names(self):
+    return tuple(self.weights)
+
+  @property
+  def shares_evaluation(self):
+    """Whether the terms are evaluated at the DSM's (x_t, t) and reuse its network evaluation there."""
+    return self.active and self.fp_dist == 'pert'
+
+  def describe(self):
+    """One line for the log: whether the regularizer is on, and the settings that decide what it penalizes."""
+    if not self.active:
+      # FP-Diffusion's README puts its weights in Score SDE's default config files, where they are 0 here: a
+      # user porting a FP-Diffusion command gets plain DSM unless told.
+      return (f'score-FPE regularizer OFF (training.alpha={self.alpha:g}, training.beta={self.beta:g}, '
+              f'training.scalar_fp={self.scalar_fp!r}): this is plain DSM training, as in Score SDE. '
+              'FP-Diffusion fine-tuning: the configs in configs/fp/ (alpha=0.15, beta=0.01, on a released '
+              'Score SDE checkpoint).')
+    fpe = self.fpe
+    probes = f' ({fpe.num_probes} {fpe.hutchinson_type} probe(s))' if fpe.divergence == 'hutchinson' else ''
+    return (f'score-FPE regularizer ON: alpha={self.alpha:g} (vector term {"on" if self.vector else "off"}), '
+            f'beta={self.beta:g} (scalar term {"on" if self.scalar else "off"}), scalar_fp={self.scalar_fp!r}, '
+            f'fp_wgt_type={self.fp_wgt_type!r}, m={self.m:g}, fp_dist={self.fp_dist!r}, '
+            f'fp_batch_fraction={self.fp_batch_fraction:g}, time derivative {fpe.time_derivative!r}, '
+            f'divergence {fpe.divergence!r}{probes}.')
+
+  def num_samples(self, batch_size):
+    """How many of a batch's samples (the first ones) the terms are computed on."""
+    return math.ceil(self.fp_batch_fraction * batch_size) if self.active else 0
+
+  def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
+    """The randomness of the terms for a batch of `shape`, each with the sample axis first (see
+    `losses.SDELoss.draw_noise`): Hutchinson probes, and the uniform points of `fp_dist='random'`."""
+    noise = {}
+    if not self.active:
+      return noise
+    probes = self.fpe.draw_probes(shape, generator, device, dtype)
+    if probes is not None:
+      noise['fp_probes'] = probes
+    if self.fp_dist == 'random':
+      noise['fp_uniform'] = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return noise
+
+  def evaluate(self, score_fn, x, t):
+    """The network evaluation at (x, t) the terms need (x a leaf requiring grad), in float32."""
+    with torch.autocast(x.device.type, enabled=False):
+      return self.fpe.evaluate_score(score_fn, x, utils.at_least_float32(t), with_time_derivative=self.vector)
+
+  def __call__(self, score_fn, x0, x_t, t, noise, shared=None, create_graph=True):
+    """The per-sample terms of a batch.
+
+    Args:
+      score_fn: the score function.
+      x0, x_t, t: the batch's clean data, perturbed data and times (the DSM's), each with B samples.
+      noise: `draw_noise`'s dict for these B samples.
+      shared: `(x, evaluation)` if the DSM loss let `evaluate` run at its (x_t[:k], t[:k]) (`shares_evaluation`).
+      create_graph: keep the graph for parameter gradients (training).
+
+    Returns:
+      A dict name -> per-sample values, shape (k,), for the active terms.
+    """
+    k = self.num_samples(x0.shape[0])
+    t_fp = utils.at_least_float32(t[:k])
+    with torch.enable_grad(), torch.autocast(x0.device.type, enabled=False):
+      if shared is not None:
+        x, evaluation = shared
+      else:
+        if self.fp_dist == 'x':
+          x = x0[:k]
+        elif self.fp_dist == 'random':
+          # Uniform over the range the batch spans, as the released code.
+          low, high = x0.min(), x0.max()
+          x = low + (high - low) * noise['fp_uniform'][:k]
+        else:
+          x = x_t[:k]
+        x = utils.at_least_float32(x.detach()).requires_grad_(True)
+        evaluation = self.evaluate(score_fn, x, t_fp)
+      probes = noise.get('fp_probes')
+      res = self.fpe.residuals(score_fn, x, t_fp, evaluation, vector=self.vector, scalar=self.scalar,
+                               create_graph=create_graph, probes=None if probes is None else probes[:k])
+    out = {}
+    if self.vector:
+      out['fp_vector'] = fp_time_weight(self.sde, t_fp, self.fp_wgt_type) * per_sample_vector_term(res['vector'],
+                                                                                                  self.m)
+    if self.scalar:
+      out['fp_scalar'] = res['scalar']
+    return out

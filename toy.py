@@ -7,13 +7,16 @@ fly with numpy, seeded from `config.seed`, and are not in [0, 1]: the toy config
 which makes the data scaler the identity.
 
 Every density is scaled to lie roughly in [-2.7, 2.7]^2 with a per-coordinate standard deviation between 0.95
-and 1.45, so the VP SDE's N(0, I) prior fits and one VE `sigma_max` (see `configs/toy/default_toy_configs.py`) suits all of them.
+and 1.45, so the VP SDE's N(0, I) prior fits and one VE `sigma_max` (see `configs/toy/default_toy_configs.py`)
+suits all of them.
 """
 
 import logging
 import math
+import os
 
 import numpy as np
+import torch
 
 import utils
 
@@ -369,3 +372,104 @@ def plot_samples(data, samples, path, title=None, lim=3.):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+class ToyData:
+  """A 2-D toy density (`data.dataset = 'TOY'`) as run_lib uses it (see `datasets.ImageData`).
+
+  Points are continuous: bits/dim are the density's own (no dequantization, no 8-bit offset), with the exact
+  trace (2 backward passes per ODE step, no estimator noise). Samples are float (N, 2) points, scored by
+  `sample_quality` against fresh points of the true density.
+  """
+
+  likelihood_options = {'hutchinson_type': 'exact', 'discrete_data': False}
+  bpd_dequantize = False
+
+  def __init__(self, config):
+    self.config = config
+    if utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization):
+      raise ValueError('config.data.uniform_dequantization=True is not allowed for config.data.dataset=\'TOY\': '
+                       'the toy points are continuous, with no 8-bit levels to dequantize.')
+    # Validates data.toy, data.centered, the shapes, the batch sizes and the seed.
+    get_toy_datasets(config, evaluation=True)
+    self.name = config.data.toy
+    self.seed = config.seed
+    self.train_batch_size = config.training.batch_size
+    self.eval_batch_size = config.eval.batch_size
+    self.num_eval_batches_per_split = config.data.toy_eval_batches
+    self.device = torch.device(config.device)
+    self.scaler = lambda x: x
+    self.inverse_scaler = lambda x: x
+
+  def sample_shape(self, batch_size):
+    return (batch_size, 2, 1, 1)
+
+  def to_model_input(self, points):
+    """Points (shaped (B, 2) or (B, 1, 1, 2)) as the model's input: (B, 2, 1, 1) on the device."""
+    x = np.asarray(points, dtype=np.float32).reshape(-1, 1, 1, 2)
+    return torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2)
+
+  def _local(self, points, global_batch, ctx):
+    local = global_batch // ctx.world_size
+    return points[ctx.rank * local:(ctx.rank + 1) * local]
+
+  def train_batches(self, start_step, ctx):
+    """This rank's share of training batch `step`, for every step from `start_step` on.
+
+    Batch k is drawn from its own seed, so a resumed run continues the stream of the uninterrupted run
+    exactly, and a rank's share is a slice of the same global batch a single process would train on.
+    """
+    if self.train_batch_size % ctx.world_size:
+      raise ValueError(f'config.training.batch_size={self.train_batch_size} does not divide over '
+                       f'{ctx.world_size} processes.')
+    stream = ToyStream(self.name, self.train_batch_size, [self.seed, _TRAIN_STREAM], start=start_step)
+    for batch in stream:
+      yield self.to_model_input(self._local(batch['image'], self.train_batch_size, ctx))
+
+  def eval_stream(self, ctx):
+    """The fixed evaluation set, repeated: this rank's share of each batch (of `eval.batch_size`)."""
+    if self.eval_batch_size % ctx.world_size:
+      raise ValueError(f'config.eval.batch_size={self.eval_batch_size} does not divide over '
+                       f'{ctx.world_size} processes.')
+    eval_set = ToySet(self.name, self.eval_batch_size, self.num_eval_batches_per_split,
+                      [self.seed, _EVAL_STREAM], repeat=True)
+    for batch in eval_set:
+      yield self.to_model_input(self._local(batch['image'], self.eval_batch_size, ctx))
+
+  def eval_batches(self, split, dequantize=None, repeat=0, only=None):
+    """The fixed 'train' or 'test' evaluation set: `(index, model input)` pairs (see `ImageData`)."""
+    del dequantize, repeat  # continuous points: nothing to dequantize, every pass sees the same points
+    stream = _EVAL_TRAIN_STREAM if split == 'train' else _EVAL_STREAM
+    for index, batch in enumerate(ToySet(self.name, self.eval_batch_size, self.num_eval_batches_per_split,
+                                         [self.seed, stream])):
+      yield index, (self.to_model_input(batch['image']) if only is None or only(index) else None)
+
+  def num_eval_batches(self, split):
+    """How many batches `eval_batches(split)` yields (`data.toy_eval_batches`)."""
+    del split
+    return self.num_eval_batches_per_split
+
+  def sample_arrays(self, samples):
+    """Samples as saved: float32 (N, 2) points."""
+    return samples.reshape(samples.shape[0], -1).cpu().numpy()
+
+  def save_snapshot(self, samples, directory, step):
+    """`sample.np` (float (N, 2) points) and `sample.png` (a scatter plot next to the true density)."""
+    points = self.sample_arrays(samples)
+    with open(os.path.join(directory, 'sample.np'), 'wb') as fout:
+      np.save(fout, points)
+    plot_samples(reference_samples(self.config, points.shape[0]), {f'step {step}': points},
+                 os.path.join(directory, 'sample.png'), title=f'{self.name}, step {step}')
+
+  def prepare_sample_quality(self):
+    """Nothing to load: the metrics compare with fresh points of the density."""
+
+  def sample_statistics(self, arrays):
+    """No per-round statistics: the metrics need the points themselves."""
+    del arrays
+    return None
+
+  def sample_quality(self, rounds, num_samples):
+    """`sample_quality` of the first `num_samples` points of the rounds `(arrays, statistics)`."""
+    points = np.concatenate([arrays for arrays, _ in rounds], axis=0)[:num_samples]
+    return sample_quality(points, self.config)

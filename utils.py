@@ -10,6 +10,7 @@ silently trains from random weights when keys do not fit), and saving is atomic.
 """
 
 import contextlib
+import hashlib
 import logging
 import math
 import numbers
@@ -97,6 +98,21 @@ def sum_except_batch(x):
 def data_dim(x):
   """Number of dimensions D of one sample of the batch x."""
   return math.prod(x.shape[1:])
+
+
+def seed_for(*parts):
+  """A seed (63-bit int) that is a fixed function of `parts` (ints and strings), the same in every process.
+
+  For the generators whose draws must not depend on how work is split (over ranks, micro-batches or resumed
+  runs): e.g. `seed_for(config.seed, 'train_step', step)`. Different parts give independent streams.
+  """
+  digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+  return int.from_bytes(digest[:8], 'little') >> 1
+
+
+def at_least_float32(x):
+  """x in float32, or in its own dtype if wider (float64 stays float64): undoes autocast's half precision."""
+  return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # The four entries of a Score SDE checkpoint.
@@ -342,3 +358,49 @@ def _fsync_directory(directory):
     pass
   finally:
     os.close(fd)
+
+
+def _format_seconds(seconds):
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}:{rest // 60:02d}:{rest % 60:02d}'
+
+
+class Progress:
+  """Progress of a long loop: rate and ETA for log lines (the record), and a tqdm bar on an interactive
+  terminal (never in a log file or a batch job's output)."""
+
+  def __init__(self, total, desc, unit='it', done=0, show_bar=True):
+    """Starts the clock.
+
+    Args:
+      total: the number of units of the whole loop, or None if unknown (no ETA then).
+      desc: what the loop does (the bar's label).
+      unit: the unit's name, e.g. 'step', 'batch'.
+      done: units already done before this start (a resumed run's steps), not counted in the rate.
+      show_bar: allow the tqdm bar (rank 0 only, under torchrun).
+    """
+    import sys  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    self._time = time.time
+    self.total, self.unit, self.first = total, unit, done
+    self.start = self._time()
+    self.bar = None
+    if show_bar and sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, desc=desc, unit=unit, initial=done, leave=False, dynamic_ncols=True)
+
+  def status(self, done):
+    """'done/total unit, rate, ETA' at `done` units, and moves the bar there."""
+    if self.bar is not None:
+      self.bar.update(done - self.bar.n)
+    elapsed = max(self._time() - self.start, 1e-9)
+    rate = (done - self.first) / elapsed
+    text = f'{done}/{self.total if self.total is not None else "?"} {self.unit}s, {rate:.3g} {self.unit}s/s'
+    if self.total is not None and rate > 0:
+      text += f', ETA {_format_seconds((self.total - done) / rate)}'
+    return text
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()

@@ -32,6 +32,11 @@ def add_fp_diffusion_fields(config):
   training.fp_num_probes = 1  # probes per sample for the Hutchinson estimator
   training.fp_batch_fraction = 1.  # fraction of the batch on which the FP term is computed
 
+  ## Scale-out (docs/workflow.md, "Multi-GPU"); the defaults are Score SDE's numerics in one process.
+  training.mixed_precision = 'no'  # 'no' (float32), 'bf16' or 'fp16' autocast of the loss's forward pass
+  training.grad_accum_steps = 1  # micro-batches per optimizer step (training.batch_size stays the global batch)
+  training.compile = False  # torch.compile the model's forward pass (DSM and sampling; not the FP term)
+
   evaluate = config.eval
   evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 passes over the test split (1 over train)
   evaluate.enable_fp_residual = False  # score-FPE residual as a function of t (docs/score_fpe.md)

@@ -6,6 +6,7 @@
 `get_toy_config()` is the 2-D demo's VE config shrunk the same way.
 """
 
+import utils
 from configs.toy import ve_dsm
 from configs.ve import cifar10_ncsnpp_continuous
 
@@ -40,8 +41,12 @@ def _tiny_schedule(config):
   return config
 
 
-def get_config():
-  """NCSN++ (nf 8, ch_mult (1, 2)), VE continuous, 8x8x3 NPZ images."""
+def get_config(kind='image'):
+  """NCSN++ (nf 8, ch_mult (1, 2)), VE continuous, 8x8x3 NPZ images; `kind='toy'`: `get_toy_config()` (for
+  main.py: `--config=tests/configs_tiny.py:toy`)."""
+  if kind == 'toy':
+    return get_toy_config()
+  utils.check_choice('kind', kind, ('image', 'toy'))
   config = _tiny_schedule(cifar10_ncsnpp_continuous.get_config())
   config.sampling.corrector = 'none'
   data = config.data

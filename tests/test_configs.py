@@ -245,7 +245,6 @@ def test_every_fp_config_is_listed():
 @pytest.mark.parametrize('rel', sorted(FP_CONFIGS))
 def test_fp_configs_fine_tune_their_base_with_the_papers_values(rel):
   import losses
-  import score_fpe
   config, base = load_config(rel), load_config(FP_CONFIGS[rel])
   # The architecture and SDE are the base's, so its released checkpoint fits.
   assert config.model.to_dict() == base.model.to_dict()
@@ -253,8 +252,9 @@ def test_fp_configs_fine_tune_their_base_with_the_papers_values(rel):
   t = config.training
   assert (t.batch_size, t.likelihood_weighting, t.scalar_fp, t.fp_wgt_type, t.alpha, t.beta, t.m, t.fp_dist) == \
       (48, True, 'both', 'll', 0.15, 0.01, 2, 'pert')
-  losses.check_fp_options(t.scalar_fp, t.fp_dist, t.fp_wgt_type, t.alpha, t.beta, t.m, t.fp_batch_fraction)
-  score_fpe.fpe_from_config(config, sde_lib.sde_from_config(config))
+  # Every training field the loss reads is valid: the loss builds, with both FP terms on.
+  loss = losses.loss_from_config(config, sde_lib.sde_from_config(config))
+  assert loss.term_names == ('dsm', 'fp_vector', 'fp_scalar')
   # Fine-tuning continues past the base's steps; warmup stays the base's, so optim.lr applies every step.
   assert t.n_iters > base.training.n_iters and config.optim.warmup == base.optim.warmup
 

@@ -17,6 +17,7 @@ import datasets
 import losses
 import run_lib
 import toy
+import trainer as trainer_lib
 import utils
 from tests import configs_tiny
 
@@ -51,21 +52,15 @@ def _snapshot(root):
 
 
 def _record_train_steps(monkeypatch, record=lambda state, batch: int(state['step'])):
-  """Wraps the training step fn; returns the list of `record(state, batch)` for every optimizer step taken."""
+  """Wraps the training step; returns the list of `record(state, batch)` for every optimizer step taken."""
   calls = []
-  real = losses.step_fn_from_config
+  real = trainer_lib.Trainer.train_step
 
-  def recording(config, sde, train, optimize_fn=None, return_terms=False):
-    step_fn = real(config, sde, train, optimize_fn=optimize_fn, return_terms=return_terms)
-    if not train:
-      return step_fn
+  def recorded(self, state, batch):
+    calls.append(record(state, batch))
+    return real(self, state, batch)
 
-    def recorded(state, batch):
-      calls.append(record(state, batch))
-      return step_fn(state, batch)
-    return recorded
-
-  monkeypatch.setattr(losses, 'step_fn_from_config', recording)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_step', recorded)
   return calls
 
 
@@ -163,10 +158,11 @@ def test_eval_loss_matches_the_eval_step_on_the_ema_weights(tmp_path):
   ema_weights = [p.clone() for p in state['ema'].shadow_params]
   sde = sde_lib.sde_from_config(config)
   step_fn = losses.step_fn_from_config(config, sde, train=False, optimize_fn=losses.optimization_manager(config))
-  _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
-  torch.manual_seed(config.seed)
-  expected = [step_fn(state, run_lib._to_model_input(b, config, datasets.get_data_scaler(config))).item()
-              for b in eval_ds]
+  # Each batch's noise comes from its own seed (evaluate's `_seeded`), whatever the order of evaluation.
+  expected = []
+  for index, batch in datasets.get_data(config).eval_batches('test'):
+    torch.manual_seed(utils.seed_for(config.seed, 'eval_loss', index))
+    expected.append(step_fn(state, batch).item())
   np.testing.assert_allclose(saved, expected, rtol=1e-6)
   # ... and the EMA weights differ from the raw weights, so using the wrong ones would show.
   assert any(not torch.equal(e, p) for e, p in zip(ema_weights, state['model'].parameters()))
@@ -174,24 +170,18 @@ def test_eval_loss_matches_the_eval_step_on_the_ema_weights(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(npz_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'w')
-  real = losses.step_fn_from_config
+  real = trainer_lib.Trainer.train_step
 
-  def poisoned(config, sde, train, optimize_fn=None, return_terms=False):
-    step_fn = real(config, sde, train, optimize_fn=optimize_fn, return_terms=return_terms)
-    if not train:
-      return step_fn
+  def poisoned(self, state, batch):
+    terms = real(self, state, batch)
+    if state['step'] == 3:  # the 3rd update diverges: weights and loss become NaN
+      with torch.no_grad():
+        for p in state['model'].parameters():
+          p.fill_(float('nan'))
+      terms = dict(terms, loss=terms['loss'] * float('nan'))
+    return terms
 
-    def step(state, batch):
-      terms = step_fn(state, batch)
-      if state['step'] == 3:  # the 3rd update diverges: weights and loss become NaN
-        with torch.no_grad():
-          for p in state['model'].parameters():
-            p.fill_(float('nan'))
-        terms = dict(terms, loss=terms['loss'] * float('nan'))
-      return terms
-    return step
-
-  monkeypatch.setattr(losses, 'step_fn_from_config', poisoned)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_step', poisoned)
   config = npz_config
   config.training.n_iters = 6
   config.training.log_freq = 4  # the check before the step-3 preemption checkpoint must catch it

@@ -1,0 +1,194 @@
+"""Multi-process training and evaluation with torch.distributed, launched by torchrun (not in Score SDE).
+
+`torchrun --nproc_per_node=N main.py ...` starts N processes (ranks) with the environment variables RANK,
+WORLD_SIZE and LOCAL_RANK set; `init_from_env` joins them into one process group (NCCL on CUDA, gloo on the
+CPU) and gives each rank its device. A plain `python main.py` is one process: every function here is then a
+no-op or the identity, and nothing from torch.distributed is touched.
+
+What the ranks share and how (docs/workflow.md, "Multi-GPU"):
+  - gradients: `all_reduce_gradients` averages them once per optimizer step, after the last micro-batch's
+    backward pass (`trainer.Trainer`). Not torch's DistributedDataParallel, whose hooks assume one forward
+    pass per backward pass: the score-FPE regularizer evaluates the network three times and differentiates
+    it twice, and DDP's forward does not run under `torch.func.jvp` (the exact time derivative);
+  - everything random that a training step draws (t, z, Hutchinson probes) is drawn for the global batch from
+    a generator seeded by the step, and each rank takes its slice (`trainer.step_generator`);
+  - rank 0 alone writes files (checkpoints, samples, TensorBoard, stdout.txt, evaluation results).
+"""
+
+import dataclasses
+import logging
+import os
+
+import torch
+
+_CONTEXT = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """This process's place in the run: `rank` of `world_size`, and its `device`."""
+  rank: int = 0
+  world_size: int = 1
+  local_rank: int = 0
+  device: torch.device = torch.device('cpu')
+
+  @property
+  def is_main(self):
+    """Whether this process writes files and logs (rank 0)."""
+    return self.rank == 0
+
+  @property
+  def distributed(self):
+    return self.world_size > 1
+
+
+def _env_int(name, default):
+  value = os.environ.get(name)
+  if value is None:
+    return default
+  try:
+    return int(value)
+  except ValueError as e:
+    raise ValueError(f'The environment variable {name}={value!r} must be an integer (torchrun sets it).') from e
+
+
+def init_from_env(device):
+  """Joins the process group torchrun describes, or returns a single-process context.
+
+  Args:
+    device: `config.device`; under torchrun on CUDA each rank uses `cuda:LOCAL_RANK` instead.
+
+  Returns:
+    The `Context`; also kept for `context()`.
+  """
+  global _CONTEXT
+  device = torch.device(device)
+  world_size = _env_int('WORLD_SIZE', 1)
+  if world_size <= 1:
+    _CONTEXT = Context(device=device)
+    return _CONTEXT
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  rank, local_rank = _env_int('RANK', 0), _env_int('LOCAL_RANK', 0)
+  if device.type == 'cuda':
+    if local_rank >= torch.cuda.device_count():
+      raise RuntimeError(f'LOCAL_RANK={local_rank}, but only {torch.cuda.device_count()} CUDA devices are '
+                         'visible: start at most one process per GPU (torchrun --nproc_per_node).')
+    device = torch.device('cuda', local_rank)
+    torch.cuda.set_device(device)
+    backend = 'nccl'
+  else:
+    backend = 'gloo'
+  if not dist.is_initialized():
+    dist.init_process_group(backend=backend)
+  _CONTEXT = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+  logging.info('Process group: rank %d of %d (%s, %s).', rank, world_size, backend, device)
+  return _CONTEXT
+
+
+def context():
+  """The current `Context` (a single CPU process before `init_from_env`)."""
+  return _CONTEXT if _CONTEXT is not None else Context()
+
+
+def shutdown():
+  """Leaves the process group (if any) and forgets the context."""
+  global _CONTEXT
+  if _CONTEXT is not None and _CONTEXT.distributed:
+    import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+    if dist.is_initialized():
+      dist.destroy_process_group()
+  _CONTEXT = None
+
+
+def barrier():
+  """Waits for every rank (no-op in one process)."""
+  if context().distributed:
+    import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+    dist.barrier()
+
+
+def _all_reduce(tensor, op):
+  if not context().distributed:
+    return tensor
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  out = tensor.detach().clone()
+  dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
+  return out
+
+
+def all_reduce_sum(tensor):
+  """The sum of `tensor` over ranks (a new tensor; `tensor` itself in one process)."""
+  return _all_reduce(tensor, 'SUM')
+
+
+def all_reduce_min(tensor):
+  """The elementwise minimum of `tensor` over ranks (`tensor` itself in one process)."""
+  return _all_reduce(tensor, 'MIN')
+
+
+# Gradients are averaged in flat buckets of at most this many elements: one collective per bucket rather than
+# per parameter, without a second copy of all gradients at once.
+_BUCKET_NUMEL = 2 ** 24
+
+
+def _buckets(params):
+  bucket, size = [], 0
+  for p in params:
+    if bucket and size + p.numel() > _BUCKET_NUMEL:
+      yield bucket
+      bucket, size = [], 0
+    bucket.append(p)
+    size += p.numel()
+  if bucket:
+    yield bucket
+
+
+def all_reduce_gradients(parameters):
+  """Averages the `.grad` of `parameters` over ranks, in place (no-op in one process).
+
+  Every rank must call it with the same parameters in the same order; a parameter without a gradient counts
+  as zero (so ranks stay in step even if one of them did not use it).
+  """
+  ctx = context()
+  if not ctx.distributed:
+    return
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  params = [p for p in parameters if p.requires_grad]
+  for p in params:
+    if p.grad is None:
+      p.grad = torch.zeros_like(p)
+  for bucket in _buckets(params):
+    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for p in bucket:
+      p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+      offset += p.numel()
+
+
+def gather_objects(obj):
+  """Every rank's `obj` (picklable), as a list in rank order, on rank 0; `None` on the other ranks."""
+  ctx = context()
+  if not ctx.distributed:
+    return [obj]
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  out = [None] * ctx.world_size if ctx.is_main else None
+  dist.gather_object(obj, out, dst=0)
+  return out
+
+
+def broadcast_object(obj):
+  """Rank 0's `obj` on every rank."""
+  if not context().distributed:
+    return obj
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  box = [obj]
+  dist.broadcast_object_list(box, src=0)
+  return box[0]
+
+
+def shard(items, ctx=None):
+  """The items of a sequence of work (e.g. evaluation batches) this rank does: every world_size-th, from rank."""
+  ctx = ctx or context()
+  return items[ctx.rank::ctx.world_size]

@@ -1,0 +1,186 @@
+"""The training step, owned by one object: precision policy, accumulation, gradient averaging, update, EMA.
+
+`Trainer.train_step(state, batch)` does, in order: draw the step's noise, forward and backward pass of each
+micro-batch under the precision policy, average the gradients over ranks (torch.distributed), unscale (float16),
+clip, optimizer step, EMA update. `state` is Score SDE's dict `{'optimizer', 'model', 'ema', 'step'}`, and
+`losses.get_step_fn` is a thin wrapper over a `Trainer` with Score SDE's numerics (float32, one batch, the
+global random generator).
+
+Noise. With `noise_seed` set (run_lib does), everything random in a step (t, z, Hutchinson probes, ...) is
+drawn for the *global* batch from a generator seeded by (noise_seed, step), and each rank and micro-batch
+takes the slice of its samples. A step is then the same computation whether the global batch is split over
+ranks, over micro-batches or not at all, and a resumed run draws the noise the uninterrupted run would have.
+Dropout masks still come from torch's global generator (seeded per rank by run_lib).
+"""
+
+import contextlib
+
+import torch
+
+import distributed
+import utils
+
+MIXED_PRECISIONS = ('no', 'bf16', 'fp16')
+_AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class PrecisionPolicy:
+  """`training.mixed_precision`: what runs in half precision, and the gradient scaler float16 needs.
+
+  - 'no': float32 everywhere (Score SDE's numerics).
+  - 'bf16' / 'fp16': the loss's forward pass under `torch.autocast` (convolutions and matmuls in half
+    precision), so its backward pass too; float16 scales the loss with a `GradScaler` so that small gradients
+    do not flush to zero, and skips the update of a step whose gradients overflowed. Parameters, optimizer
+    state, EMA and checkpoints stay float32; the DSM loss is reduced in float32, and the score-FPE regularizer
+    runs entirely in float32 (`score_fpe.ScoreFPERegularizer`).
+  """
+
+  def __init__(self, mixed_precision='no', device='cpu'):
+    self.name = utils.check_choice('training.mixed_precision', mixed_precision, MIXED_PRECISIONS)
+    self.device_type = torch.device(device).type
+    self.dtype = _AUTOCAST_DTYPES.get(self.name)
+    self.scaler = torch.amp.GradScaler(self.device_type) if self.name == 'fp16' else None
+
+  def autocast(self):
+    """The context the loss's forward pass runs in."""
+    if self.dtype is None:
+      return contextlib.nullcontext()
+    return torch.autocast(self.device_type, dtype=self.dtype)
+
+  def backward(self, loss):
+    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+
+def slice_noise(noise, start, length):
+  """The noise of samples start..start+length-1 of a batch (every entry has the sample axis first)."""
+  return {name: value[start:start + length] for name, value in noise.items()}
+
+
+def step_generator(seed, step, device):
+  """The generator of a training step's noise: a function of (seed, step) only."""
+  generator = torch.Generator(device=device)
+  generator.manual_seed(utils.seed_for(seed, 'train_step', step))
+  return generator
+
+
+@contextlib.contextmanager
+def ema_weights(state):
+  """Runs the body with the EMA weights in the model, without parameter gradients, then puts back the
+  training weights and their `requires_grad` flags."""
+  model, ema = state['model'], state['ema']
+  params = list(model.parameters())
+  flags = [p.requires_grad for p in params]
+  ema.store(params)
+  ema.copy_to(params)
+  # No parameter graph; the score-FPE term enables autograd in x by itself.
+  for p in params:
+    p.requires_grad_(False)
+  try:
+    yield
+  finally:
+    for p, flag in zip(params, flags):
+      p.requires_grad_(flag)
+    ema.restore(params)
+
+
+class Trainer:
+  """One optimizer step (and the evaluation step) of a loss on Score SDE's training state."""
+
+  def __init__(self, loss, optimize_fn=None, *, precision=None, grad_accum_steps=1, noise_seed=None,
+               forward_model=None):
+    """Builds the step.
+
+    Args:
+      loss: a `losses.Loss`.
+      optimize_fn: `losses.optimization_manager(config)` (warmup, clipping, optimizer step); training only.
+      precision: a `PrecisionPolicy` (default: float32).
+      grad_accum_steps: micro-batches per optimizer step; the (per-rank) batch must divide by it.
+      noise_seed: seed of the per-step noise generator (see the module docstring); None draws the noise from
+        torch's global generator, per micro-batch, as Score SDE.
+      forward_model: optional replacement of `state['model']` for the loss's forward passes (a
+        `torch.compile`d module sharing its parameters). The score-FPE regularizer, which differentiates the
+        network twice, always uses `state['model']`.
+    """
+    self.loss = loss
+    self.optimize_fn = optimize_fn
+    self.precision = precision or PrecisionPolicy()
+    self.grad_accum_steps = utils.check_number('training.grad_accum_steps', grad_accum_steps, low=1,
+                                               integer=True)
+    self.noise_seed = noise_seed
+    self.forward_model = forward_model
+    self.last_grad_norm = None
+
+  def _loss_terms(self, model, batch, train, noise, sum_over_ranks=None, world_size=1):
+    """The reduced terms and their total on `batch`, under the precision policy."""
+    with self.precision.autocast():
+      forward_model = model if self.forward_model is None else self.forward_model
+      per_sample = self.loss(forward_model, batch, train, noise=noise, eager_model=model)
+    reduced = self.loss.reduce(per_sample, batch.shape[0], sum_over_ranks=sum_over_ranks,
+                               world_size=world_size)
+    return reduced, self.loss.total(reduced)
+
+  def _step_noise(self, batch, step):
+    """This rank's slice of the step's global noise, or None (drawn by the loss, per micro-batch)."""
+    if self.noise_seed is None:
+      return None
+    ctx = distributed.context()
+    b = batch.shape[0]
+    generator = step_generator(self.noise_seed, step, batch.device)
+    noise = self.loss.draw_noise((b * ctx.world_size,) + tuple(batch.shape[1:]), batch.device, batch.dtype,
+                                 generator)
+    return slice_noise(noise, ctx.rank * b, b)
+
+  def train_step(self, state, batch):
+    """One optimizer step on this rank's share `batch` of the global batch.
+
+    Returns:
+      A dict of detached 0-dim tensors: 'loss' (the objective) and every term the loss reports, each the
+      mean over the micro-batches of this rank's values (for logging; no host sync happens here).
+    """
+    if self.optimize_fn is None:
+      raise ValueError('A training step needs optimize_fn (losses.optimization_manager(config)).')
+    model, optimizer = state['model'], state['optimizer']
+    b, k = batch.shape[0], self.grad_accum_steps
+    if b % k:
+      raise ValueError(f'The batch of {b} samples (per rank) does not divide into training.grad_accum_steps='
+                       f'{k} micro-batches.')
+    ctx = distributed.context()
+    sum_over_ranks = distributed.all_reduce_sum if ctx.distributed else None
+    noise = self._step_noise(batch, int(state['step']))
+    optimizer.zero_grad(set_to_none=True)
+    micro = b // k
+    logged = {}
+    for j in range(k):
+      part = slice(j * micro, (j + 1) * micro)
+      reduced, total = self._loss_terms(model, batch[part], True,
+                                        None if noise is None else slice_noise(noise, j * micro, micro),
+                                        sum_over_ranks, ctx.world_size)
+      # Each micro-batch's mean weighs 1/k: the gradient of the mean over the whole batch.
+      self.precision.backward(total / k)
+      for name, value in {'loss': total, **reduced}.items():
+        logged[name] = logged.get(name, 0.) + value.detach() / k
+    distributed.all_reduce_gradients(model.parameters())
+    kwargs = {} if self.precision.scaler is None else {'scaler': self.precision.scaler}
+    self.last_grad_norm = self.optimize_fn(optimizer, model.parameters(), step=state['step'], **kwargs)
+    state['step'] += 1
+    state['ema'].update(model.parameters())
+    return logged
+
+  def eval_step(self, state, batch, noise=None):
+    """The loss on `batch` with the EMA weights, without parameter gradients (Score SDE's eval step).
+
+    Returns:
+      A dict of detached 0-dim tensors: 'loss' and every term the loss reports.
+    """
+    with ema_weights(state), torch.no_grad():
+      reduced, total = self._loss_terms(state['model'], batch, False, noise)
+    return {'loss': total.detach(), **{name: value.detach() for name, value in reduced.items()}}
+
+  def step_fn(self, train, return_terms=False):
+    """Score SDE's `step_fn(state, batch)`: the loss (0-dim tensor), or with `return_terms` the dict of terms."""
+
+    def step_fn(state, batch):
+      terms = self.train_step(state, batch) if train else self.eval_step(state, batch)
+      return terms if return_terms else terms['loss']
+
+    return step_fn

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,9 +24,16 @@ def test_fp_step_bench_puts_dsm_first_and_prints_every_row():
   assert all('x |' in row for row in rows)  # every row has its ratio to DSM
 
 
-def test_fp_step_bench_does_not_import_tensorflow():
-  # The GPU image has no TensorFlow: model, loss and benchmark code must import without it.
-  code = ("import runpy, sys; sys.argv = ['bench_fp_step.py', '--help']\n"
-          "try:\n  runpy.run_path('bench/bench_fp_step.py', run_name='__main__')\nexcept SystemExit:\n  pass\n"
+@pytest.mark.parametrize('script', ['bench/bench_fp_step.py', 'bench/bench_ranks.py'])
+def test_benches_do_not_import_tensorflow(script):
+  # The GPU image has no TensorFlow: model, loss, trainer and benchmark code must import without it.
+  code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+          f"try:\n  runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n  pass\n"
           "print('tensorflow imported:', 'tensorflow' in sys.modules)")
   assert 'tensorflow imported: False' in _run('-c', code)
+
+
+def test_ranks_bench_runs_under_torchrun():
+  out = _run('bench/bench_ranks.py', '--ranks', '1', '--batch', '2', '--steps', '1', '--warmup', '0')
+  rows = [line for line in out.splitlines() if line.startswith('| 1 |')]
+  assert len(rows) == 1 and rows[0].endswith('1.00x |')

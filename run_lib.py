@@ -467,9 +467,6 @@ def _evaluate_loss(ctx, ckpt):
       logging.info('Finished %dth step loss evaluation', i + 1)
   if not ctx.is_main:
     return
-  if not values:
-    raise ValueError(f'The eval split yields no batch of config.eval.batch_size={ctx.settings["batch_size"]} '
-                     '(it has fewer examples): lower eval.batch_size.')
   all_losses = np.asarray(values['loss'])
   arrays = dict(all_losses=all_losses, mean_loss=all_losses.mean())
   message = f'ckpt: {ckpt}, eval_loss: {all_losses.mean():.5e}'

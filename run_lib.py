@@ -440,8 +440,10 @@ def _evaluate_bpd(ctx, ckpt):
       _save_npz(os.path.join(ctx.eval_dir, f'{s["bpd_dataset"]}_ckpt_{ckpt}_bpd_{bpd_round_id}.npz'), bpd,
                 all_bpds=np.asarray(bpds))
       bpd_round_id += 1
-  logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f', ckpt, s['bpd_dataset'], s['bpd_num_repeats'],
-               np.mean(np.asarray(bpds)) if bpds else float('nan'))
+  # Standard error of the mean from the spread of the per-pass means (likelihood.bpd_summary; nan for 1 pass).
+  mean, stderr = likelihood.bpd_summary(bpds, s['bpd_num_repeats']) if bpds else (float('nan'), float('nan'))
+  logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f +- %.6f (standard error)', ckpt, s['bpd_dataset'],
+               s['bpd_num_repeats'], mean, stderr)
 
 
 def _image_metrics(ctx, ckpt, this_sample_dir, num_rounds):
@@ -550,8 +552,8 @@ def _setup_evaluation(config, workdir, eval_folder):
     discrete = not _is_toy(config)
     train_bpd, eval_bpd, _ = datasets.get_dataset(config, uniform_dequantization=discrete, evaluation=True)
     ctx.ds_bpd = train_bpd if settings['bpd_dataset'] == 'train' else eval_bpd
-    ctx.likelihood_fn = likelihood.get_likelihood_fn(
-        sde, inverse_scaler, hutchinson_type='Rademacher' if discrete else 'exact', discrete_data=discrete)
+    ctx.likelihood_fn = likelihood.likelihood_fn_from_config(
+        config, sde, inverse_scaler, hutchinson_type='Rademacher' if discrete else 'exact', discrete_data=discrete)
   if settings['enable_fp_residual']:
     if not continuous:
       # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.

@@ -13,10 +13,11 @@ increments, as one vector) of the error estimate divided by `atol + rtol * max(|
 step is Hairer's estimate; steps change by 0.9 * err^(-1/(order of the estimate + 1)) within [0.2, 10]. So
 `rtol` and `atol` mean the same for both backends. The last step is clipped to end exactly at the end of the
 interval, as scipy's is (torchdiffeq would otherwise step past it and interpolate: the score would be
-evaluated outside [eps, T], where VP's std is not even defined below t = 0). The only known difference: scipy
-forbids a step from growing right after a rejection, torchdiffeq does not, so the two take slightly different
-steps; results agree to within the tolerance, not bit for bit. The state is float64, as scipy's (its error
-control and the accumulated log-density keep full precision; the state's arithmetic is negligible next to the
+evaluated outside [eps, T], where VP's std is not even defined below t = 0). Two details of the step-size
+update differ: after a rejection scipy forbids the next accepted step to grow, and after an accepted step
+torchdiffeq never shrinks the next one (scipy may, down to 0.9x); so the two take slightly different steps,
+and results agree to within the tolerance, not bit for bit. The state is float64, as scipy's (its error control
+and the accumulated log-density keep full precision; the state's arithmetic is negligible next to the
 network); the model sees the data's dtype. Devices without float64 (Apple's MPS) are not supported.
 
 Solver failure (a step size that underflows, a non-finite state) raises `RuntimeError` naming the time

@@ -509,8 +509,10 @@ def _evaluate_bpd(ctx, ckpt):
       bpd_round_id += 1
   progress.close()
   if ctx.is_main:
-    logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f', ckpt, split, s['bpd_num_repeats'],
-                 np.mean(np.asarray(bpds)) if bpds else float('nan'))
+    # Standard error of the mean from the spread of the per-pass means (likelihood.bpd_summary; nan for 1 pass).
+    mean, stderr = likelihood.bpd_summary(bpds, s['bpd_num_repeats']) if bpds else (float('nan'), float('nan'))
+    logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f +- %.6f (standard error)', ckpt, split,
+                 s['bpd_num_repeats'], mean, stderr)
 
 
 def _evaluate_samples(ctx, ckpt):
@@ -590,8 +592,9 @@ def _setup_evaluation(config, workdir, eval_folder):
       checkpoint_dir=os.path.join(workdir, 'checkpoints'), eval_dir=os.path.join(workdir, eval_folder))
   if settings['enable_bpd']:
     # The data set says which bits/dim apply: Score SDE's (dequantized 8-bit images, Rademacher trace
-    # estimator) or a continuous density's (exact trace).
-    ctx.likelihood_fn = likelihood.get_likelihood_fn(sde, data.inverse_scaler, **data.likelihood_options)
+    # estimator) or a continuous density's (exact trace); the config says which ODE solver.
+    ctx.likelihood_fn = likelihood.likelihood_fn_from_config(config, sde, data.inverse_scaler,
+                                                             **data.likelihood_options)
   if settings['enable_fp_residual']:
     if not continuous:
       # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.

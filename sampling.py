@@ -8,7 +8,9 @@ Names, signatures and semantics are Score SDE's. Differences from the released c
   - unknown predictor/corrector names raise `ValueError` listing the registered names, and every config field
     `get_sampling_fn` reads is validated;
   - the ODE sampler keeps the dtype of its latent (float32 for prior samples, as Score SDE) and accepts a
-    latent `z` of any batch size.
+    latent `z` of any batch size;
+  - the ODE sampler can solve the probability flow ODE in torch on the model's device (`backend='torch'`,
+    `config.sampling.ode_backend`) instead of with scipy on the CPU (Score SDE's, the function's default).
 """
 
 import abc
@@ -19,6 +21,7 @@ import numbers
 import torch
 from scipy import integrate
 
+import ode_backends
 import sde_lib
 import utils
 from models import utils as mutils
@@ -84,7 +87,8 @@ def get_sampling_fn(config, sde, shape, inverse_scaler, eps):
 
   Reads and validates `config.sampling.method` ('pc' or 'ode', case-insensitive), and for PC sampling
   `sampling.predictor`, `sampling.corrector`, `sampling.snr`, `sampling.n_steps_each`,
-  `sampling.probability_flow`, `training.continuous`; for both `sampling.noise_removal` and `config.device`.
+  `sampling.probability_flow`, `training.continuous`; for ODE sampling `sampling.ode_backend` ('scipy' or
+  'torch', see `get_ode_sampler`); for both `sampling.noise_removal` and `config.device`.
 
   Args:
     config: A `ml_collections.ConfigDict` object that contains all configuration information.
@@ -102,8 +106,9 @@ def get_sampling_fn(config, sde, shape, inverse_scaler, eps):
   device = _check_device(config.device)
   # Probability flow ODE sampling with black-box ODE solvers
   if method == 'ode':
+    backend = utils.check_choice('sampling.ode_backend', config.sampling.ode_backend, ode_backends.BACKENDS)
     return get_ode_sampler(sde=sde, shape=shape, inverse_scaler=inverse_scaler, denoise=denoise, eps=eps,
-                           device=device)
+                           device=device, backend=backend)
   # Predictor-Corrector sampling. Predictor-only and Corrector-only samplers are special cases.
   predictor = get_predictor(utils.check_choice('sampling.predictor', str(config.sampling.predictor).lower(),
                                                sorted(_PREDICTORS)))
@@ -464,7 +469,7 @@ def get_pc_sampler(sde, shape, predictor, corrector, inverse_scaler, snr,
 
 def get_ode_sampler(sde, shape, inverse_scaler,
                     denoise=False, rtol=1e-5, atol=1e-5,
-                    method='RK45', eps=1e-3, device='cuda'):
+                    method='RK45', eps=1e-3, device='cuda', backend='scipy'):
   """Probability flow ODE sampler with the black-box ODE solver.
 
   As in Score SDE, the model is queried as a continuously trained one (`continuous=True`).
@@ -477,15 +482,25 @@ def get_ode_sampler(sde, shape, inverse_scaler,
     rtol: A `float` number. The relative tolerance level of the ODE solver.
     atol: A `float` number. The absolute tolerance level of the ODE solver.
     method: A `str`. The algorithm used for the black-box ODE solver.
-      See the documentation of `scipy.integrate.solve_ivp`.
+      See the documentation of `scipy.integrate.solve_ivp`. With `backend='torch'`, 'RK45' (Dormand-Prince,
+      torchdiffeq's 'dopri5') or 'RK23' (Bogacki-Shampine, 'bosh3'), with scipy's step-size control.
     eps: A `float` number. The reverse-time SDE/ODE will be integrated to `eps` for numerical stability.
     device: PyTorch device.
+    backend: 'scipy' (Score SDE's: `scipy.integrate.solve_ivp` on the CPU, the state copied to and from
+      `device` at every function evaluation) or 'torch' (the solve runs on the latent's device). See
+      `ode_backends`.
 
   Returns:
     A sampling function `ode_sampler(model, z=None)` that returns samples and the number of function
-    evaluations. The ODE runs in the dtype of `z` (float32 for prior samples).
+    evaluations. The ODE runs in the dtype of `z` (float32 for prior samples). The whole batch is one solve, as
+    in Score SDE; a failed solve raises `RuntimeError` naming the time reached.
+
+  Raises:
+    ValueError: `eps` is not in (0, sde.T), `backend` is not 'scipy' or 'torch', `method` has no torch solver
+      with `backend='torch'`, or (with `denoise`) the denoising step does not support `sde`.
   """
   sde_lib.check_eps(sde, eps)
+  ode_backends.check_backend(backend, method)
   if denoise:
     # The denoising step's predictor checks the SDE (e.g. DDPM's betas) now, not after the whole ODE solve.
     ReverseDiffusionPredictor(sde, lambda x, t: x, probability_flow=False)
@@ -504,6 +519,38 @@ def get_ode_sampler(sde, shape, inverse_scaler,
     rsde = sde.reverse(score_fn, probability_flow=True)
     return rsde.sde(x, t)[0]
 
+  def solve_scipy(model, x):
+    """Score SDE's solve: scipy on the CPU, the state copied to the latent's device at every evaluation."""
+    x_shape = x.shape
+
+    def ode_func(t, y):
+      xt = from_flattened_numpy(y, x_shape).to(device=x.device, dtype=x.dtype)
+      vec_t = torch.ones(x_shape[0], device=x.device, dtype=x.dtype) * t
+      return to_flattened_numpy(drift_fn(model, xt, vec_t))
+
+    # Black-box ODE solver for the probability flow ODE
+    solution = integrate.solve_ivp(ode_func, (sde.T, eps), to_flattened_numpy(x),
+                                   rtol=rtol, atol=atol, method=method)
+    if not solution.success:
+      raise ode_backends.failure(solution.t[-1], (sde.T, eps), solution.nfev, solution.message)
+    nfe = solution.nfev
+    return from_flattened_numpy(solution.y[:, -1], x_shape).to(device=x.device, dtype=x.dtype), nfe
+
+  def solve_torch(model, x):
+    """The same ODE solved on the latent's device."""
+    x_shape = x.shape
+
+    def ode_func(t, y):
+      xt = y.reshape(x_shape).to(x.dtype)
+      vec_t = torch.ones(x_shape[0], device=x.device, dtype=x.dtype) * t.to(x.dtype)
+      return drift_fn(model, xt, vec_t).reshape(-1).to(y.dtype)
+
+    y, nfe = ode_backends.solve(ode_func, x.reshape(-1).to(ode_backends.STATE_DTYPE), (sde.T, eps), rtol, atol,
+                                method)
+    return y.reshape(x_shape).to(x.dtype), nfe
+
+  solve = solve_scipy if backend == 'scipy' else solve_torch
+
   def ode_sampler(model, z=None):
     """The probability flow ODE sampler with black-box ODE solver.
 
@@ -517,20 +564,7 @@ def get_ode_sampler(sde, shape, inverse_scaler,
     with torch.no_grad():
       # Initial sample
       x = sde.prior_sampling(shape).to(device) if z is None else z.to(device)
-      x_shape = x.shape
-
-      def ode_func(t, y):
-        xt = from_flattened_numpy(y, x_shape).to(device=x.device, dtype=x.dtype)
-        vec_t = torch.ones(x_shape[0], device=x.device, dtype=x.dtype) * t
-        return to_flattened_numpy(drift_fn(model, xt, vec_t))
-
-      # Black-box ODE solver for the probability flow ODE
-      solution = integrate.solve_ivp(ode_func, (sde.T, eps), to_flattened_numpy(x),
-                                     rtol=rtol, atol=atol, method=method)
-      if not solution.success:
-        raise RuntimeError(f'The probability flow ODE solver failed: {solution.message}')
-      nfe = solution.nfev
-      x = from_flattened_numpy(solution.y[:, -1], x_shape).to(device=x.device, dtype=x.dtype)
+      x, nfe = solve(model, x)
 
       # Denoising is equivalent to running one predictor step without adding noise
       if denoise:

@@ -37,3 +37,21 @@ def test_ranks_bench_runs_under_torchrun():
   out = _run('bench/bench_ranks.py', '--ranks', '1', '--batch', '2', '--steps', '1', '--warmup', '0')
   rows = [line for line in out.splitlines() if line.startswith('| 1 |')]
   assert len(rows) == 1 and rows[0].endswith('1.00x |')
+
+
+def test_likelihood_bench_prints_both_backends_and_the_projection_without_tensorflow():
+  # One run: the table, then whether TensorFlow was imported (the GPU image has none).
+  argv = ['bench_likelihood.py', '--device', 'cpu', '--tiny', '--batch', '2', '--rtol', '0.1', '--atol', '0.1',
+          '--threads', '1']
+  code = (f"import runpy, sys; sys.argv = {argv!r}\n"
+          "runpy.run_path('bench/bench_likelihood.py', run_name='__main__')\n"
+          "print('tensorflow imported:', 'tensorflow' in sys.modules)")
+  out = _run('-c', code)
+  rows = [line.split('|') for line in out.splitlines() if line.startswith('| ve_ncsnpp')]
+  assert [row[2].strip() for row in rows] == ['scipy', 'torch']
+  for row in rows:
+    assert int(row[3]) > 0 and float(row[4]) > 0  # NFE, seconds per batch
+    assert float(row[9]) > 0 and float(row[10]) == pytest.approx(5 * float(row[9]), rel=0.01)  # projections
+  assert rows[0][6].strip() == '1.00x' and rows[1][6].strip().endswith('x')  # ratio to scipy
+  assert 'Projection:' in out
+  assert 'tensorflow imported: False' in out

@@ -14,12 +14,15 @@ off the GPU.
 
 import logging
 import os
+import signal
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections.config_flags import config_flags
 
 import distributed
+import preemption
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -90,6 +93,15 @@ def main(argv):
     elif ctx.is_main:
       # The statistics of the data set are one pass of Inception over it: rank 0 alone.
       compute_fid_stats(FLAGS.config)
+  except preemption.TrainingInterrupted as e:
+    # Stopped by SIGTERM / SIGINT: an expected end, no traceback. EXIT_STOPPED after a clean stop (resume with
+    # the same command), 128 + signal number after a second signal (as if killed).
+    logging.warning('%s', e)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    # Ctrl-C outside training's loop (evaluation, statistics): one line, the shell's status for SIGINT.
+    logging.warning('%s interrupted (Ctrl-C).', FLAGS.mode)
+    sys.exit(128 + signal.SIGINT)
   except Exception:
     # Into stdout.txt as well as the console, so the log of a failed run says why it stopped.
     logging.exception('%s failed.', FLAGS.mode)

@@ -81,7 +81,9 @@ def main(argv):
     # Each rank computes on its own device (cuda:LOCAL_RANK); the config must say so for models and samplers.
     FLAGS.config.device = ctx.device
   if ctx.is_main:
-    log_to_file(FLAGS.workdir)
+    # Evaluation creates no workdir: a mistyped --workdir is an error (run_lib.evaluate), not a new folder.
+    if FLAGS.mode != 'eval' or os.path.isdir(FLAGS.workdir):
+      log_to_file(FLAGS.workdir)
     logging.info('mode: %s, workdir: %s, config:\n%s', FLAGS.mode, FLAGS.workdir, FLAGS.config)
   else:
     _quiet_other_ranks(ctx.rank)

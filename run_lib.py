@@ -495,10 +495,6 @@ def train(config, workdir):
   a released Score SDE checkpoint copied there is fine-tuned from its step. Resuming at or past
   `training.n_iters` logs so and returns. Under torchrun, every rank runs this; rank 0 writes.
 
-  Args:
-    config: Configuration to use.
-    workdir: Working directory for checkpoints, samples and TensorBoard summaries.
-
   While it runs, rank 0 holds the workdir lock `workdir/train.lock` (`preemption.WorkdirLock`). SIGTERM or
   SIGINT stops training at the next step boundary with the resume point saved at that step
   (`preemption.TrainingInterrupted`, exit code `preemption.EXIT_STOPPED`); a second signal stops at once.

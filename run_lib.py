@@ -529,9 +529,10 @@ def _train(run):
                run.settings['batch_size'], run.ctx.world_size, run.settings['grad_accum_steps'],
                run.trainer.precision.name, '' if run.trainer.forward_model is None else ', compiled forward')
   if run.ctx.is_main:
-    # Under the lock no other process writes here: a temporary file is what a killed save left.
-    for folder in (run.workdir, run.checkpoint_dir, os.path.dirname(run.meta_path)):
-      utils.remove_stale_temp_files(folder)
+    # Under the lock no other process writes the checkpoints: a temporary file there is what a killed save left.
+    # In the workdir itself, another trainer may be writing its lock record (for milliseconds) to be refused.
+    for folder, min_age in ((run.checkpoint_dir, 0.), (os.path.dirname(run.meta_path), 0.), (run.workdir, 60.)):
+      utils.remove_stale_temp_files(folder, min_age_seconds=min_age)
   _on_main_rank(lambda: _write_missing_snapshot(run))
   step = int(run.state['step'])
   if step >= run.settings['n_iters']:

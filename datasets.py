@@ -549,7 +549,9 @@ class ImageData:
     train_ds, eval_ds, _ = _image_pipelines(
         self.config, batch_size=self.eval_batch_size, evaluation=True, flip=False, uniform_dequantization=False,
         drop_remainder=True, shuffle_seed=utils.seed_for(self.seed, 'eval_order'))
+    count = 0
     for index, batch in enumerate(train_ds if split == 'train' else eval_ds):
+      count += 1
       if only is not None and not only(index):
         yield index, None
         continue
@@ -560,6 +562,11 @@ class ImageData:
         generator.manual_seed(utils.seed_for(self.seed, 'dequantize', split, repeat, index))
         noise = torch.rand(self.sample_shape(images.shape[0]), generator=generator, device=self.device)
       yield index, self.to_model_input(batch['image'], dequantization_noise=noise)
+    if not count:
+      # Every rank sees the same (empty) split, so every rank stops here, not only the one writing results.
+      raise ValueError(f'The {split!r} split of config.data.dataset={self.dataset!r} yields no full batch of '
+                       f'config.eval.batch_size={self.eval_batch_size}: it has fewer examples. Lower '
+                       'eval.batch_size.')
 
   def split_size(self, split):
     """How many images the 'train' or 'test' split holds, or None where that is not known without reading it

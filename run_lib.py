@@ -693,9 +693,6 @@ def _evaluate_loss(ctx, ckpt):
       logging.info('Finished %dth step loss evaluation', i + 1)
   if not ctx.is_main:
     return
-  if not values:
-    raise ValueError(f'The eval split yields no batch of config.eval.batch_size={ctx.settings["batch_size"]} '
-                     '(it has fewer examples): lower eval.batch_size.')
   for name, term in values.items():
     _check_finite(ckpt, f'the eval {name}', term, 'batch')
   all_losses = np.asarray(values['loss'])

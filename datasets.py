@@ -12,6 +12,7 @@ leave every byte of GPU memory to PyTorch.
 import gc
 import logging
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -193,6 +194,28 @@ def load_npz_dataset(path, image_size, num_channels):
                          f'expected {num_channels} (config.data.num_channels={num_channels}).')
       arrays[split] = array
   return arrays
+
+
+def npz_split_sizes(path):
+  """The number of images of each split of a `data.dataset = 'NPZ'` file, read from the array headers only.
+
+  Returns:
+    A dict split name -> number of images, or None if the file cannot be read that way (`load_npz_dataset`
+    then says what is wrong with it).
+  """
+  sizes = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for split, key in NPZ_ARRAYS.items():
+        with archive.open(f'{key}.npy') as f:
+          version = np.lib.format.read_magic(f)
+          read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)
+          shape = read_header(f)[0]
+        sizes[split] = int(shape[0]) if shape else None
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    return None
+  return sizes
 
 
 def _tfds_builder(name, config):
@@ -544,6 +567,21 @@ class ImageData:
       raise ValueError(f'The {split!r} split of config.data.dataset={self.dataset!r} yields no full batch of '
                        f'config.eval.batch_size={self.eval_batch_size}: it has fewer examples. Lower '
                        'eval.batch_size.')
+
+  def split_size(self, split):
+    """How many images the 'train' or 'test' split holds, or None where that is not known without reading it
+    (TFRecords; a tfds data set not prepared yet)."""
+    if self.dataset == 'NPZ':
+      sizes = npz_split_sizes(self.config.data.path)
+      return None if sizes is None else sizes[split]
+    if self.dataset in ('FFHQ', 'CelebAHQ'):
+      return None  # one TFRecords file: counting its records means reading it
+    try:
+      builder, train_split, eval_split, _ = _image_resize_ops(self.config)
+      count = int(builder.info.splits[train_split if split == 'train' else eval_split].num_examples)
+    except Exception:  # pylint: disable=broad-except  (an unprepared tfds data set has no split info yet)
+      return None
+    return count or None
 
   def num_eval_batches(self, split):
     """How many batches `eval_batches(split)` yields, or None where tf.data cannot tell without reading."""

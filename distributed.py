@@ -22,6 +22,9 @@ import os
 import torch
 
 _CONTEXT = None
+# A gloo group beside an NCCL default group, for small host-side values (`max_over_ranks`): agreeing on them
+# then neither waits for the GPU nor copies to it.
+_CPU_GROUP = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,8 @@ def init_from_env(device):
     backend = 'gloo'
   if not dist.is_initialized():
     dist.init_process_group(backend=backend)
+  global _CPU_GROUP
+  _CPU_GROUP = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
   _CONTEXT = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
   logging.info('Process group: rank %d of %d (%s, %s).', rank, world_size, backend, device)
   return _CONTEXT
@@ -92,7 +97,8 @@ def context():
 
 def shutdown():
   """Leaves the process group (if any) and forgets the context."""
-  global _CONTEXT
+  global _CONTEXT, _CPU_GROUP
+  _CPU_GROUP = None
   if _CONTEXT is not None and _CONTEXT.distributed:
     import torch.distributed as dist  # pylint: disable=g-import-not-at-top
     if dist.is_initialized():
@@ -124,6 +130,20 @@ def all_reduce_sum(tensor):
 def all_reduce_min(tensor):
   """The elementwise minimum of `tensor` over ranks (`tensor` itself in one process)."""
   return _all_reduce(tensor, 'MIN')
+
+
+def max_over_ranks(value):
+  """The maximum over ranks of a Python int, computed on the host (gloo): no GPU sync (`value` in one process).
+
+  Every rank must call it at the same point; e.g. to agree, at a step boundary, whether any rank received a
+  stop signal.
+  """
+  if not context().distributed:
+    return value
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  box = torch.tensor([int(value)], dtype=torch.long)
+  dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+  return int(box.item())
 
 
 # Gradients are averaged in flat buckets of at most this many elements: one collective per bucket rather than

@@ -14,12 +14,15 @@ off the GPU.
 
 import logging
 import os
+import signal
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections.config_flags import config_flags
 
 import distributed
+import preemption
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -78,7 +81,9 @@ def main(argv):
     # Each rank computes on its own device (cuda:LOCAL_RANK); the config must say so for models and samplers.
     FLAGS.config.device = ctx.device
   if ctx.is_main:
-    log_to_file(FLAGS.workdir)
+    # Evaluation creates no workdir: a mistyped --workdir is an error (run_lib.evaluate), not a new folder.
+    if FLAGS.mode != 'eval' or os.path.isdir(FLAGS.workdir):
+      log_to_file(FLAGS.workdir)
     logging.info('mode: %s, workdir: %s, config:\n%s', FLAGS.mode, FLAGS.workdir, FLAGS.config)
   else:
     _quiet_other_ranks(ctx.rank)
@@ -90,6 +95,15 @@ def main(argv):
     elif ctx.is_main:
       # The statistics of the data set are one pass of Inception over it: rank 0 alone.
       compute_fid_stats(FLAGS.config)
+  except preemption.TrainingInterrupted as e:
+    # Stopped by SIGTERM / SIGINT: an expected end, no traceback. EXIT_STOPPED after a clean stop (resume with
+    # the same command), 128 + signal number after a second signal (as if killed).
+    logging.warning('%s', e)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    # Ctrl-C outside training's loop (evaluation, statistics): one line, the shell's status for SIGINT.
+    logging.warning('%s interrupted (Ctrl-C).', FLAGS.mode)
+    sys.exit(128 + signal.SIGINT)
   except Exception:
     # Into stdout.txt as well as the console, so the log of a failed run says why it stopped.
     logging.exception('%s failed.', FLAGS.mode)

@@ -33,6 +33,7 @@ import datasets
 import distributed
 import likelihood
 import losses
+import preemption
 import sampling
 import score_fpe
 import sde_lib
@@ -43,8 +44,9 @@ from models import utils as mutils
 from models.ema import ExponentialMovingAverage
 
 # `evaluate` waits for checkpoints that training has not written yet: it checks every
-# CHECKPOINT_POLL_SECONDS (Score SDE: 60 s) and gives up with `TimeoutError` after CHECKPOINT_WAIT_LIMIT_SECONDS
-# (None: wait forever, as Score SDE). Module constants, so tests and scripts can bound the wait.
+# CHECKPOINT_POLL_SECONDS (Score SDE: 60 s), stops when no live trainer holds the workdir lock, and gives up
+# with `TimeoutError` after `eval.wait_limit_seconds`. CHECKPOINT_WAIT_LIMIT_SECONDS, if not None, lowers that
+# bound further (for scripts and tests), and is `wait_for_checkpoint`'s default (None: no bound, as Score SDE).
 CHECKPOINT_POLL_SECONDS = 60.
 CHECKPOINT_WAIT_LIMIT_SECONDS = None
 
@@ -113,6 +115,8 @@ def _training_settings(config):
       snapshot_sampling=utils.check_bool('training.snapshot_sampling', t.snapshot_sampling),
       batch_size=utils.check_number('training.batch_size', t.batch_size, low=1, integer=True),
       grad_accum_steps=utils.check_number('training.grad_accum_steps', t.grad_accum_steps, low=1, integer=True),
+      max_param_growth=utils.check_number('training.max_param_growth', t.max_param_growth, low=1,
+                                          low_open=True),
   )
 
 
@@ -123,6 +127,20 @@ def _check_batch_split(settings, ctx):
     raise ValueError(f'config.training.batch_size={batch_size} must be a multiple of the number of processes '
                      f'({ctx.world_size}) times config.training.grad_accum_steps={k}: the global batch is split '
                      'evenly over the ranks, then into micro-batches.')
+
+
+def _check_batch_fits_split(data, settings):
+  """Refuses a training batch larger than the training split; warns if the periodic eval batch (of the same
+  size) is larger than the test split."""
+  batch_size = settings['batch_size']
+  size = data.split_size('train')
+  if size is not None and batch_size > size:
+    raise ValueError(f'config.training.batch_size={batch_size} is larger than the training split, which holds '
+                     f'{size} images: every batch would repeat images. Use at most {size}.')
+  size = data.split_size('test')
+  if size is not None and batch_size > size:
+    logging.warning('config.training.batch_size=%d is larger than the test split (%d images): the periodic eval '
+                    'batches (training.eval_freq) repeat test images.', batch_size, size)
 
 
 def make_trainer(config, sde, state):
@@ -156,9 +174,11 @@ def _setup_training(config, workdir):
   if settings['snapshot_sampling']:
     sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
 
+  _check_batch_fits_split(data, settings)
+
   meta_path = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
-  if os.path.exists(meta_path):
-    # Strict: a checkpoint that does not fit the model raises here, before training touches the workdir.
+  if os.path.lexists(meta_path):  # a dangling symbolic link is an error, not "no checkpoint"
+    # Strict: a checkpoint that does not fit the model (or holds NaN) raises here, before training writes.
     state = utils.restore_checkpoint(meta_path, state, config.device)
     logging.info('Resuming from %s at step %d.', meta_path, int(state['step']))
   else:
@@ -178,50 +198,147 @@ def _setup_training(config, workdir):
       sampling_fn=sampling_fn, sampling_model=_sampling_model(trainer, state), iterators=iterators,
       pending_batch=first_batch, meta_path=meta_path, checkpoint_dir=os.path.join(workdir, 'checkpoints'),
       sample_dir=os.path.join(workdir, 'samples'), tb_dir=os.path.join(workdir, 'tensorboard'),
-      monitor=NonFiniteLossMonitor(config.device))
+      workdir=workdir, monitor=NonFiniteLossMonitor(config.device),
+      # The resume point on disk (None: none yet) and the parameter scale the growth bound compares with.
+      resume_step=step if os.path.lexists(meta_path) else None, param_scale=_param_scale(state),
+      lock=None, stop=None)
+
+
+def _on_main_rank(fn):
+  """Runs `fn` on rank 0 alone; an exception there is raised on every rank (itself on rank 0, a RuntimeError
+  quoting it on the others), so that all ranks stop alike.
+
+  Returns:
+    What `fn` returned, on rank 0; None on the other ranks.
+  """
+  ctx = distributed.context()
+  result, error = None, None
+  if ctx.is_main:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below, on every rank)
+      error = e
+  message = distributed.broadcast_object(None if error is None else f'{type(error).__name__}: {error}')
+  if error is not None:
+    raise error
+  if message is not None:
+    raise RuntimeError(f'Rank 0 stopped: {message}')
+  return result
 
 
 def _make_workdir(run):
-  """Creates the workdir's folders and the TensorBoard writer (rank 0: the first writes of a training run).
+  """Creates the workdir's folders, checks they are writable, and the TensorBoard writer (rank 0).
 
   Returns:
     The writer, or None on the other ranks.
   """
-  writer = None
-  if run.ctx.is_main:
-    for path in (run.checkpoint_dir, os.path.dirname(run.meta_path), run.sample_dir, run.tb_dir):
-      os.makedirs(path, exist_ok=True)
+
+  def make():
+    # Before the first step: an unwritable folder found at the first checkpoint would lose the steps before it.
+    for path, purpose in ((run.checkpoint_dir, 'the snapshot checkpoints'),
+                          (os.path.dirname(run.meta_path), 'the resume point (preemption checkpoint)'),
+                          (run.sample_dir, 'the snapshot samples'), (run.tb_dir, 'the TensorBoard summaries')):
+      utils.check_writable(path, purpose)
     # Lazy: torch.utils.tensorboard imports TensorFlow when it is installed; by now the data pipeline has
     # configured TensorFlow to stay off the GPU.
     from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
-    writer = tensorboard.SummaryWriter(run.tb_dir)
-  distributed.barrier()
-  return writer
+    return tensorboard.SummaryWriter(run.tb_dir)
+
+  return _on_main_rank(make)
 
 
 class NonFiniteLossMonitor:
-  """Remembers the first step whose training loss was NaN or infinite, without a host-device sync.
+  """Remembers the first step whose training loss, or gradient norm, was NaN or infinite, without a host-device
+  sync.
 
-  `update` runs every step with device-side ops only; `check` reads the flag (one sync) and is called at
-  `log_freq` and before every checkpoint save, so no checkpoint is ever written after a non-finite loss.
-  Under torchrun the flag is combined over ranks (the earliest bad step of any), so every rank stops alike.
+  `update` runs every step with device-side ops only; `check` reads the flags (one sync) and is called at
+  `log_freq` and before every checkpoint save, so no checkpoint is ever written after a non-finite loss or
+  gradient. Under torchrun the flags are combined over ranks (the earliest bad step of any), so every rank
+  stops alike.
   """
 
   _NONE = torch.iinfo(torch.long).max
+  _WHAT = ('training loss', 'gradient norm')
 
   def __init__(self, device):
-    self._first_bad_step = torch.full((), self._NONE, dtype=torch.long, device=device)
+    self._first_bad_step = torch.full((len(self._WHAT),), self._NONE, dtype=torch.long, device=device)
 
-  def update(self, loss, step):
-    bad = ~torch.isfinite(loss)
+  def update(self, loss, step, grad_norm=None):
+    """Records `step` if `loss` (or `grad_norm`, a 0-dim tensor or None) is not finite; device-side only."""
+    values = [loss.detach().float().reshape(())]
+    values.append(values[0].new_zeros(()) if grad_norm is None else grad_norm.detach().float().reshape(()))
+    bad = ~torch.isfinite(torch.stack(values))
     self._first_bad_step = torch.where(bad, torch.clamp(self._first_bad_step, max=step), self._first_bad_step)
 
-  def check(self):
-    first_bad_step = int(distributed.all_reduce_min(self._first_bad_step))
-    if first_bad_step != self._NONE:
+  def check(self, last_good=''):
+    """Raises `FloatingPointError` naming the first bad step (and `last_good`, a sentence) if there was one."""
+    first_bad = distributed.all_reduce_min(self._first_bad_step).tolist()
+    bad = [(step, what) for step, what in zip(first_bad, self._WHAT) if step != self._NONE]
+    if bad:
+      step, what = min(bad)
       raise FloatingPointError(
-          f'The training loss is not finite (NaN or inf) at step {first_bad_step}; training stopped. The '
-          f'checkpoints written before that step are intact; lower optim.lr or check the data.')
+          f'The {what} is not finite (NaN or inf) at step {step}; training stopped, and nothing from that step on '
+          f'was saved. {last_good or "The checkpoints written before that step are intact."} Lower optim.lr or '
+          'check the data.')
+
+
+def _param_scale(state):
+  """The largest absolute value of a trainable parameter (NaN if one is NaN): one host sync."""
+  params = [p.detach() for p in state['model'].parameters() if p.requires_grad]
+  if not params:
+    return 0.
+  return float(torch.stack([p.abs().max() for p in params]).max())
+
+
+def _ema_finite(state):
+  shadow = state['ema'].shadow_params
+  return not shadow or bool(torch.stack([torch.isfinite(p).all() for p in shadow]).all())
+
+
+def _last_good(run):
+  """A sentence naming the last good checkpoint on disk, for errors that stop training."""
+  if run.resume_step is None:
+    return 'No checkpoint was written yet.'
+  return (f'The last good checkpoint is {run.meta_path} (step {run.resume_step}); training resumes from it when '
+          'started again.')
+
+
+def _check_before_save(run, step):
+  """Refuses to write checkpoints of a state that is not finite, or has exploded, or when the lock is lost.
+
+  The criterion (docs/workflow.md, "When a run dies"): no NaN/inf training loss or gradient norm at any step
+  since the last check; every trainable parameter and EMA weight finite; the largest |trainable parameter| at
+  most `training.max_param_growth` times max(1, its value at the last good checkpoint). Parameters are the
+  same on every rank, so every rank reaches the same verdict; rank 0 also checks that it still holds the
+  workdir lock.
+
+  Raises:
+    FloatingPointError: naming the step, the problem and the last good checkpoint.
+    preemption.WorkdirLocked: the lock file is no longer this trainer's.
+  """
+  run.monitor.check(_last_good(run))
+  scale = _param_scale(run.state)
+  problem = None
+  if not math.isfinite(scale) or not _ema_finite(run.state):
+    problem = 'the parameters or their EMA are not finite (NaN or inf)'
+  else:
+    limit = run.settings['max_param_growth'] * max(1., run.param_scale)
+    if scale > limit:
+      problem = (f'the largest |parameter| grew to {scale:.4g}, more than training.max_param_growth='
+                 f'{run.settings["max_param_growth"]:g} times max(1, {run.param_scale:.4g}), its value at the last '
+                 'check: the weights exploded')
+  if problem is not None:
+    raise FloatingPointError(f'Not saving at step {step}: {problem}. Training stopped. {_last_good(run)} Lower '
+                             'optim.lr (or raise training.max_param_growth if such growth is expected).')
+  run.param_scale = scale
+
+  def lock_problem():
+    problem = None if run.lock is None else run.lock.check_held()
+    if problem is not None:
+      raise preemption.WorkdirLocked(f'Not saving at step {step}: {problem}. Another trainer may be writing '
+                                     'into this workdir; this one stops without writing.')
+
+  _on_main_rank(lock_problem)
 
 
 def _mean_over_ranks(terms):
@@ -248,23 +365,78 @@ def _format_terms(values):
   return ', '.join(f'{name}: {value:.5e}' for name, value in values.items())
 
 
+def _snapshot_path(run, step):
+  return os.path.join(run.checkpoint_dir, f'checkpoint_{step // run.settings["snapshot_freq"]}.pth')
+
+
+def _snapshot_due(run, step):
+  return step == run.settings['n_iters'] or step % run.settings['snapshot_freq'] == 0
+
+
 def _save_checkpoints(run, step):
-  """Writes the preemption checkpoint and the snapshot due at `step` (rank 0); returns whether a snapshot was
-  due."""
+  """Writes the snapshot and the preemption checkpoint due at `step` (rank 0), after `_check_before_save`;
+  returns whether a snapshot was due."""
   s = run.settings
-  final = step == s['n_iters']
-  due_meta = final or step % s['preemption_freq'] == 0
-  due_snapshot = final or step % s['snapshot_freq'] == 0
+  due_meta = step == s['n_iters'] or step % s['preemption_freq'] == 0
+  due_snapshot = _snapshot_due(run, step)
   if due_meta or due_snapshot:
-    run.monitor.check()
+    _check_before_save(run, step)
   if run.ctx.is_main:
-    if due_meta:
-      utils.save_checkpoint(run.meta_path, run.state)
+    # The snapshot first, each file durable before the next: once the resume point is past step k, no run
+    # writes snapshot k again, so a kill between the two writes must find the snapshot on disk.
     if due_snapshot:
-      path = os.path.join(run.checkpoint_dir, f'checkpoint_{step // s["snapshot_freq"]}.pth')
+      path = _snapshot_path(run, step)
       utils.save_checkpoint(path, run.state)
       logging.info('step: %d, saved %s', step, path)
+    if due_meta:
+      utils.save_checkpoint(run.meta_path, run.state)
+  if due_meta:
+    run.resume_step = step
   return due_snapshot
+
+
+def _write_missing_snapshot(run):
+  """Writes the snapshot due at the resume point's step if it is missing (rank 0).
+
+  A run of an earlier version, killed between writing its resume point and its snapshot, resumed past the
+  snapshot's step and never wrote it; the resume point holds exactly the state the snapshot would have.
+  """
+  step = run.resume_step
+  if not run.ctx.is_main or not step or not _snapshot_due(run, step):
+    return
+  path = _snapshot_path(run, step)
+  if not os.path.lexists(path):
+    logging.warning('The snapshot %s due at step %d is missing (a run killed between its two saves): writing it '
+                    'from the resume point, which holds that step.', path, step)
+    utils.save_checkpoint(path, run.state)
+
+
+def _stop_signal(run):
+  """The stop signal any rank received (0 if none): one host-side collective per step under torchrun."""
+  return distributed.max_over_ranks(0 if run.stop is None else run.stop.signum or 0)
+
+
+def _stop_on_signal(run, signum):
+  """Saves the resume point at the current step (after `_check_before_save`), logs, raises
+  `preemption.TrainingInterrupted` with `preemption.EXIT_STOPPED` (every rank alike)."""
+  step = int(run.state['step'])
+  name = preemption.signal_name(signum)
+  if run.resume_step == step:
+    message = f'the resume point {run.meta_path} is at this step already'
+  elif step == 0:
+    message = 'no step was trained: nothing to save'
+  else:
+    _check_before_save(run, step)
+    if run.ctx.is_main:
+      utils.save_checkpoint(run.meta_path, run.state)
+    run.resume_step = step
+    message = f'saved the resume point {run.meta_path}'
+  text = (f'Stopped by {name} at step {step}: {message}. Run the same command to resume (exit status '
+          f'{preemption.EXIT_STOPPED}).')
+  logging.warning(text)
+  raise preemption.TrainingInterrupted(text, signum, step=step,
+                                       checkpoint=run.meta_path if run.resume_step == step else None,
+                                       exit_code=preemption.EXIT_STOPPED)
 
 
 def _save_sample_snapshot(run, step):
@@ -289,23 +461,29 @@ def _training_loop(run, writer):
   initial_step = int(run.state['step'])
   logging.info('Starting training loop at step %d (n_iters %d).', initial_step, s['n_iters'])
   progress = utils.Progress(s['n_iters'], 'train', unit='step', done=initial_step, show_bar=run.ctx.is_main)
+  # With float16's GradScaler an infinite gradient norm is expected now and then: that step is skipped.
+  check_grad_norm = run.trainer.precision.scaler is None
   try:
     while int(run.state['step']) < s['n_iters']:
+      # A step boundary: where a SIGTERM / SIGINT received during the last step (or setup) takes effect.
+      signum = _stop_signal(run)
+      if signum:
+        _stop_on_signal(run, signum)
       batch = run.pending_batch if run.pending_batch is not None else next(run.iterators['train'])
       run.pending_batch = None
       terms = run.trainer.train_step(run.state, batch)
       step = int(run.state['step'])  # the step has incremented it: `step` updates are done
-      run.monitor.update(terms['loss'], step)
+      run.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)
       if step % s['log_freq'] == 0:
         values = _log_terms(writer, 'train', terms, step)
         logging.info('step: %d, training_loss: %.5e (%s), %s', step, values['loss'], _format_terms(values),
                      progress.status(step))
-        run.monitor.check()
+        run.monitor.check(_last_good(run))
       if step % s['eval_freq'] == 0:
         _eval_step(run, writer, step)
       if _save_checkpoints(run, step) and run.sampling_fn is not None:
         _save_sample_snapshot(run, step)
-    run.monitor.check()
+    run.monitor.check(_last_good(run))
   finally:
     progress.close()
 
@@ -317,21 +495,45 @@ def train(config, workdir):
   a released Score SDE checkpoint copied there is fine-tuned from its step. Resuming at or past
   `training.n_iters` logs so and returns. Under torchrun, every rank runs this; rank 0 writes.
 
+  While it runs, rank 0 holds the workdir lock `workdir/train.lock` (`preemption.WorkdirLock`). SIGTERM or
+  SIGINT stops training at the next step boundary with the resume point saved at that step
+  (`preemption.TrainingInterrupted`, exit code `preemption.EXIT_STOPPED`); a second signal stops at once.
+
   Args:
     config: Configuration to use.
     workdir: Working directory for checkpoints, samples and TensorBoard summaries.
 
   Raises:
     ValueError: a config value or the data do not fit; nothing was written to the workdir.
-    utils.CheckpointError: the checkpoint does not fit the model; nothing was written to the workdir.
-    FloatingPointError: the training loss became NaN or infinite; the error names the step. Checkpoints
-      written before that step are intact.
+    utils.CheckpointError: the checkpoint cannot be read, does not fit the model or is not finite; nothing
+      was written to the workdir.
+    preemption.WorkdirLocked: another trainer holds the workdir lock; nothing was written.
+    FloatingPointError: the training loss or gradient norm became NaN or infinite, or the parameters exploded;
+      the error names the step and the last good checkpoint, which is intact.
+    preemption.TrainingInterrupted: SIGTERM / SIGINT; the error says what was saved.
   """
-  run = _setup_training(config, workdir)
+  lock = _on_main_rank(lambda: preemption.WorkdirLock(workdir).acquire())
+  try:
+    with preemption.StopOnSignal() as stop:
+      run = _setup_training(config, workdir)
+      run.lock, run.stop = lock, stop
+      _train(run)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(run):
   logging.info('Loss: %s', run.trainer.loss.describe())
   logging.info('Batch: %d in all, %d process(es), %d micro-batch(es) per step; precision: %s%s.',
                run.settings['batch_size'], run.ctx.world_size, run.settings['grad_accum_steps'],
                run.trainer.precision.name, '' if run.trainer.forward_model is None else ', compiled forward')
+  if run.ctx.is_main:
+    # Under the lock no other process writes the checkpoints: a temporary file there is what a killed save left.
+    # In the workdir itself, another trainer may be writing its lock record (for milliseconds) to be refused.
+    for folder, min_age in ((run.checkpoint_dir, 0.), (os.path.dirname(run.meta_path), 0.), (run.workdir, 60.)):
+      utils.remove_stale_temp_files(folder, min_age_seconds=min_age)
+  _on_main_rank(lambda: _write_missing_snapshot(run))
   step = int(run.state['step'])
   if step >= run.settings['n_iters']:
     logging.info('The checkpoint is at step %d, at or past training.n_iters=%d: nothing to train.', step,
@@ -368,6 +570,8 @@ def _eval_settings(config):
                                                integer=True),
       fp_residual_num_batches=utils.check_number('eval.fp_residual_num_batches', e.fp_residual_num_batches,
                                                  low=1, integer=True),
+      wait_limit_seconds=utils.check_number('eval.wait_limit_seconds', e.wait_limit_seconds, low=0),
+      skip_missing_ckpts=utils.check_bool('eval.skip_missing_ckpts', e.skip_missing_ckpts),
   )
   settings['end_ckpt'] = utils.check_number('eval.end_ckpt', e.end_ckpt, low=settings['begin_ckpt'],
                                             integer=True)
@@ -380,29 +584,51 @@ def _save_npz(path, *unnamed, **named):
     np.savez_compressed(fout, *unnamed, **named)
 
 
-def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None):
+class MissingCheckpointError(FileNotFoundError):
+  """A checkpoint that does not exist, and that no running trainer will write."""
+
+
+def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_status=None):
   """Waits until `path` exists, as Score SDE's evaluation waits for training to write a checkpoint.
 
   Args:
     path: the checkpoint file.
     poll_seconds: seconds between checks; default `CHECKPOINT_POLL_SECONDS`.
     limit_seconds: give up after this many seconds; default `CHECKPOINT_WAIT_LIMIT_SECONDS` (None: forever).
+    trainer_status: optional callable returning `(alive, description)`, e.g. `preemption.trainer_status` of
+      the workdir: while the file is missing, `alive` False stops the wait (nothing will write it), None
+      (cannot tell) waits on.
 
   Raises:
+    MissingCheckpointError: the checkpoint does not exist and `trainer_status` says no trainer runs.
     TimeoutError: the checkpoint did not appear within `limit_seconds`.
   """
   poll_seconds = CHECKPOINT_POLL_SECONDS if poll_seconds is None else poll_seconds
   limit_seconds = CHECKPOINT_WAIT_LIMIT_SECONDS if limit_seconds is None else limit_seconds
   start = time.time()
-  logged = False
-  while not os.path.exists(path):
+  logged = set()
+  description = ''
+  # lexists: a dangling symbolic link is there, and restoring it says what is wrong with it.
+  while not os.path.lexists(path):
+    if trainer_status is not None:
+      alive, description = trainer_status()
+      # Look again: a trainer writes its last snapshot before it releases the lock.
+      if alive is False and not os.path.lexists(path):
+        raise MissingCheckpointError(
+            f'Checkpoint {path} does not exist, and no trainer will write it: {description}. Check eval.begin_ckpt '
+            'and eval.end_ckpt (checkpoint k is written at step k * training.snapshot_freq and at the last step), '
+            'or set eval.skip_missing_ckpts=True to evaluate the checkpoints that exist.')
+      if alive is None and 'unknown' not in logged:
+        logging.warning('%s; waiting for %s as long as allowed.', description, path)
+        logged.add('unknown')
     waited = time.time() - start
     if limit_seconds is not None and waited >= limit_seconds:
-      raise TimeoutError(f'Checkpoint {path} did not appear within {limit_seconds:g} s.')
-    if not logged:
+      raise TimeoutError(f'Checkpoint {path} did not appear within {limit_seconds:g} s (eval.wait_limit_seconds)'
+                         + (f'; {description}' if description else '') + '.')
+    if 'waiting' not in logged:
       logging.warning('Waiting for %s: training has not written it yet (checking every %g s%s).', path,
                       poll_seconds, '' if limit_seconds is None else f', for at most {limit_seconds:g} s')
-      logged = True
+      logged.add('waiting')
     time.sleep(poll_seconds if limit_seconds is None else max(0., min(poll_seconds, limit_seconds - waited)))
 
 
@@ -467,6 +693,8 @@ def _evaluate_loss(ctx, ckpt):
       logging.info('Finished %dth step loss evaluation', i + 1)
   if not ctx.is_main:
     return
+  for name, term in values.items():
+    _check_finite(ckpt, f'the eval {name}', term, 'batch')
   all_losses = np.asarray(values['loss'])
   arrays = dict(all_losses=all_losses, mean_loss=all_losses.mean())
   message = f'ckpt: {ckpt}, eval_loss: {all_losses.mean():.5e}'
@@ -500,6 +728,7 @@ def _evaluate_bpd(ctx, ckpt):
 
     batches = ctx.data.eval_batches(split, dequantize=ctx.data.bpd_dequantize, repeat=repeat, only=_mine)
     for batch_id, bpd in over_ranks(batches, batch_bpd):
+      _check_finite(ckpt, f'the bits/dim of batch {batch_id} (repeat {repeat})', bpd, 'example')
       bpds.extend(bpd)
       logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %6f (%s)', ckpt, repeat, batch_id,
                    np.mean(np.asarray(bpds)), progress.status(bpd_round_id + 1))
@@ -529,6 +758,8 @@ def _evaluate_samples(ctx, ckpt):
   def sample_round(r, _):
     _seeded(ctx.config, 'sampling', r)
     samples, _ = ctx.sampling_fn(ctx.sampling_model)
+    _check_finite(ckpt, f'the samples of round {r}', samples.reshape(samples.shape[0], -1).sum(1).cpu().numpy(),
+                  'sample')
     arrays = ctx.data.sample_arrays(samples)
     return arrays, ctx.data.sample_statistics(arrays)
 
@@ -542,6 +773,8 @@ def _evaluate_samples(ctx, ckpt):
   progress.close()
   if ctx.is_main:
     metrics = ctx.data.sample_quality(rounds, s['num_samples'])
+    for name, value in metrics.items():
+      _check_finite(ckpt, f'the sample metric {name}', [value], 'value')
     logging.info('ckpt-%d --- %s', ckpt, _format_terms(metrics))
     _save_npz(os.path.join(ctx.eval_dir, f'report_{ckpt}.npz'), **metrics)
 
@@ -570,9 +803,66 @@ def _evaluate_fp_residual(ctx, ckpt):
   curves = score_fpe.residual_vs_time(score_fn, ctx.sde, torch.cat(batches), ts, fpe=ctx.fpe,
                                       fp_wgt_type=ctx.config.training.fp_wgt_type, m=ctx.config.training.m,
                                       batch_size=s['batch_size'])
+  for name, values in curves.items():
+    _check_finite(ckpt, f'the score-FPE {name}', values, 't')
   _save_npz(os.path.join(ctx.eval_dir, f'ckpt_{ckpt}_fp_residual.npz'), **curves)
   logging.info('ckpt: %d, score-FPE residual vs t: %s', ckpt,
                ', '.join(f't={t:.3g}: {r:.4e}' for t, r in zip(curves['t'], curves['residual'])))
+
+
+def _check_eval_batch_fits(data, settings):
+  """Refuses an `eval.batch_size` larger than a split that an enabled pass reads in whole batches (it would
+  yield no batch: Score SDE drops the last partial one)."""
+  readers = {}
+  if settings['enable_loss']:
+    readers.setdefault('test', []).append('eval.enable_loss')
+  if settings['enable_fp_residual']:
+    readers.setdefault('test', []).append('eval.enable_fp_residual')
+  if settings['enable_bpd']:
+    readers.setdefault(settings['bpd_dataset'], []).append('eval.enable_bpd')
+  batch_size = settings['batch_size']
+  for split, fields in readers.items():
+    size = data.split_size(split)
+    if size is not None and batch_size > size:
+      raise ValueError(f'config.eval.batch_size={batch_size} is larger than the {split!r} split, which holds {size} '
+                       f'examples: {" and ".join(fields)} read it in whole batches and would get none. Use at '
+                       f'most {size}.')
+
+
+def _check_finite(ckpt, what, values, unit):
+  """Raises `FloatingPointError` if `values` (a sequence of numbers) are not all finite: a result computed from
+  a checkpoint is written only if it is a number."""
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise FloatingPointError(f'Checkpoint {ckpt}: {what} is not finite (NaN or inf) for {bad.size} of {values.size} '
+                             f'{unit}(s) (first: {unit} {bad[0]}); nothing more is written for it. Its weights '
+                             'are finite, but the model diverges on these inputs.')
+
+
+def _await_checkpoint(ctx, workdir, path):
+  """Waits for checkpoint `path` (rank 0 decides, every rank follows): True to evaluate it, False to skip it.
+
+  Raises:
+    MissingCheckpointError: no trainer will write it, and `eval.skip_missing_ckpts` is False.
+    TimeoutError: it did not appear within `eval.wait_limit_seconds`.
+  """
+  s = ctx.settings
+  limit = s['wait_limit_seconds']
+  if CHECKPOINT_WAIT_LIMIT_SECONDS is not None:
+    limit = min(limit, CHECKPOINT_WAIT_LIMIT_SECONDS)
+
+  def wait():
+    try:
+      wait_for_checkpoint(path, limit_seconds=limit, trainer_status=lambda: preemption.trainer_status(workdir))
+    except MissingCheckpointError as e:
+      if not s['skip_missing_ckpts']:
+        raise
+      logging.warning('Skipping checkpoint %s (eval.skip_missing_ckpts=True): %s', path, e)
+      return False
+    return True
+
+  return distributed.broadcast_object(_on_main_rank(wait))
 
 
 def _setup_evaluation(config, workdir, eval_folder):
@@ -584,6 +874,7 @@ def _setup_evaluation(config, workdir, eval_folder):
   state = _build_state(config)
   continuous = utils.check_bool('training.continuous', config.training.continuous)
   data = datasets.get_data(config)
+  _check_eval_batch_fits(data, settings)
   trainer = make_trainer(config, sde, state)
   ctx = types.SimpleNamespace(
       config=config, settings=settings, sde=sde, state=state, continuous=continuous, data=data, trainer=trainer,
@@ -626,19 +917,47 @@ def evaluate(config, workdir, eval_folder='eval'):
   of its own, so the numbers do not depend on how many processes evaluate (torchrun splits the units over
   ranks; rank 0 writes the same files as a single process).
 
+  A checkpoint that training has not written yet is waited for while a live trainer holds the workdir lock
+  (`workdir/train.lock`), for at most `eval.wait_limit_seconds`; with no trainer running, a missing checkpoint
+  stops the evaluation (or, with `eval.skip_missing_ckpts`, is skipped).
+
   Args:
     config: Configuration to use.
-    workdir: Working directory holding `checkpoints/`.
+    workdir: Working directory holding `checkpoints/` (it must exist).
     eval_folder: The subfolder for storing evaluation results.
+
+  Raises:
+    ValueError: a config value does not fit (e.g. `eval.batch_size` larger than a split an enabled pass reads);
+      nothing was written.
+    FileNotFoundError: the workdir does not exist; `MissingCheckpointError` (a FileNotFoundError): a
+      checkpoint is missing and no trainer will write it.
+    TimeoutError: a checkpoint did not appear within `eval.wait_limit_seconds`.
+    utils.CheckpointError: a checkpoint cannot be read, does not fit the model or holds non-finite weights.
+    FloatingPointError: a result of a checkpoint (loss, bits/dim, samples, metrics, residual) is not finite;
+      it is not written.
   """
   ctx = _setup_evaluation(config, workdir, eval_folder)
-  if ctx.is_main:
-    os.makedirs(ctx.eval_dir, exist_ok=True)
+  if not os.path.isdir(workdir):
+    # Not created: a mistyped --workdir would otherwise wait for checkpoints that nothing writes.
+    raise FileNotFoundError(f'The workdir {workdir!r} does not exist: evaluation reads checkpoints from '
+                            f'{os.path.join(workdir, "checkpoints")} and creates nothing but its results folder. '
+                            'Check --workdir.')
+
+  def make_eval_dir():
+    utils.check_writable(ctx.eval_dir, 'the evaluation results')
+    # Another evaluation may write into the same folder: only temporary files no write has touched for an hour.
+    utils.remove_stale_temp_files(ctx.eval_dir, min_age_seconds=3600.)
+
+  _on_main_rank(make_eval_dir)
   s = ctx.settings
   logging.info('Evaluating checkpoints %d..%d into %s.', s['begin_ckpt'], s['end_ckpt'], ctx.eval_dir)
+  evaluated, skipped = [], []
   for ckpt in range(s['begin_ckpt'], s['end_ckpt'] + 1):
     ckpt_path = os.path.join(ctx.checkpoint_dir, f'checkpoint_{ckpt}.pth')
-    wait_for_checkpoint(ckpt_path)
+    if not _await_checkpoint(ctx, workdir, ckpt_path):
+      skipped.append(ckpt)
+      continue
+    evaluated.append(ckpt)
     # Checkpoints are written atomically (utils.save_checkpoint), so a file that exists is complete: Score
     # SDE's retries after a failed read are not needed, and a checkpoint that does not fit raises.
     ctx.state = utils.restore_checkpoint(ckpt_path, ctx.state, config.device)
@@ -653,3 +972,9 @@ def evaluate(config, workdir, eval_folder='eval'):
     if s['enable_fp_residual']:
       _evaluate_fp_residual(ctx, ckpt)
     distributed.barrier()
+  if skipped:
+    logging.warning('Skipped %d missing checkpoint(s) that no trainer will write: %s.', len(skipped),
+                    ', '.join(map(str, skipped)))
+    if not evaluated:
+      raise MissingCheckpointError(f'None of checkpoints {s["begin_ckpt"]}..{s["end_ckpt"]} exists in '
+                                   f'{ctx.checkpoint_dir}, and no trainer will write them.')

@@ -444,6 +444,12 @@ class ToyData:
                                          [self.seed, stream])):
       yield index, (self.to_model_input(batch['image']) if only is None or only(index) else None)
 
+  def split_size(self, split):
+    """None: the training points are drawn afresh for every batch, and the evaluation sets are made of whole
+    batches of `eval.batch_size` (`data.toy_eval_batches` of them), so no batch size is too large."""
+    del split
+    return None
+
   def num_eval_batches(self, split):
     """How many batches `eval_batches(split)` yields (`data.toy_eval_batches`)."""
     del split

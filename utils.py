@@ -17,7 +17,10 @@ import numbers
 import os
 import pathlib
 import pickle
+import re
+import time
 import uuid
+import zipfile
 
 import numpy as np
 import torch
@@ -153,20 +156,83 @@ def checkpoint_safe_globals():
   return allowed
 
 
+# How a checkpoint file starts: a zip archive (torch.save since PyTorch 1.6), or PyTorch's legacy format, whose
+# first pickle is a magic number.
+_ZIP_MAGIC = b'PK\x03\x04'
+_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.'
+
+
+def _one_line(text, limit=300):
+  """`text` on one line (whitespace collapsed), cut at `limit` characters: error messages stay one line."""
+  text = ' '.join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _check_checkpoint_path(path):
+  """Raises unless `path` is a non-empty regular file (FileNotFoundError if there is nothing at all)."""
+  if path.is_symlink() and not path.exists():
+    raise CheckpointError(f'Checkpoint {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not '
+                          'exist.')
+  if not path.exists():
+    raise FileNotFoundError(f'Checkpoint {str(path)!r} does not exist.')
+  if path.is_dir():
+    raise CheckpointError(f'Checkpoint {str(path)!r} is a directory, not a checkpoint file.')
+  if path.stat().st_size == 0:
+    raise CheckpointError(f'Checkpoint {str(path)!r} is empty (0 bytes): a save that was killed before writing, '
+                          'a full disk, or an incomplete copy.')
+
+
+def _unreadable(path, error):
+  """A one-line message saying why torch.load could not read `path`: truncated, corrupt, or not a checkpoint."""
+  try:
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+      head = f.read(len(_LEGACY_MAGIC))
+  except OSError as e:
+    return f'Checkpoint {str(path)!r} cannot be read: {e.strerror}.'
+  if head.startswith(_ZIP_MAGIC):
+    if not zipfile.is_zipfile(path):
+      what = ('is truncated: a PyTorch zip archive without its end (central directory), as a save that was '
+              'killed, a full disk or an incomplete copy leave it')
+    else:
+      what = 'is corrupt: a PyTorch zip archive whose contents cannot be read'
+  elif head.startswith(_LEGACY_MAGIC):
+    what = 'is truncated or corrupt: a legacy-format PyTorch file that cannot be read to its end'
+  else:
+    what = (f'is not a PyTorch checkpoint: neither a zip archive nor a legacy PyTorch file (it starts with '
+            f'{head[:8]!r})')
+  return f'Checkpoint {str(path)!r} {what} ({size} bytes; torch.load said: {_one_line(error, 160)}).'
+
+
 def load_checkpoint_file(path, device='cpu'):
-  """`torch.load`s a checkpoint without running code from it; raises `CheckpointError` if it needs more.
+  """`torch.load`s a checkpoint without running code from it.
 
   The raw dict, unchecked against any model: for tools that read a checkpoint's step or weights.
+
+  Raises:
+    FileNotFoundError: nothing exists at `path`.
+    CheckpointError: with a one-line message naming the file and the problem: a dangling symbolic link, a
+      directory, an empty file, a truncated or corrupt file, a file that is not a PyTorch checkpoint, or one
+      holding objects beyond a Score SDE checkpoint's (loading those could run code from the file).
   """
+  path = pathlib.Path(path)
+  _check_checkpoint_path(path)
   try:
     with torch.serialization.safe_globals(checkpoint_safe_globals()):
       return torch.load(path, map_location=device, weights_only=True)
   except pickle.UnpicklingError as e:
     # Never retry with weights_only=False: that would execute whatever the file's pickle asks for.
-    raise CheckpointError(
-        f'Refusing to load checkpoint {str(path)!r}: it holds objects outside the allow-list of a Score SDE '
-        f'checkpoint (tensors, containers, numbers and numpy float64 scalars), and loading it could run code '
-        f'from the file. torch.load said: {e}') from e
+    refused = re.search(r'GLOBAL \S+', str(e))
+    if refused:
+      raise CheckpointError(
+          f'Refusing to load checkpoint {str(path)!r}: it holds objects outside the allow-list of a Score SDE '
+          f'checkpoint (tensors, containers, numbers and numpy float64 scalars), and loading it could run code '
+          f'from the file: torch.load refused {refused.group(0)}.') from e
+    raise CheckpointError(_unreadable(path, e)) from e
+  except (MemoryError, torch.cuda.OutOfMemoryError):
+    raise
+  except Exception as e:  # torch.load raises many kinds on a damaged file; each means "cannot be read"
+    raise CheckpointError(_unreadable(path, e)) from e
 
 
 def _model_mismatch(model_state, loaded_state):
@@ -266,6 +332,27 @@ def _check_checkpoint(path, loaded, state):
                           f'{[len(g["params"]) for g in saved_groups]}, the optimizer '
                           f'{[len(g["params"]) for g in groups]}.')
 
+  bad = non_finite_entries(loaded)
+  if bad:
+    shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+    raise CheckpointError(f'Checkpoint {str(path)!r} holds non-finite values (NaN or inf) in {len(bad)} '
+                          f'tensor(s): {shown}. Its weights diverged before it was saved; it can be neither '
+                          'resumed from nor evaluated.')
+
+
+def non_finite_entries(loaded):
+  """The names of the floating-point tensors of a checkpoint dict that hold NaN or inf (model, EMA, optimizer)."""
+
+  def bad(value):
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+
+  names = [f'model {k}' for k, v in loaded['model'].items() if bad(v)]
+  names += [f'ema shadow #{i}' for i, v in enumerate(loaded['ema']['shadow_params']) if bad(v)]
+  for param_id, entries in loaded['optimizer']['state'].items():
+    if isinstance(entries, dict):
+      names += [f'optimizer state {param_id}.{name}' for name, v in entries.items() if bad(v)]
+  return names
+
 
 def restore_checkpoint(ckpt_dir, state, device):
   """Restores a Score SDE checkpoint into `state`, strictly and without running code from the file.
@@ -280,13 +367,14 @@ def restore_checkpoint(ckpt_dir, state, device):
     created and `state` is returned unchanged (training starts from scratch).
 
   Raises:
-    CheckpointError: if the file holds anything beyond a Score SDE checkpoint's tensors, containers, numbers
-      and numpy float64 scalars; if an entry is missing or malformed; if the model's keys or shapes, the
-      EMA's shadow parameters or the optimizer's parameter groups do not fit `state`. `state` is unchanged
-      then.
+    CheckpointError: with a one-line message naming the file: a dangling symbolic link, an empty, truncated or
+      corrupt file, or one that is not a PyTorch checkpoint; a file holding anything beyond a Score SDE
+      checkpoint's tensors, containers, numbers and numpy float64 scalars; an entry missing or malformed; the
+      model's keys or shapes, the EMA's shadow parameters or the optimizer's parameter groups not fitting
+      `state`; non-finite (NaN or inf) weights, EMA or optimizer state. `state` is unchanged then.
   """
   path = pathlib.Path(ckpt_dir)
-  if not path.exists():
+  if not path.exists() and not path.is_symlink():  # a dangling link is an error (load_checkpoint_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.warning('No checkpoint found at %s. Returned the same state as input', ckpt_dir)
     return state
@@ -324,9 +412,11 @@ def atomic_write(path):
   """Opens a binary file that replaces `path` only once the body has written it completely.
 
   The data go to a temporary file in the same directory, are flushed to disk, then renamed over `path`
-  (`os.replace` is atomic on POSIX and Windows): a crash or an error in the body leaves the previous file
-  intact and no temporary file behind, and a reader polling the folder never sees half a file. Parent
-  directories are created.
+  (`os.replace` is atomic on POSIX and Windows), and the directory is flushed too, so the new file survives a
+  power loss: a crash or an error in the body leaves the previous file intact, and a reader polling the folder
+  never sees half a file. An exception (KeyboardInterrupt included) removes the temporary file; a process
+  killed outright (SIGKILL, power loss) cannot, and leaves `.<name>.<32 hex digits>.tmp` behind, which
+  `remove_stale_temp_files` removes (training does at its next start). Parent directories are created.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +434,64 @@ def atomic_write(path):
       os.unlink(tmp)
     raise
   _fsync_directory(path.parent)
+
+
+# The name of atomic_write's temporary files: `.<name>.<uuid4 hex>.tmp`.
+_TEMP_NAME = re.compile(r'^\..+\.[0-9a-f]{32}\.tmp$')
+
+
+def remove_stale_temp_files(directory, min_age_seconds=0.):
+  """Removes the temporary files of `atomic_write`s whose process was killed mid-write, in `directory`.
+
+  Only call it where no other process writes at the same time (training: under the workdir lock), or with a
+  `min_age_seconds` longer than any write takes (a file being written has a fresh modification time).
+
+  Returns:
+    The list of `(path, size in bytes)` removed (logged as a warning).
+  """
+  removed = []
+  try:
+    names = os.listdir(directory)
+  except (FileNotFoundError, NotADirectoryError):
+    return removed
+  now = time.time()
+  for name in names:
+    if not _TEMP_NAME.match(name):
+      continue
+    path = os.path.join(directory, name)
+    try:
+      info = os.lstat(path)
+      if now - info.st_mtime < min_age_seconds:
+        continue
+      os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+      continue
+    removed.append((path, info.st_size))
+  if removed:
+    logging.warning('Removed %d temporary file(s) left by a write that was killed: %s', len(removed),
+                    ', '.join(f'{p} ({size} bytes)' for p, size in removed))
+  return removed
+
+
+def check_writable(directory, purpose):
+  """Creates `directory` if needed and checks that files can be created in it.
+
+  Args:
+    directory: the directory.
+    purpose: what is written there, for the message (e.g. 'the checkpoints').
+
+  Raises:
+    PermissionError (or another OSError): naming the directory and what it is for.
+  """
+  probe = os.path.join(directory, f'.write_test.{uuid.uuid4().hex}.tmp')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise type(e)(e.errno, f'Cannot write into {directory!r} ({e.strerror}), the folder of {purpose}; fix it '
+                           'or use another --workdir') from e
 
 
 def _fsync_directory(directory):

@@ -38,6 +38,12 @@ def add_fp_diffusion_fields(config):
   training.grad_accum_steps = 1  # micro-batches per optimizer step (training.batch_size stays the global batch)
   training.compile = False  # torch.compile the model's forward pass (DSM and sampling; not the FP term)
 
+  ## When a run dies (docs/workflow.md, "When a run dies").
+  # No checkpoint is written if, since the last one, the largest |trainable parameter| grew more than this
+  # factor (relative to max(1, its value then)): an exploded update. NaN/inf are always refused; inf disables
+  # the growth bound.
+  training.max_param_growth = 1e3
+
   evaluate = config.eval
   evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 passes over the test split (1 over train)
   evaluate.enable_fp_residual = False  # score-FPE residual as a function of t (docs/score_fpe.md)
@@ -53,6 +59,11 @@ def add_fp_diffusion_fields(config):
 
   # The same choice for the ODE sampler (sampling.method = 'ode').
   config.sampling.ode_backend = 'torch'
+
+  # Waiting for a checkpoint training has not written yet: stop when no live trainer holds W/train.lock, and
+  # in any case after this many seconds per checkpoint (inf: as long as the trainer runs).
+  evaluate.wait_limit_seconds = 86400.
+  evaluate.skip_missing_ckpts = False  # True: skip a checkpoint no trainer will write, instead of stopping
 
   data = config.data
   data.data_dir = ''  # tfds data directory ('' = tfds default); lets tfds read manually prepared data

@@ -3,6 +3,7 @@
 import io
 import logging
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -312,3 +313,91 @@ def test_missing_file_warns_and_returns_state_unchanged(tmp_path, caplog):
   assert all(torch.equal(a, b) for a, b in zip(before, _params(state)))
   assert any('No checkpoint found' in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
   assert path.parent.is_dir() and not path.exists()
+
+
+def _damaged(tmp_path, kind):
+  """A checkpoint file damaged as real files get damaged."""
+  good = tmp_path / 'good.pth'
+  utils.save_checkpoint(str(good), _state(0))
+  data = good.read_bytes()
+  path = tmp_path / f'{kind}.pth'
+  if kind == 'truncated':
+    path.write_bytes(data[:len(data) // 2])
+  elif kind == 'cut_early':
+    path.write_bytes(data[:100])
+  elif kind == 'empty':
+    path.write_bytes(b'')
+  elif kind == 'random':
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+  elif kind == 'text':
+    path.write_text('model weights go here\n' * 50)
+  elif kind == 'legacy_truncated':
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'step': 1, 'model': {}}, legacy, _use_new_zipfile_serialization=False)
+    path.write_bytes(legacy.read_bytes()[:40])
+  elif kind == 'corrupt_zip':
+    # Flip bytes inside the archive's data, leaving its directory intact.
+    middle = len(data) // 3
+    path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 200]) + data[middle + 200:])
+  elif kind == 'directory':
+    path.mkdir()
+  elif kind == 'dangling_link':
+    path.symlink_to(tmp_path / 'moved_away.pth')
+  return path
+
+
+@pytest.mark.parametrize('kind, problem', [
+    ('truncated', 'is truncated: a PyTorch zip archive without its end'),
+    ('cut_early', 'is truncated: a PyTorch zip archive without its end'),
+    ('empty', r'is empty \(0 bytes\)'),
+    ('random', 'is not a PyTorch checkpoint: neither a zip archive nor a legacy PyTorch file'),
+    ('text', 'is not a PyTorch checkpoint'),
+    ('legacy_truncated', 'is truncated or corrupt: a legacy-format PyTorch file'),
+    ('corrupt_zip', 'is (corrupt|truncated)'),
+    ('directory', 'is a directory, not a checkpoint file'),
+    ('dangling_link', r"is a symbolic link to '.*moved_away.pth', which does not exist"),
+])
+def test_damaged_checkpoint_is_one_line_naming_the_file_and_the_problem(tmp_path, kind, problem):
+  path = _damaged(tmp_path, kind)
+  fresh = _state(1)
+  reference = _state(1)
+  with pytest.raises(utils.CheckpointError) as info:
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  message = str(info.value)
+  assert '\n' not in message and message.startswith(f'Checkpoint {str(path)!r} ')
+  assert re.search(problem, message), message
+  assert 'could run code' not in message  # only said of a file whose pickle asks for code
+  _assert_same_state(fresh, reference)
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_tensors(tmp_path):
+  path = tmp_path / 'diverged.pth'
+  state = _state(0)
+  with torch.no_grad():
+    next(state['model'].parameters())[0] = float('nan')
+  state['ema'].shadow_params[2][0] = float('inf')
+  utils.save_checkpoint(str(path), state)
+  fresh = _state(1)
+  reference = _state(1)
+  with pytest.raises(utils.CheckpointError, match=rf"Checkpoint '{path}' holds non-finite values \(NaN or inf\) in "
+                                                  r'2 tensor\(s\): model module.0.weight, ema shadow #2') as info:
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  assert '\n' not in str(info.value)
+  _assert_same_state(fresh, reference)
+  # The raw loader still reads it (tools that inspect a diverged run).
+  assert utils.non_finite_entries(utils.load_checkpoint_file(path)) == ['model module.0.weight', 'ema shadow #2']
+
+
+def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
+  keep = ['checkpoint.pth', '.hidden', 'x.tmp', '.checkpoint.pth.notahexnumber.tmp']
+  for name in keep:
+    (tmp_path / name).write_bytes(b'k')
+  stale = tmp_path / f'.checkpoint.pth.{"ab" * 16}.tmp'
+  stale.write_bytes(b'12345')
+  fresh = tmp_path / f'.ckpt_1_loss.npz.{"cd" * 16}.tmp'
+  fresh.write_bytes(b'1')
+  assert utils.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == []
+  os.utime(stale, (0, 0))
+  assert utils.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == [(str(stale), 5)]
+  assert utils.remove_stale_temp_files(str(tmp_path)) == [(str(fresh), 1)]
+  assert sorted(os.listdir(tmp_path)) == sorted(keep)

@@ -60,3 +60,12 @@ def test_main_requires_its_flags_and_reports_bad_values(tmp_path):
   # The failure is in the log too, and the failed start wrote nothing else.
   assert "config.training.sde='vesdee'" in open(os.path.join(workdir, 'stdout.txt')).read()
   assert os.listdir(workdir) == ['stdout.txt']
+
+  # Evaluation of a mistyped workdir: an error, and no workdir created (not even for its log).
+  typo = str(tmp_path / 'typo')
+  result = _main(f'--config={TINY_CONFIG}', f'--workdir={typo}', '--mode=eval', '--config.data.path=unused.npz',
+                 '--config.eval.enable_bpd=False', '--config.eval.enable_fp_residual=False',
+                 '--config.eval.enable_loss=False')
+  assert result.returncode == 1
+  assert f"The workdir '{typo}' does not exist" in result.stderr
+  assert not os.path.exists(typo)

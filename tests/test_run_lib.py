@@ -15,6 +15,7 @@ import torch
 
 import datasets
 import losses
+import preemption
 import run_lib
 import toy
 import trainer as trainer_lib
@@ -258,11 +259,17 @@ def test_wait_for_checkpoint_logs_and_is_bounded(tmp_path, caplog):
   assert os.path.exists(path)
 
 
-def test_evaluate_times_out_on_a_missing_checkpoint(npz_config, tmp_path, monkeypatch):
+def test_evaluate_waits_for_a_live_trainer_at_most_wait_limit_seconds(npz_config, tmp_path, monkeypatch):
   monkeypatch.setattr(run_lib, 'CHECKPOINT_POLL_SECONDS', 0.05)
-  monkeypatch.setattr(run_lib, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.1)
-  with pytest.raises(TimeoutError, match='checkpoint_1.pth'):
-    run_lib.evaluate(npz_config, str(tmp_path / 'w'))
+  workdir = str(tmp_path / 'w')
+  lock = preemption.WorkdirLock(workdir).acquire()  # this process holds it: a live trainer
+  try:
+    npz_config.eval.wait_limit_seconds = 0.3
+    with pytest.raises(TimeoutError, match=r'checkpoint_1.pth did not appear within 0.3 s '
+                                           r'\(eval.wait_limit_seconds\).*is held by PID'):
+      run_lib.evaluate(npz_config, workdir)
+  finally:
+    lock.release()
 
 
 def test_toy_train_and_evaluate_with_sample_quality(tmp_path):

@@ -350,24 +350,24 @@ def fault_nan_weights(workdir, rng):
   return 'NaN after the update of step 9: resume point stays at step 8'
 
 
-def fault_eval_nan_checkpoint(workdir, rng):
+def _train_then_damage_ema(workdir, damage):
+  """Trains the quick config, then applies `damage` in place to every EMA weight of checkpoint_1."""
   run_lib.train(_config(QUICK), workdir)
   path = os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')
   loaded = utils.load_checkpoint_file(path)
   for value in loaded['ema']['shadow_params']:
-    value.fill_(float('nan'))
+    damage(value)
   torch.save(loaded, path)
+
+
+def fault_eval_nan_checkpoint(workdir, rng):
+  _train_then_damage_ema(workdir, lambda value: value.fill_(float('nan')))
   _expect_error(lambda: _eval(workdir, 1, 1), r"checkpoint_1.pth' holds non-finite values")
   return 'refused, naming the file'
 
 
 def fault_eval_non_finite_results(workdir, rng):
-  run_lib.train(_config(QUICK), workdir)
-  path = os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')
-  loaded = utils.load_checkpoint_file(path)
-  for value in loaded['ema']['shadow_params']:
-    value.mul_(1e30)
-  torch.save(loaded, path)
+  _train_then_damage_ema(workdir, lambda value: value.mul_(1e30))
   config = QUICK
   result = _run(_main(workdir, 'eval', dict(config, **{
       'eval.begin_ckpt': 1, 'eval.end_ckpt': 1, 'eval.enable_bpd': False, 'eval.enable_sampling': False,

@@ -511,7 +511,8 @@ def conservativity(score_fn, x, t, num_probes=0, generator=None):
 
   A vector field is a gradient field (conservative) exactly where its Jacobian is symmetric, so this is zero for
   any true score, grad_x log p_t, and measures how far a learned score is from one (FP-Diffusion's second
-  claim). It is scale-free: the same for s and c s. Where J = 0 (a constant field, the gradient of a linear
+  claim). It is scale-free (the same for s and c s) and lies in [0, 2]: 2 for an antisymmetric J (a rotation),
+  about sqrt(2) for a matrix of independent entries. Where J = 0 (a constant field, the gradient of a linear
   potential) it is 0.
 
   Args:

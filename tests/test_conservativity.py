@@ -104,6 +104,12 @@ def test_rotation_field_has_asymmetry_two(num_probes):
   x = torch.randn(4, 2, dtype=torch.float64)
   c = score_fpe.conservativity(_linear_field(J), x, torch.ones(4, dtype=torch.float64), num_probes)
   torch.testing.assert_close(c, torch.full((4,), 2., dtype=torch.float64), rtol=0, atol=1e-12)
+  if num_probes:
+    # The probe averages themselves are the squared norms (not sums over probes).
+    x = x.requires_grad_(True)
+    asym, norm = score_fpe.jacobian_asymmetry_probes(_linear_field(J)(x, None), x, num_probes)
+    torch.testing.assert_close(asym, torch.full((4,), 8., dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm, torch.full((4,), 2., dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_general_linear_field_matches_the_matrix_formula():

@@ -1009,28 +1009,31 @@ def evaluate(config, workdir, eval_folder='eval'):
   s = ctx.settings
   logging.info('Evaluating checkpoints %d..%d into %s.', s['begin_ckpt'], s['end_ckpt'], ctx.eval_dir)
   evaluated, skipped = [], []
-  for ckpt in range(s['begin_ckpt'], s['end_ckpt'] + 1):
-    ckpt_path = os.path.join(ctx.checkpoint_dir, f'checkpoint_{ckpt}.pth')
-    if not _await_checkpoint(ctx, workdir, ckpt_path):
-      skipped.append(ckpt)
-      continue
-    evaluated.append(ckpt)
-    # Checkpoints are written atomically (utils.save_checkpoint), so a file that exists is complete: Score
-    # SDE's retries after a failed read are not needed, and a checkpoint that does not fit raises.
-    ctx.state = utils.restore_checkpoint(ckpt_path, ctx.state, config.device)
-    ctx.state['ema'].copy_to(ctx.state['model'].parameters())
-    logging.info('ckpt: %d (step %d) loaded from %s', ckpt, int(ctx.state['step']), ckpt_path)
-    if s['enable_loss']:
-      _evaluate_loss(ctx, ckpt)
-    if s['enable_bpd']:
-      _evaluate_bpd(ctx, ckpt)
-    if s['enable_sampling']:
-      _evaluate_samples(ctx, ckpt)
-    if s['enable_fp_residual'] or s['enable_conservativity']:
-      _evaluate_fp_residual(ctx, ckpt)
-    distributed.barrier()
-  if ctx.writer is not None:
-    ctx.writer.close()
+  try:
+    for ckpt in range(s['begin_ckpt'], s['end_ckpt'] + 1):
+      ckpt_path = os.path.join(ctx.checkpoint_dir, f'checkpoint_{ckpt}.pth')
+      if not _await_checkpoint(ctx, workdir, ckpt_path):
+        skipped.append(ckpt)
+        continue
+      evaluated.append(ckpt)
+      # Checkpoints are written atomically (utils.save_checkpoint), so a file that exists is complete: Score
+      # SDE's retries after a failed read are not needed, and a checkpoint that does not fit raises.
+      ctx.state = utils.restore_checkpoint(ckpt_path, ctx.state, config.device)
+      ctx.state['ema'].copy_to(ctx.state['model'].parameters())
+      logging.info('ckpt: %d (step %d) loaded from %s', ckpt, int(ctx.state['step']), ckpt_path)
+      if s['enable_loss']:
+        _evaluate_loss(ctx, ckpt)
+      if s['enable_bpd']:
+        _evaluate_bpd(ctx, ckpt)
+      if s['enable_sampling']:
+        _evaluate_samples(ctx, ckpt)
+      if s['enable_fp_residual'] or s['enable_conservativity']:
+        _evaluate_fp_residual(ctx, ckpt)
+      distributed.barrier()
+  finally:
+    # Closed on errors too (a non-finite result raises mid-range): the TensorBoard file is flushed and released.
+    if ctx.writer is not None:
+      ctx.writer.close()
   if skipped:
     logging.warning('Skipped %d missing checkpoint(s) that no trainer will write: %s.', len(skipped),
                     ', '.join(map(str, skipped)))

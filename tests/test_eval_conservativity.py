@@ -3,6 +3,7 @@ TensorBoard scalars, and the validation of `eval.conservativity_num_probes`."""
 
 import logging
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -136,3 +137,25 @@ def test_exact_jacobian_is_refused_for_images(tmp_path):
   with pytest.raises(ValueError, match=r'config.eval.conservativity_num_probes=0 .*192 dimensions.*at most 64'):
     run_lib.evaluate(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_writer_closed_when_a_later_result_raises(toy_workdir, monkeypatch):
+  """The eval's TensorBoard writer is released even when a checkpoint's evaluation raises after it was opened."""
+  config = _eval_only_conservativity(configs_tiny.get_toy_config())
+  config.eval.end_ckpt = 2
+  shutil.copy(os.path.join(toy_workdir, 'checkpoints', 'checkpoint_1.pth'),
+              os.path.join(toy_workdir, 'checkpoints', 'checkpoint_2.pth'))
+  real = run_lib._evaluate_fp_residual  # pylint: disable=protected-access
+
+  def fail_on_second(ctx, ckpt):
+    if ckpt == 2:
+      raise FloatingPointError('injected')
+    real(ctx, ckpt)
+
+  monkeypatch.setattr(run_lib, '_evaluate_fp_residual', fail_on_second)
+  try:
+    with pytest.raises(FloatingPointError, match='injected'):
+      run_lib.evaluate(config, toy_workdir, 'eval_closed')
+  finally:
+    os.remove(os.path.join(toy_workdir, 'checkpoints', 'checkpoint_2.pth'))
+  assert len(WRITERS) == 1 and WRITERS[0].closed

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -451,6 +452,14 @@ SCALAR_FP = ('False', 'True', 'both')
 FP_DISTS = ('pert', 'x', 'random')
 
 
+def fp_recipes():
+  """The FP-Diffusion fine-tuning configs shipped in `configs/fp/`, as paths from the repository root."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'fp')
+  names = os.listdir(folder) if os.path.isdir(folder) else ()
+  return tuple(sorted(f'configs/fp/{name}' for name in names
+                      if name.endswith('.py') and name not in ('fp_finetuning.py', '__init__.py')))
+
+
 class ScoreFPERegularizer:
   """FP-Diffusion's regularizer as loss terms: `alpha R_vec + beta R_sc` (docs/score_fpe.md).
 
@@ -537,8 +546,8 @@ class ScoreFPERegularizer:
       # user porting a FP-Diffusion command gets plain DSM unless told.
       return (f'score-FPE regularizer OFF (training.alpha={self.alpha:g}, training.beta={self.beta:g}, '
               f'training.scalar_fp={self.scalar_fp!r}): this is plain DSM training, as in Score SDE. '
-              'FP-Diffusion fine-tuning: the configs in configs/fp/ (alpha=0.15, beta=0.01, on a released '
-              'Score SDE checkpoint).')
+              f'FP-Diffusion fine-tuning (alpha=0.15, beta=0.01, on a released Score SDE checkpoint): '
+              f'--config={" or ".join(fp_recipes()) or "a config in configs/fp/"}.')
     fpe = self.fpe
     probes = f' ({fpe.num_probes} {fpe.hutchinson_type} probe(s))' if fpe.divergence == 'hutchinson' else ''
     masks = f' (dropout masks {fpe.dropout_masks!r})' if fpe.time_derivative == 'finite_difference' else ''

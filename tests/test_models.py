@@ -39,28 +39,27 @@ def build_on_meta(config):
     return mutils.get_model(config.model.name)(config)
 
 
-def _manifest():
-  with open(MANIFEST) as f:
+def _manifest(path=MANIFEST):
+  with open(path) as f:
     return json.load(f)
 
 
-@pytest.mark.parametrize('rel_path', sorted(_manifest()))
-def test_state_dict_layout_matches_score_sde(rel_path):
-  expected = _manifest()[rel_path]
-  config = load_config(rel_path)
+def _built_like(config, expected):
+  """The model `config` builds (on 'meta'), checked against a manifest entry: name, keys, shapes, order."""
   assert config.model.name == expected['model.name']
   model = build_on_meta(config)
   layout = [[k, list(v.shape)] for k, v in model.state_dict().items()]
   assert layout == expected['keys']  # same keys, shapes and order
   assert sum(p.numel() for p in model.parameters()) == expected['n_params']
+  return model
+
+
+@pytest.mark.parametrize('rel_path', sorted(_manifest()))
+def test_state_dict_layout_matches_score_sde(rel_path):
+  _built_like(load_config(rel_path), _manifest()[rel_path])
 
 
 NCSNV2_MANIFEST = os.path.join(SPEC, 'ncsnv2_manifests.json')
-
-
-def _ncsnv2_manifest():
-  with open(NCSNV2_MANIFEST) as f:
-    return json.load(f)
 
 
 def _ncsnv2_config(entry):
@@ -71,17 +70,13 @@ def _ncsnv2_config(entry):
   return config
 
 
-@pytest.mark.parametrize('label', sorted(_ncsnv2_manifest()))
+@pytest.mark.parametrize('label', sorted(_manifest(NCSNV2_MANIFEST)))
 def test_ncsnv2_layout_matches_score_sde_and_loads_strictly(label):
   # Score SDE's NCSNv2 registers `sigmas` as a persistent buffer: its checkpoints hold 'module.sigmas'.
-  expected = _ncsnv2_manifest()[label]
+  expected = _manifest(NCSNV2_MANIFEST)[label]
   config = _ncsnv2_config(expected)
-  assert config.model.name == expected['model.name']
-  model = build_on_meta(config)
-  layout = [[k, list(v.shape)] for k, v in model.state_dict().items()]
-  assert layout == expected['keys']
-  assert layout[0] == ['sigmas', [config.model.num_scales]]
-  assert sum(p.numel() for p in model.parameters()) == expected['n_params']
+  model = _built_like(config, expected)
+  assert expected['keys'][0] == ['sigmas', [config.model.num_scales]]
   # A checkpoint in Score SDE's layout (nn.DataParallel's 'module.' prefix) loads with strict=True.
   checkpoint = {'module.' + k: torch.empty(shape, device='meta') for k, shape in expected['keys']}
   torch.nn.DataParallel(model).load_state_dict(checkpoint, strict=True)

@@ -1,7 +1,7 @@
 """Measures the score-FPE vector term R_vec with dropout on, for `training.fp_dropout_masks` 'shared' and
 'independent', and with dropout off: the scale difference against the released code (docs/score_fpe.md).
 
-A tiny version of a `configs/fp/` config (NCSN++ architecture, random init with every weight perturbed by
+A small version of a `configs/fp/` config (NCSN++ architecture, random init with every weight perturbed by
 `--perturb` Gaussian noise, the same for every setting), the model in training mode, the paper's estimator
 (finite difference, one Gaussian Hutchinson probe). For each setting it evaluates the loss's per-sample `fp_vector` on `--repeats` batches of uniform images and prints the
 mean of the batch means with its standard error. 'independent' divides the difference of two dropout draws by
@@ -44,8 +44,9 @@ def tiny_config(name, args, dropout, masks):
   config.device = torch.device('cpu')
   config.data.image_size = args.image_size
   model = config.model
-  model.nf, model.ch_mult, model.num_res_blocks = args.nf, (1, 2), 1
-  model.attn_resolutions = (args.image_size // 2,)
+  model.nf = args.nf
+  if not args.full_depth:
+    model.ch_mult, model.num_res_blocks, model.attn_resolutions = (1, 2), 1, (args.image_size // 2,)
   model.dropout = args.dropout if dropout is None else dropout
   config.training.fp_dropout_masks = masks
   return config
@@ -83,12 +84,15 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--image_size', type=int, default=16)
   parser.add_argument('--nf', type=int, default=16)
+  parser.add_argument('--full_depth', action='store_true',
+                      help="keep the config's ch_mult, num_res_blocks and attention (needs --image_size 32)")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--perturb', type=float, default=0.05, help='std of the noise added to every weight')
   parser.add_argument('--threads', type=int, default=1)
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
-  print(f'R_vec (batch mean of fp_vector) of a tiny {args.config} (nf {args.nf}, {args.image_size}x'
+  depth = 'full depth' if args.full_depth else 'ch_mult (1, 2), 1 block'
+  print(f'R_vec (batch mean of fp_vector) of a small {args.config} (nf {args.nf}, {depth}, {args.image_size}x'
         f'{args.image_size}, batch {args.batch}) in training mode, {args.repeats} batches: mean +- standard error')
   print(f'| {"setting":<45} | {"R_vec":>24} |')
   print(f'| {"-" * 45} | {"-" * 24} |')

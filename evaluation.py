@@ -40,15 +40,17 @@ def inceptionv3_from_config(config):
   return image_size >= 256
 
 
-def get_inception_model(config=None, inceptionv3=False):
+def get_inception_model(inceptionv3=False, *, config=None):
   """Loads the Inception network.
 
+  Score SDE's signature (`get_inception_model(inceptionv3=False)`); `config` is keyword-only, after it.
+
   Args:
+    inceptionv3: if `True`, the Inception-v3 feature-vector module (Score SDE's choice for images of 256 pixels
+      and more: pool features only, no logits); otherwise TF-GAN's Inception module (`pool_3` and `logits`).
     config: if given, `config.eval.inception_model` gives the module's location: a TF-Hub handle or a local
       directory holding the SavedModel. When it is the default TF-GAN handle and `inceptionv3` is `True`, the
       Inception-v3 handle is used; any other value is used as given. Without a config, the TF-Hub handles.
-    inceptionv3: if `True`, the Inception-v3 feature-vector module (Score SDE's choice for images of 256 pixels
-      and more: pool features only, no logits); otherwise TF-GAN's Inception module (`pool_3` and `logits`).
 
   Returns:
     The loaded module: calling it on a batch of images returns a dict with `pool_3` and `logits` (TF-GAN's
@@ -399,7 +401,7 @@ def compute_dataset_stats(config, output_path, inception_model=None, max_images=
                           'elsewhere with config.eval.stats_path.')
   inceptionv3 = inceptionv3_from_config(config)
   if inception_model is None:
-    inception_model = get_inception_model(config, inceptionv3=inceptionv3)
+    inception_model = get_inception_model(inceptionv3=inceptionv3, config=config)
   train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False, evaluation=True,
                                         drop_remainder=False)
   pools = []

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -39,6 +40,10 @@ import utils
 TIME_DERIVATIVES = ('finite_difference', 'forward_ad')
 DIVERGENCES = ('hutchinson', 'exact')
 HUTCHINSON_TYPES = ('gaussian', 'rademacher')
+# Dropout masks of the finite difference's three evaluations: 'shared' replays the random state of the
+# evaluation at t for the two others (the derivative of one network); 'independent' draws new masks for each,
+# as the released code does (the difference of two dropout draws divided by ~1e-3: docs/score_fpe.md).
+DROPOUT_MASKS = ('shared', 'independent')
 FP_WEIGHTINGS = ('constant', 'convention', 'll')
 
 
@@ -256,7 +261,7 @@ class ScoreFPE:
   """
 
   def __init__(self, sde, eps=1e-5, time_derivative='finite_difference', fd_hs=1e-3, fd_hd=5e-4,
-               divergence='hutchinson', hutchinson_type='gaussian', num_probes=1):
+               divergence='hutchinson', hutchinson_type='gaussian', num_probes=1, dropout_masks='shared'):
     """Builds the estimator; arguments are validated (errors name the matching `config.training` field).
 
     Args:
@@ -267,6 +272,8 @@ class ScoreFPE:
       divergence: 'hutchinson' or 'exact'.
       hutchinson_type: 'gaussian' or 'rademacher'.
       num_probes: Hutchinson probes per sample (>= 1).
+      dropout_masks: 'shared' (the finite difference's three evaluations use one set of dropout masks) or
+        'independent' (new masks for each, as released; finite difference only).
     """
     self.sde = sde
     self.eps = utils.check_number('eps', eps, low=0., high=sde.T, high_open=True)
@@ -279,12 +286,20 @@ class ScoreFPE:
     self.hutchinson_type = utils.check_choice('training.fp_hutchinson_type', hutchinson_type,
                                               HUTCHINSON_TYPES)
     self.num_probes = utils.check_number('training.fp_num_probes', num_probes, low=1, integer=True)
+    self.dropout_masks = utils.check_choice('training.fp_dropout_masks', dropout_masks, DROPOUT_MASKS)
+    if dropout_masks == 'independent' and time_derivative != 'finite_difference':
+      # Forward-mode AD evaluates the network once: there is nothing to draw independently.
+      raise ValueError(f"config.training.fp_dropout_masks='independent' (the released finite difference's "
+                       f"masks) needs config.training.fp_time_derivative='finite_difference', not "
+                       f"{time_derivative!r}.")
 
   def evaluate_score(self, score_fn, x, t, with_time_derivative=True):
     """One network evaluation at (x, t): a `ScoreEvaluation` (d_t s only by forward-mode AD)."""
     if with_time_derivative and self.time_derivative == 'forward_ad':
       return ScoreEvaluation(*score_and_time_derivative(score_fn, x, t), None)
-    rng_state = capture_rng_state(x.device) if with_time_derivative else None
+    # Without a captured state, the finite difference's other two evaluations draw their own dropout masks.
+    replay = with_time_derivative and self.dropout_masks == 'shared'
+    rng_state = capture_rng_state(x.device) if replay else None
     return ScoreEvaluation(score_fn(x, t), None, rng_state)
 
   def divergence_of(self, s, x, create_graph=True, generator=None, probes=None):
@@ -576,11 +591,20 @@ def fpe_from_config(config, sde, eps=1e-5):
   training = config.training
   return ScoreFPE(sde, eps=eps, time_derivative=training.fp_time_derivative, fd_hs=training.fp_fd_hs,
                   fd_hd=training.fp_fd_hd, divergence=training.fp_divergence,
-                  hutchinson_type=training.fp_hutchinson_type, num_probes=training.fp_num_probes)
+                  hutchinson_type=training.fp_hutchinson_type, num_probes=training.fp_num_probes,
+                  dropout_masks=training.fp_dropout_masks)
 
 
 SCALAR_FP = ('False', 'True', 'both')
 FP_DISTS = ('pert', 'x', 'random')
+
+
+def fp_recipes():
+  """The FP-Diffusion fine-tuning configs shipped in `configs/fp/`, as paths from the repository root."""
+  folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'fp')
+  names = os.listdir(folder) if os.path.isdir(folder) else ()
+  return tuple(sorted(f'configs/fp/{name}' for name in names
+                      if name.endswith('.py') and name not in ('fp_finetuning.py', '__init__.py')))
 
 
 class ScoreFPERegularizer:
@@ -669,14 +693,15 @@ class ScoreFPERegularizer:
       # user porting a FP-Diffusion command gets plain DSM unless told.
       return (f'score-FPE regularizer OFF (training.alpha={self.alpha:g}, training.beta={self.beta:g}, '
               f'training.scalar_fp={self.scalar_fp!r}): this is plain DSM training, as in Score SDE. '
-              'FP-Diffusion fine-tuning: the configs in configs/fp/ (alpha=0.15, beta=0.01, on a released '
-              'Score SDE checkpoint).')
+              f'FP-Diffusion fine-tuning (alpha=0.15, beta=0.01, on a released Score SDE checkpoint): '
+              f'--config={" or ".join(fp_recipes()) or "a config in configs/fp/"}.')
     fpe = self.fpe
     probes = f' ({fpe.num_probes} {fpe.hutchinson_type} probe(s))' if fpe.divergence == 'hutchinson' else ''
+    masks = f' (dropout masks {fpe.dropout_masks!r})' if fpe.time_derivative == 'finite_difference' else ''
     return (f'score-FPE regularizer ON: alpha={self.alpha:g} (vector term {"on" if self.vector else "off"}), '
             f'beta={self.beta:g} (scalar term {"on" if self.scalar else "off"}), scalar_fp={self.scalar_fp!r}, '
             f'fp_wgt_type={self.fp_wgt_type!r}, m={self.m:g}, fp_dist={self.fp_dist!r}, '
-            f'fp_batch_fraction={self.fp_batch_fraction:g}, time derivative {fpe.time_derivative!r}, '
+            f'fp_batch_fraction={self.fp_batch_fraction:g}, time derivative {fpe.time_derivative!r}{masks}, '
             f'divergence {fpe.divergence!r}{probes}.')
 
   def num_samples(self, batch_size):

@@ -32,6 +32,9 @@ def add_fp_diffusion_fields(config):
   training.fp_hutchinson_type = 'gaussian'  # probe: 'gaussian' or 'rademacher'
   training.fp_num_probes = 1  # probes per sample for the Hutchinson estimator
   training.fp_batch_fraction = 1.  # fraction of the batch on which the FP term is computed
+  # Dropout masks of the finite difference's 3 evaluations: 'shared' (one set: the derivative of one network)
+  # or 'independent' (new masks for each, as the released code: a ~1e3 times larger R_vec with dropout 0.1).
+  training.fp_dropout_masks = 'shared'
 
   ## Scale-out (docs/workflow.md, "Multi-GPU"); the defaults are Score SDE's numerics in one process.
   training.mixed_precision = 'no'  # 'no' (float32), 'bf16' or 'fp16' autocast of the loss's forward pass

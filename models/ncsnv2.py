@@ -66,8 +66,9 @@ class _NCSNv2Base(nn.Module):
     self.norm = get_normalization(config)
     self.nf, _, channels, _ = _common_fields(config)
     self.act = get_act(config)
-    # Not persistent: Score SDE keeps NCSN's sigmas as a plain attribute, so its state_dicts have no 'sigmas'.
-    self.register_buffer('sigmas', torch.tensor(mutils.get_sigmas(config)), persistent=False)
+    # Persistent, as in Score SDE's NCSNv2 (a registered float64 buffer): its state_dicts hold 'sigmas' (first
+    # key), so its checkpoints load here with strict=True. NCSN (v1) has no sigmas at all, in both.
+    self.register_buffer('sigmas', torch.tensor(mutils.get_sigmas(config)))
     self.config = config
     self.begin_conv = nn.Conv2d(channels, self.nf, 3, stride=1, padding=1)
     self.normalizer = self.norm(self.nf, config.model.num_scales)

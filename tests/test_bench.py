@@ -55,3 +55,15 @@ def test_likelihood_bench_prints_both_backends_and_the_projection_without_tensor
   assert rows[0][6].strip() == '1.00x' and rows[1][6].strip().endswith('x')  # ratio to scipy
   assert 'Projection:' in out
   assert 'tensorflow imported: False' in out
+
+
+def test_dropout_scale_bench_prints_the_three_settings(capsys):
+  import runpy
+  module = runpy.run_path(os.path.join(ROOT, 'bench', 'measure_dropout_scale.py'))
+  module['main'](['--repeats', '2', '--batch', '2', '--image_size', '8', '--nf', '8'])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| dropout')]
+  assert [row.split('|')[1].strip() for row in rows] == [
+      'dropout 0.1, masks shared (default)', 'dropout 0.1, masks independent (released)', 'dropout off']
+  shared, independent, off = (float(row.split('|')[2].split('+-')[0]) for row in rows)
+  # Fixed seeds: the released masks' difference quotient dominates; one set of masks stays near dropout off.
+  assert independent > 3 * shared and shared < 3 * off

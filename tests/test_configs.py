@@ -215,8 +215,9 @@ def test_ncsn_configs_build_a_model(rel):
   config.model.nf = 8
   config.device = torch.device('cpu')
   model = mutils.create_model(config)
-  # Score SDE keeps the sigmas as a plain attribute: they are not part of the state_dict.
-  assert not any('sigmas' in key for key in model.state_dict())
+  # As in Score SDE: NCSNv2's sigmas are a persistent buffer ('module.sigmas'); NCSN (v1) has none.
+  sigma_keys = [key for key in model.state_dict() if 'sigmas' in key]
+  assert sigma_keys == (['module.sigmas'] if config.model.name.startswith('ncsnv2') else [])
   sde = sde_lib.sde_from_config(config)
   score_fn = mutils.get_score_fn(sde, model, train=False, continuous=config.training.continuous)
   size = config.data.image_size

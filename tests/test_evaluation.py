@@ -1,6 +1,7 @@
 """Tests of evaluation.py: Frechet distance against closed forms, TF-GAN's FID/KID/IS against numpy, and the
 Inception path (loading, features, dataset statistics, FID) against a tiny SavedModel with the TF-Hub module's
 interface."""
+import inspect
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_sample_quality_metrics():
 # The Inception path with a tiny SavedModel in place of the TF-Hub module.
 
 def test_inception_features_from_local_savedmodel(tiny_inception_dir, monkeypatch):
-  model = evaluation.get_inception_model(_config(inception_model=tiny_inception_dir))
+  model = evaluation.get_inception_model(config=_config(inception_model=tiny_inception_dir))
   images = np.random.default_rng(8).integers(0, 256, size=(7, 5, 5, 3), dtype=np.uint8)
   monkeypatch.setattr(evaluation, 'INCEPTION_MAX_CHUNK', 3)  # chunks of 3, 3, 1
   latents = evaluation.run_inception_distributed(images, model)
@@ -189,25 +190,35 @@ def test_module_without_logits_is_rejected():
 def test_inception_load_errors_name_the_setting(tmp_path):
   missing = str(tmp_path / 'no_such_module')
   with pytest.raises(RuntimeError, match=r'config\.eval\.inception_model=.*no_such_module'):
-    evaluation.get_inception_model(_config(inception_model=missing))
+    evaluation.get_inception_model(config=_config(inception_model=missing))
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(RuntimeError, match=r'config\.eval\.inception_model=.*empty'):
-    evaluation.get_inception_model(_config(inception_model=str(empty)))
+    evaluation.get_inception_model(config=_config(inception_model=str(empty)))
   with pytest.raises(ValueError, match=r"config\.eval\.inception_model=''"):
-    evaluation.get_inception_model(_config(inception_model=''))
+    evaluation.get_inception_model(config=_config(inception_model=''))
 
 
 def test_inceptionv3_handle_choice(monkeypatch):
   import tensorflow_hub
   loaded = []
   monkeypatch.setattr(tensorflow_hub, 'load', lambda handle: loaded.append(handle) or 'model')
-  evaluation.get_inception_model(_config(), inceptionv3=True)
-  evaluation.get_inception_model(_config(), inceptionv3=False)
-  evaluation.get_inception_model(_config(inception_model='/local/v3'), inceptionv3=True)
+  evaluation.get_inception_model(inceptionv3=True, config=_config())
+  evaluation.get_inception_model(inceptionv3=False, config=_config())
+  evaluation.get_inception_model(True, config=_config(inception_model='/local/v3'))
   evaluation.get_inception_model(inceptionv3=False)
+  evaluation.get_inception_model(True)  # Score SDE's positional call
   assert loaded == [evaluation.INCEPTION_V3_TFHUB, evaluation.INCEPTION_TFHUB, '/local/v3',
-                    evaluation.INCEPTION_TFHUB]
+                    evaluation.INCEPTION_TFHUB, evaluation.INCEPTION_V3_TFHUB]
+
+
+def test_get_inception_model_keeps_score_sdes_signature():
+  # Score SDE: get_inception_model(inceptionv3=False). Additions are keyword-only and come after it.
+  params = list(inspect.signature(evaluation.get_inception_model).parameters.values())
+  assert [(p.name, p.kind, p.default) for p in params[:1]] == [
+      ('inceptionv3', inspect.Parameter.POSITIONAL_OR_KEYWORD, False)]
+  assert [p.name for p in params[1:]] == ['config']
+  assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in params[1:])
 
 
 def _stats_config(**data):
@@ -275,7 +286,7 @@ def test_dataset_stats_and_fid_end_to_end(tiny_inception_dir, tmp_path):
   # FID of the test images against the written statistics, as run_lib computes it.
   config.eval.stats_path = out
   data_pools = evaluation.load_dataset_stats(config)['pool_3']
-  model = evaluation.get_inception_model(config)
+  model = evaluation.get_inception_model(config=config)
   sample_pools = evaluation.run_inception_distributed(test, model)['pool_3']
   expected_test, _ = _expected_features(test)
   expected_fid = evaluation.frechet_distance(*evaluation.activation_statistics(expected_train),

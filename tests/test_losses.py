@@ -357,6 +357,7 @@ def _config(**training):
     ('scalar_fp', False), ('scalar_fp', 'yes'), ('fp_wgt_type', 'g2'), ('alpha', -0.1), ('beta', float('nan')),
     ('m', 0), ('fp_dist', 'data'), ('fp_time_derivative', 'exact'), ('fp_fd_hs', 0.), ('fp_fd_hd', -1e-3),
     ('fp_divergence', 'trace'), ('fp_hutchinson_type', 'Gaussian'), ('fp_num_probes', 0),
+    ('fp_dropout_masks', 'released'),
     ('fp_batch_fraction', 0.), ('fp_batch_fraction', 1.5), ('continuous', 'yes'), ('likelihood_weighting', 2),
 ])
 def test_invalid_knobs_raise_naming_the_field(field, value):

@@ -39,20 +39,60 @@ def build_on_meta(config):
     return mutils.get_model(config.model.name)(config)
 
 
-def _manifest():
-  with open(MANIFEST) as f:
+def _manifest(path=MANIFEST):
+  with open(path) as f:
     return json.load(f)
 
 
-@pytest.mark.parametrize('rel_path', sorted(_manifest()))
-def test_state_dict_layout_matches_score_sde(rel_path):
-  expected = _manifest()[rel_path]
-  config = load_config(rel_path)
+def _built_like(config, expected):
+  """The model `config` builds (on 'meta'), checked against a manifest entry: name, keys, shapes, order."""
   assert config.model.name == expected['model.name']
   model = build_on_meta(config)
   layout = [[k, list(v.shape)] for k, v in model.state_dict().items()]
   assert layout == expected['keys']  # same keys, shapes and order
   assert sum(p.numel() for p in model.parameters()) == expected['n_params']
+  return model
+
+
+@pytest.mark.parametrize('rel_path', sorted(_manifest()))
+def test_state_dict_layout_matches_score_sde(rel_path):
+  _built_like(load_config(rel_path), _manifest()[rel_path])
+
+
+NCSNV2_MANIFEST = os.path.join(SPEC, 'ncsnv2_manifests.json')
+
+
+def _ncsnv2_config(entry):
+  config = load_config(entry['config'])
+  for dotted, value in entry['overrides'].items():
+    section, field = dotted.split('.')
+    setattr(getattr(config, section), field, value)
+  return config
+
+
+@pytest.mark.parametrize('label', sorted(_manifest(NCSNV2_MANIFEST)))
+def test_ncsnv2_layout_matches_score_sde_and_loads_strictly(label):
+  # Score SDE's NCSNv2 registers `sigmas` as a persistent buffer: its checkpoints hold 'module.sigmas'.
+  expected = _manifest(NCSNV2_MANIFEST)[label]
+  config = _ncsnv2_config(expected)
+  model = _built_like(config, expected)
+  assert expected['keys'][0] == ['sigmas', [config.model.num_scales]]
+  # A checkpoint in Score SDE's layout (nn.DataParallel's 'module.' prefix) loads with strict=True.
+  checkpoint = {'module.' + k: torch.empty(shape, device='meta') for k, shape in expected['keys']}
+  torch.nn.DataParallel(model).load_state_dict(checkpoint, strict=True)
+  # Without 'sigmas' (the layout this project wrote before) the strict load refuses it.
+  del checkpoint['module.sigmas']
+  with pytest.raises(RuntimeError, match='module.sigmas'):
+    torch.nn.DataParallel(model).load_state_dict(checkpoint, strict=True)
+
+
+def test_ncsnv2_sigmas_buffer_holds_score_sde_values_and_ncsn_v1_has_none():
+  config = _tiny_ncsnv2_config('ncsnv2_64', 8)
+  state = mutils.get_model('ncsnv2_64')(config).state_dict()
+  assert state['sigmas'].dtype == torch.float64
+  np.testing.assert_allclose(state['sigmas'].numpy(), np.geomspace(5, 0.1, 10), rtol=1e-12)
+  # NCSN (v1) divides by no sigma and keeps none, in Score SDE and here.
+  assert not any('sigmas' in k for k in mutils.get_model('ncsn')(_tiny_ncsnv2_config('ncsn', 8)).state_dict())
 
 
 # Configs of the NCSN/NCSNv2/DDPM families that crash in Score SDE (config.data.channels) or are not in

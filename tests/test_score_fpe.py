@@ -218,6 +218,44 @@ def test_dropout_masks_are_replayed_by_the_finite_difference():
   assert dsdt.abs().max() < bound
 
 
+class _MaskRecordingScore:
+  """s(x, t) = (1 + t) m * x with a dropout mask m drawn at each call (recorded): d_t s = m * x."""
+
+  def __init__(self):
+    self.masks = []
+
+  def __call__(self, x, t):
+    mask = torch.nn.functional.dropout(torch.ones_like(x), p=0.5, training=True)
+    self.masks.append(mask)
+    return (1 + t)[:, None] * mask * x
+
+
+@pytest.mark.parametrize('dropout_masks', ['shared', 'independent'])
+def test_dropout_masks_shared_are_replayed_independent_are_drawn_anew(dropout_masks):
+  torch.manual_seed(0)
+  score_fn = _MaskRecordingScore()
+  x = torch.randn(8, 16, dtype=torch.float64)
+  t = torch.full((8,), 0.5, dtype=torch.float64)
+  fpe = score_fpe.ScoreFPE(SDES['vp'](), dropout_masks=dropout_masks)
+  ev = fpe.evaluate_score(score_fn, x, t)
+  dsdt = fpe.time_derivative_of(score_fn, x, t, ev)
+  at_t, *others = score_fn.masks
+  assert len(others) == 2
+  if dropout_masks == 'shared':
+    assert all(torch.equal(m, at_t) for m in others)
+    # The three-point formula is exact for s affine in t: d_t s = m * x for the one mask m.
+    torch.testing.assert_close(dsdt, at_t * x, rtol=1e-9, atol=1e-9)
+  else:
+    assert not any(torch.equal(m, at_t) for m in others) and not torch.equal(*others)
+    # Mask differences over steps of ~1e-3: the released estimate is ~1e3 times d_t s.
+    assert (dsdt - at_t * x).abs().max() > 100 * (at_t * x).abs().max()
+
+
+def test_independent_dropout_masks_need_the_finite_difference():
+  with pytest.raises(ValueError, match=r"config\.training\.fp_dropout_masks='independent'.*forward_ad"):
+    score_fpe.ScoreFPE(SDES['vp'](), time_derivative='forward_ad', dropout_masks='independent')
+
+
 def test_residual_vs_time_reports_finite_arrays():
   sde = SDES['vp']()
   model = _tiny_mlp(2)
@@ -238,6 +276,7 @@ def test_invalid_estimator_options_raise():
   for kwargs, field in [(dict(time_derivative='exact'), 'fp_time_derivative'), (dict(fd_hs=0.), 'fp_fd_hs'),
                         (dict(fd_hd=0.5), 'fp_fd_hd'), (dict(divergence='trace'), 'fp_divergence'),
                         (dict(hutchinson_type='normal'), 'fp_hutchinson_type'),
-                        (dict(num_probes=0), 'fp_num_probes'), (dict(num_probes=1.5), 'fp_num_probes')]:
+                        (dict(num_probes=0), 'fp_num_probes'), (dict(num_probes=1.5), 'fp_num_probes'),
+                        (dict(dropout_masks='replayed'), 'fp_dropout_masks')]:
     with pytest.raises(ValueError, match=f'config.training.{field}'):
       score_fpe.ScoreFPE(sde, **kwargs)

@@ -1,11 +1,11 @@
 """Tiny stand-ins for the configs the README's commands use, so that tests/test_readme.py can run them.
 
-`get_config()` is to `tests/configs_tiny.py` what `configs/fp/cifar10_ve_ncsnpp_continuous.py` is to Score
-SDE's config: the same `fp_finetuning.fine_tune` applied to a base whose `training.n_iters` is
-`PRETRAIN_STEPS`, then shrunk again (batch, FP batch share, evaluation sizes) to run on a CPU in seconds. Its
-fine-tuned checkpoints are `checkpoint_{PRETRAIN_STEPS + 1}..{n_iters}` (snapshot every step), as the CIFAR-10
-recipe's are 261..280, on a one-resolution NCSN++. `get_config('pretrain')` is the base: training it writes the stand-in of a released
-Score SDE checkpoint, `checkpoints/checkpoint_{PRETRAIN_STEPS}.pth` at step `PRETRAIN_STEPS`.
+`get_config()` is to `tests/configs_tiny.py` (VE NCSN++, on a one-resolution U-Net) what the CIFAR-10 configs
+of `configs/fp/` are to Score SDE's: the same `fp_finetuning.fine_tune` applied to a base whose
+`training.n_iters` is `PRETRAIN_STEPS`, then shrunk again (batch, FP batch share, evaluation sizes) to run on a
+CPU in seconds. Its fine-tuned checkpoints are `checkpoint_{PRETRAIN_STEPS + 1}..{n_iters}` (a snapshot every
+step), as the CIFAR-10 recipe's are 261..280. `get_config('pretrain')` is the base, the config of the stand-in
+of a released Score SDE checkpoint (at step `PRETRAIN_STEPS`), and of the README's DSM training on own data.
 """
 
 import utils

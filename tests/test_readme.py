@@ -6,17 +6,18 @@ parses with the script's own flags, so every `--flag` exists, the `--config` fil
 `--config.X.Y=V` override names a real field of that config and has its type; every repository path exists; the
 README's links point at files and headings that exist. LICENSE and CITATION.cff are checked too.
 
-Run (in-process, in a temporary folder): the README's fine-tuning, step, baseline, evaluation, FID and own-data
-commands, in order, through `main.main`, with `tests/configs_readme.py` (the tiny stand-in of the CIFAR-10
-configs) for the CIFAR-10 configs, a tiny NPZ data set for CIFAR-10, a tiny Inception SavedModel for TF-Hub's,
-and stand-ins for the downloaded files (`checkpoint_26.pth`: a tiny checkpoint at step 2;
-`cifar10_stats.npz`: the tiny data's statistics). Only `make demo` / `make test` are not run here (they have
-tests of their own: tests/test_demo.py, and the suite itself).
+Run (in-process, in a temporary folder): every command of the sections `RUN_SECTIONS` (fine-tuning, the step
+one-liner, baseline, evaluation, FID, own data), in order, through `main.main` and `images_to_npz.convert`,
+with `tests/configs_readme.py` (the tiny stand-in of the CIFAR-10 configs) for the CIFAR-10 configs, a tiny NPZ
+data set for CIFAR-10, a tiny Inception SavedModel for TF-Hub's, and stand-ins for the downloaded files
+(`checkpoint_26.pth`: a tiny checkpoint at step 2; `cifar10_stats.npz`: the tiny data's statistics). Only
+checked: Quick start's `make demo` / `make test` (tests/test_demo.py runs the demo's quick mode; the suite is
+`make test`) and the two plain commands of "Training and evaluation" (tests/test_main.py runs main.py's train
+and eval modes).
 """
 
 import contextlib
 import functools
-import io
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ README = os.path.join(ROOT, 'README.md')
 STAND_IN_CONFIG = os.path.join(ROOT, 'tests', 'configs_readme.py')
 # The README's configs -> their tiny stand-ins (configs/ve/... is trained from scratch: the DSM base).
 TINY_CONFIGS = {
-    'configs/fp/cifar10_ve_ncsnpp_continuous.py': STAND_IN_CONFIG,
+    'configs/fp/cifar10_vp_ddpmpp_continuous.py': STAND_IN_CONFIG,
     'configs/ve/cifar10_ncsnpp_continuous.py': STAND_IN_CONFIG + ':pretrain',
 }
 # The one CIFAR-10-sized number in the commands: the last fine-tuned snapshot (n_iters // 5000).
@@ -364,8 +365,8 @@ def test_readme_recipes_run_at_tiny_size(tmp_path, monkeypatch, capsys, caplog):
 
 def configs_readme_cifar10():
   """The CIFAR-10 config of the README's FID command (for its statistics file's default name)."""
-  from configs.fp import cifar10_ve_ncsnpp_continuous  # pylint: disable=g-import-not-at-top
-  return cifar10_ve_ncsnpp_continuous.get_config()
+  from configs.fp import cifar10_vp_ddpmpp_continuous  # pylint: disable=g-import-not-at-top
+  return cifar10_vp_ddpmpp_continuous.get_config()
 
 
 def test_n_iters_at_the_checkpoint_step_trains_nothing(tmp_path, monkeypatch, caplog):

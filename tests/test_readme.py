@@ -293,8 +293,8 @@ def _run(argv, extra, monkeypatch, capsys):
 
 
 def _stand_ins(tmp_path):
-  """The downloads, at tiny size: CIFAR-10 (an NPZ file), the Inception module, a released checkpoint (2 DSM
-  steps of the tiny base config), Score SDE's statistics file, and a folder of the user's images."""
+  """The downloads, at tiny size: CIFAR-10 (an NPZ file), the Inception module, a released checkpoint (the tiny
+  base config's state, saved at step 2), Score SDE's statistics file, and a folder of the user's images."""
   data = test_run_lib._write_npz(tmp_path / 'tiny_cifar10.npz')  # pylint: disable=protected-access
   inception = test_run_lib._save_tiny_inception(str(tmp_path / 'inception'))  # pylint: disable=protected-access
   config = configs_readme.get_config('pretrain')

@@ -218,6 +218,148 @@ def npz_split_sizes(path):
   return sizes
 
 
+# ------------------------------------------------------------------------------------------------------------
+# A folder of images -> a `data.dataset = 'NPZ'` file (`images_to_npz.py` is the command line).
+# ------------------------------------------------------------------------------------------------------------
+
+# File name endings read as images (case-insensitive); other files in the folder are ignored.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+def list_image_files(image_dir):
+  """The image files under `image_dir` (recursively, hidden files and folders skipped), sorted by path.
+
+  Raises:
+    FileNotFoundError: `image_dir` is not a directory.
+    ValueError: it holds no file with an image extension (`IMAGE_EXTENSIONS`).
+  """
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'{image_dir!r} is not a directory: images_to_npz reads the images of a folder.')
+  files = []
+  for folder, subfolders, names in os.walk(image_dir):
+    subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+    files += [os.path.join(folder, n) for n in names
+              if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]
+  if not files:
+    raise ValueError(f'{image_dir!r} holds no images (files ending in {", ".join(IMAGE_EXTENSIONS)}, in it or '
+                     'its subfolders).')
+  return sorted(files)
+
+
+def read_image(path, image_size=None, grayscale=False):
+  """Reads one image file as a uint8 (H, W, C) array, C = 3 (RGB) or 1 (`grayscale`).
+
+  With `image_size`, the largest central square is cropped and resized to `image_size` x `image_size` (PIL
+  bicubic, antialiased), as Score SDE's `crop_resize` does for LSUN; without, the pixels are kept as they are.
+  An alpha channel is dropped.
+
+  Raises:
+    ValueError: the file cannot be decoded as an image (the message names it).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      image = image.convert('L' if grayscale else 'RGB')
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e}).') from e
+  if image_size is not None:
+    w, h = image.size
+    crop = min(w, h)
+    left, top = (w - crop) // 2, (h - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    if crop != image_size:
+      image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+  array = np.asarray(image, dtype=np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _check_one_size(paths, arrays):
+  """Raises unless every array has the shape of the first, and that shape is square."""
+  h, w = arrays[0].shape[:2]
+  for path, array in zip(paths, arrays):
+    if array.shape[:2] != (h, w):
+      raise ValueError(f'Images of different sizes: {paths[0]} is {h} x {w}, {path} is {array.shape[0]} x '
+                       f'{array.shape[1]}. Give an image size (--image_size) to crop and resize them all.')
+  if h != w:
+    raise ValueError(f'The images are {h} x {w}, not square (data.dataset=\'NPZ\' holds image_size x image_size '
+                     'images). Give an image size (--image_size) to crop the central square and resize it.')
+
+
+def _split_files(train_files, test_files, test_fraction, seed):
+  """(train, test) file lists: `test_files` if given, else a seeded random `test_fraction` of `train_files`."""
+  if test_files is not None:
+    return train_files, test_files
+  test_fraction = utils.check_number('test_fraction', test_fraction, low=0., high=1., low_open=True,
+                                     high_open=True)
+  n = len(train_files)
+  num_test = int(round(n * test_fraction))
+  if not 0 < num_test < n:
+    raise ValueError(f'test_fraction={test_fraction} of {n} image(s) leaves {num_test} test and {n - num_test} '
+                     'training image(s); each split needs at least one. Add images, change test_fraction, or '
+                     'give a folder of test images.')
+  rng = np.random.default_rng(utils.check_number('seed', seed, low=0, integer=True))
+  is_test = np.zeros(n, dtype=bool)
+  is_test[rng.permutation(n)[:num_test]] = True
+  # Each split keeps the sorted file order, so that row i of an array is the i-th of its `*_files` names.
+  return ([f for f, t in zip(train_files, is_test) if not t], [f for f, t in zip(train_files, is_test) if t])
+
+
+def images_to_npz(image_dir, output_path, image_size=None, *, test_dir=None, test_fraction=0.1, seed=0,
+                  grayscale=False, overwrite=False):
+  """Writes the images of a folder as a `data.dataset = 'NPZ'` file (`load_npz_dataset` reads it).
+
+  The file holds uint8 arrays `train` and `test` of shape (N, image_size, image_size, C) (C = 3, or 1 with
+  `grayscale`), and the relative paths of their images, `train_files` and `test_files` (row i of `train` is
+  the image `train_files[i]`). Point a config at it with `data.dataset='NPZ'`, `data.path=output_path`,
+  `data.image_size`, `data.num_channels`.
+
+  Args:
+    image_dir: the folder of images (subfolders included; files of other types are ignored).
+    output_path: the `.npz` file to write (written atomically).
+    image_size: None keeps every image as it is (they must then all be square and of one size); an int crops
+      each image's central square and resizes it to `image_size` x `image_size`.
+    test_dir: an optional folder of test images; without it, a random `test_fraction` of the images of
+      `image_dir` (drawn with `seed`) becomes the test split.
+    test_fraction: the share of images held out for the test split when `test_dir` is None, in (0, 1).
+    seed: the seed of that draw.
+    grayscale: one channel (luminance) instead of RGB.
+    overwrite: replace an existing `output_path`; without it, an existing file is an error.
+
+  Returns:
+    A dict split name -> number of images written.
+
+  Raises:
+    FileNotFoundError: a folder does not exist. FileExistsError: `output_path` exists (and not `overwrite`).
+    ValueError: no images, an unreadable image, images of different or non-square sizes without `image_size`,
+      a bad argument value, or a split that would be empty; the message names the file or the argument.
+  """
+  if not isinstance(output_path, str) or not output_path.endswith('.npz'):
+    raise ValueError(f'output_path={output_path!r} must be a file name ending in .npz (config.data.path).')
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f'{output_path} exists; it is never replaced unless asked to (overwrite=True, '
+                          '--overwrite).')
+  if image_size is not None:
+    image_size = utils.check_number('image_size', image_size, low=1, integer=True)
+  train_files = list_image_files(image_dir)
+  roots = {'train': image_dir, 'test': image_dir if test_dir is None else test_dir}
+  test_files = None if test_dir is None else list_image_files(test_dir)
+  split_files = dict(zip(('train', 'test'), _split_files(train_files, test_files, test_fraction, seed)))
+  arrays = {split: [read_image(f, image_size, grayscale) for f in files] for split, files in split_files.items()}
+  all_files = split_files['train'] + split_files['test']
+  _check_one_size(all_files, arrays['train'] + arrays['test'])
+  contents = {}
+  for split, files in split_files.items():
+    contents[NPZ_ARRAYS[split]] = np.stack(arrays[split])
+    contents[f'{split}_files'] = np.array([os.path.relpath(f, roots[split]) for f in files])
+  with utils.atomic_write(output_path) as f:
+    np.savez(f, **contents)
+  counts = {split: len(files) for split, files in split_files.items()}
+  shape = contents['train'].shape[1:]
+  logging.info('Wrote %s: %d training and %d test images of %d x %d x %d.', output_path, counts['train'],
+               counts['test'], *shape)
+  return counts
+
+
 def _tfds_builder(name, config):
   """A tfds builder reading from `config.data.data_dir` ('' = the tfds default directory)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

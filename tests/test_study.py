@@ -84,8 +84,9 @@ def test_quick_study_end_to_end_and_resumes(tmp_path, one_thread):  # pylint: di
   for run in runs:
     for key in ('sde', 'alpha', 'seed', 'nll_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd'):
       assert key in run, key
-    for key in ('nll_bpd', 'fp_residual_mean', 'swd', 'mmd'):
+    for key in ('nll_bpd', 'nll_gap_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd'):
       assert math.isfinite(run[key]), (study.run_name(run), key)
+    assert 0 <= run['conservativity'] <= 2  # ||J - J^T|| <= 2 ||J||
   assert {r['sde'] for r in runs} == {'ve', 'vp'} and 0. in {r['alpha'] for r in runs}
   assert {r['ablation'] for r in runs} == {None, *study.ABLATIONS}
   for sde in ('ve', 'vp'):
@@ -103,8 +104,12 @@ def test_quick_study_end_to_end_and_resumes(tmp_path, one_thread):  # pylint: di
   assert f'{mean:.4f} ± {hw:.4f}' in table
   with open(os.path.join(workdir, 'study.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # The gap is to the true NLL of the run's own test set (drawn from its seed).
+  seed0 = next(r for r in runs if r['seed'] == 0)
+  assert seed0['nll_gap_bpd'] == pytest.approx(seed0['nll_bpd'] - study.demo.reference_row(
+      study.run_config(dict(seed0), 'gmm', True))['nll_bpd'])
   # Resuming: every finished run is read back, not trained again.
-  first = runs[0]
+  first = {k: v for k, v in runs[0].items() if k != 'nll_gap_bpd'}
   again = study.execute_run({k: first[k] for k in ('sde', 'alpha', 'seed', 'ablation')}, workdir, None, 'gmm',
                             True)
   assert again == first

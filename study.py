@@ -136,9 +136,8 @@ def execute_run(run, workdir, pretrain_dir, toy_name, quick):
   config = run_config(run, toy_name, quick)
   numbers = demo.fine_tune_and_evaluate(config, pretrain_dir, model_dir)
   result = dict(run, **{key: numbers[key] for key in RUN_METRICS}, seconds=time.time() - start)
-  with open(result_path + '.tmp', 'w') as f:
-    json.dump(demo.nan_to_none(result), f, indent=1)
-  os.replace(result_path + '.tmp', result_path)  # a crash never leaves a half-written result to skip over
+  with utils.atomic_write(result_path) as f:  # a crash never leaves a half-written result to skip over
+    f.write(json.dumps(demo.nan_to_none(result), indent=1).encode())
   return result
 
 
@@ -321,8 +320,8 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=3000, ablation_sdes
                          'n_iters': demo.get_demo_config('ve', 'fp', toy_name, quick).training.n_iters,
                          'ablation_alpha': ABLATION_ALPHA,
                          'true_nll_bpd': true_nll, 'seconds': time.time() - start}}
-  with open(os.path.join(workdir, 'study.json'), 'w') as f:
-    json.dump(demo.nan_to_none(result), f, indent=1)
+  with utils.atomic_write(os.path.join(workdir, 'study.json')) as f:  # shards may finish together
+    f.write(json.dumps(demo.nan_to_none(result), indent=1).encode())
   table = format_table(rows, true_nll)
   term_lines = format_start_terms(terms)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:

@@ -83,12 +83,24 @@ def get_demo_config(sde, variant, toy_name, quick):
   return config
 
 
-def _copy_checkpoint(src_dir, dst_dir):
-  """Starts `dst_dir`'s training from `src_dir`'s last checkpoint, as a released checkpoint is fine-tuned."""
+def _copy_checkpoint(src_dir, dst_dir, ema_rate):
+  """Starts `dst_dir`'s training from `src_dir`'s last checkpoint, as a released checkpoint is fine-tuned.
+
+  A checkpoint carries its EMA decay, and restoring it overrides `model.ema_rate` (Score SDE's behaviour), so a
+  fine-tuning run with another `ema_rate` (the study's EMA-off ablation) gets a copy with its own decay.
+  """
   dst = os.path.join(dst_dir, 'checkpoints-meta', 'checkpoint.pth')
-  if not os.path.exists(dst):  # otherwise training resumes from where dst_dir already is
+  if os.path.exists(dst):  # training resumes from where dst_dir already is
+    return
+  src = os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth')
+  checkpoint = utils.load_checkpoint_file(src)
+  if checkpoint['ema']['decay'] == ema_rate:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.copyfile(os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth'), dst)
+    shutil.copyfile(src, dst)
+    return
+  checkpoint['ema']['decay'] = ema_rate
+  with utils.atomic_write(dst) as f:
+    torch.save(checkpoint, f)
 
 
 def _check_pretrain_steps(pretrain_dir, pretrain_iters):
@@ -196,7 +208,7 @@ def pretrain(workdir, sde, toy_name, quick=False, pretrain_iters=3000):
 def fine_tune_and_evaluate(config, pretrain_dir, model_dir):
   """Fine-tunes `pretrain_dir`'s checkpoint to `config.training.n_iters` in `model_dir`, evaluates the last
   checkpoint there, and returns `read_results`'s numbers."""
-  _copy_checkpoint(pretrain_dir, model_dir)
+  _copy_checkpoint(pretrain_dir, model_dir, config.model.ema_rate)
   run_lib.train(config, model_dir)
   run_lib.evaluate(config, model_dir, eval_folder='eval')
   return read_results(config, os.path.join(model_dir, 'eval'))

@@ -120,3 +120,22 @@ def test_bad_ablation_sde_is_refused(tmp_path):
     study.run_study(str(tmp_path), 'gmm', quick=True, ablation_sdes=('sub',))
   with pytest.raises(ValueError, match=r'--study_shard=2/2: the shard must be in 0..1'):
     study.run_study(str(tmp_path), 'gmm', quick=True, shard=(2, 2))
+
+
+def test_ema_off_ablation_reaches_the_fine_tuning_checkpoint(tmp_path):
+  import run_lib
+  import utils
+  # A restored checkpoint's EMA decay overrides model.ema_rate, so the copy must carry the run's decay.
+  config = study.run_config(dict(sde='ve', alpha=0.01, seed=0, ablation='no_ema'), 'gmm', quick=True)
+  state = run_lib._build_state(study.demo.get_demo_config('ve', 'dsm', 'gmm', quick=True))
+  utils.save_checkpoint(str(tmp_path / 'pre' / 'checkpoints-meta' / 'checkpoint.pth'), state)
+  study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'off'), config.model.ema_rate)
+  study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'on'), 0.999)
+  off = utils.load_checkpoint_file(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'))
+  on = utils.load_checkpoint_file(str(tmp_path / 'on' / 'checkpoints-meta' / 'checkpoint.pth'))
+  assert off['ema']['decay'] == 0. and on['ema']['decay'] == 0.999
+  restored = run_lib._build_state(config)
+  utils.restore_checkpoint(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'), restored, 'cpu')
+  assert restored['ema'].decay == 0.
+  for a, b in zip(off['model'].values(), state['model'].state_dict().values()):
+    assert torch.equal(a, b)

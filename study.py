@@ -52,7 +52,8 @@ QUICK_SEEDS = (0, 1)
 START_TERM_DRAWS = 10
 # What each run saves (`demo.read_results`' numbers), and what the summary reports (plus the gap to the true NLL).
 RUN_METRICS = ('nll_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd', 'dsm_loss')
-METRICS = ('nll_bpd', 'nll_gap_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd', 'dsm_loss')
+METRICS = ('nll_bpd', 'nll_gap_bpd', 'nll_vs_dsm_bpd', 'fp_residual_mean', 'conservativity', 'conservativity_vs_dsm',
+           'swd', 'mmd', 'dsm_loss')
 
 
 def t_interval(values, confidence=0.95):
@@ -191,6 +192,18 @@ def add_nll_gaps(runs, toy_name, quick):
     run['nll_gap_bpd'] = run['nll_bpd'] - true_nll[run['seed']]
 
 
+def add_paired_differences(runs):
+  """Adds 'nll_vs_dsm_bpd' and 'conservativity_vs_dsm' to each run: its value minus that of DSM fine-tuning alone
+  (alpha = 0, no ablation) with the same SDE and seed, so the same test set and training noise (NaN without
+  that run). Paired differences remove the spread between the seeds' test sets from the comparison."""
+  dsm = {(r['sde'], r['seed']): r for r in runs if r['alpha'] == 0 and not r['ablation']}
+  for run in runs:
+    base = dsm.get((run['sde'], run['seed']))
+    for metric, name in (('nll_bpd', 'nll_vs_dsm_bpd'), ('conservativity', 'conservativity_vs_dsm')):
+      ok = base is not None and run[metric] is not None and base[metric] is not None
+      run[name] = run[metric] - base[metric] if ok else float('nan')
+
+
 def summarize(runs):
   """Groups runs by (sde, ablation, alpha) and takes mean and 95% t-interval of every metric over seeds.
 
@@ -219,9 +232,9 @@ def _cell(mean_hw, fmt):
 
 def format_table(rows, true_nll=None):
   """A markdown table of `summarize`'s rows: mean ± 95% t-interval half-width over seeds."""
-  headers = ['SDE', 'setting', 'alpha', 'seeds', 'NLL [bits/dim]', 'NLL - true', 'FP residual', 'conservativity',
-             'SWD', 'MMD^2', 'DSM loss']
-  fmts = ('.4f', '.4f', '.3g', '.3g', '.4f', '.2e', '.4f')
+  headers = ['SDE', 'setting', 'alpha', 'seeds', 'NLL [bits/dim]', 'NLL - true', 'NLL - DSM', 'FP residual',
+             'conservativity', 'conserv. - DSM', 'SWD', 'MMD^2', 'DSM loss']
+  fmts = ('.4f', '.4f', '.4f', '.3g', '.3g', '.2g', '.4f', '.2e', '.4f')
   lines = ['| ' + ' | '.join(headers) + ' |', '|' + ' --- |' * len(headers)]
   for row in rows:
     cells = [row['sde'].upper(), row['ablation'] or 'baseline', f'{row["alpha"]:g}', str(row['n'])]
@@ -229,7 +242,8 @@ def format_table(rows, true_nll=None):
     lines.append('| ' + ' | '.join(cells) + ' |')
   if true_nll is not None and not math.isnan(true_nll):
     lines.append(f'\nTrue NLL of the density on the seed-42 test set: {true_nll:.4f} bits/dim ("NLL - true": on '
-                 'each seed\'s own test set).')
+                 'each seed\'s own test set; "- DSM": paired difference with DSM fine-tuning alone, alpha = 0, same '
+                 'seed).')
   return '\n'.join(lines)
 
 
@@ -313,6 +327,7 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=3000, ablation_sdes
     return None
   runs = [execute_run(run, workdir, None, toy_name, quick) for run in planned]  # reads the saved results
   add_nll_gaps(runs, toy_name, quick)
+  add_paired_differences(runs)
   rows = summarize(runs)
   true_nll = demo.reference_row(demo.get_demo_config('ve', 'fp', toy_name, quick))['nll_bpd']
   result = {'runs': runs, 'start_terms': terms, 'summary': rows,

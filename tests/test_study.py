@@ -108,8 +108,14 @@ def test_quick_study_end_to_end_and_resumes(tmp_path, one_thread):  # pylint: di
   seed0 = next(r for r in runs if r['seed'] == 0)
   assert seed0['nll_gap_bpd'] == pytest.approx(seed0['nll_bpd'] - study.demo.reference_row(
       study.run_config(dict(seed0), 'gmm', True))['nll_bpd'])
+  # Paired with DSM alone of the same seed; zero for DSM alone itself.
+  fp = next(r for r in runs if r['sde'] == 've' and r['seed'] == 1 and r['alpha'] == 1. and not r['ablation'])
+  base = next(r for r in runs if r['sde'] == 've' and r['seed'] == 1 and r['alpha'] == 0. and not r['ablation'])
+  assert fp['nll_vs_dsm_bpd'] == pytest.approx(fp['nll_bpd'] - base['nll_bpd']) and base['nll_vs_dsm_bpd'] == 0.
+  assert fp['conservativity_vs_dsm'] == pytest.approx(fp['conservativity'] - base['conservativity'])
   # Resuming: every finished run is read back, not trained again.
-  first = {k: v for k, v in runs[0].items() if k != 'nll_gap_bpd'}
+  derived = ('nll_gap_bpd', 'nll_vs_dsm_bpd', 'conservativity_vs_dsm')
+  first = {k: v for k, v in runs[0].items() if k not in derived}
   again = study.execute_run({k: first[k] for k in ('sde', 'alpha', 'seed', 'ablation')}, workdir, None, 'gmm',
                             True)
   assert again == first

@@ -160,8 +160,8 @@ def reference_row(config):
     nll = float('nan')
   fresh = toy.sample_toy(config.data.toy, config.eval.num_samples, np.random.default_rng([config.seed, 99]))
   quality = toy.sample_quality(fresh, config)
-  return {'nll_bpd': nll, 'fp_residual_mean': float('nan'), 'conservativity': float('nan'), 'swd': quality['swd'], 'mmd': quality['mmd'],
-          'dsm_loss': float('nan'), 'data': test_points}
+  return {'nll_bpd': nll, 'fp_residual_mean': float('nan'), 'conservativity': float('nan'), 'swd': quality['swd'],
+          'mmd': quality['mmd'], 'dsm_loss': float('nan'), 'data': test_points}
 
 
 def format_table(sde, toy_name, rows):

@@ -107,8 +107,8 @@ def run_name(run):
 
 def run_config(run, toy_name, quick):
   """The config of one run: the demo's FP config of `run['sde']` (the demo's fine-tuning: from the pretrained
-  checkpoint's step to its `training.n_iters`) with the run's alpha, seed and ablation, and smaller evaluation sizes (`quick`: the
-  demo's tiny sizes)."""
+  checkpoint's step to its `training.n_iters`) with the run's alpha, seed and ablation, and the study's smaller
+  evaluation sizes (with `quick`, the demo's tiny sizes)."""
   config = demo.get_demo_config(run['sde'], 'fp', toy_name, quick)
   config.training.alpha = run['alpha']
   # The seed draws the fine-tuning's data and noise, and the test set (toy.get_toy_datasets).

@@ -71,7 +71,8 @@ def one_thread():
   torch.set_num_threads(previous)
 
 
-def test_quick_study_end_to_end_and_resumes(tmp_path, one_thread):  # pylint: disable=redefined-outer-name,unused-argument
+@pytest.mark.usefixtures('one_thread')
+def test_quick_study_end_to_end_and_resumes(tmp_path):
   workdir = str(tmp_path)
   # Two shards share the study: the first leaves runs missing and writes nothing, the second writes it all.
   assert study.run_study(workdir, 'gmm', quick=True, shard=(0, 2)) is None

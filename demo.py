@@ -42,8 +42,13 @@ def define_flags():
   """The script's flags; defined only when run as a script, so that importing this module next to main.py
   (which defines --workdir too) does not clash in absl's global flag registry."""
   flags.DEFINE_string('workdir', 'demo_out', 'Folder for checkpoints, evaluation files, figures and results.json.')
-  flags.DEFINE_enum('toy', 'checkerboard', list(toy.TOY_DENSITIES), 'The 2-D density.')
+  flags.DEFINE_enum('toy', 'gmm', list(toy.TOY_DENSITIES), 'The 2-D density.')
   flags.DEFINE_bool('quick', False, 'Tiny sizes (seconds, meaningless numbers): to test the pipeline.')
+  flags.DEFINE_bool('study', False, 'Run the regularizer study (study.py: alpha grid, seeds, ablations) instead '
+                    'of the demo; writes study.json, study.md and study.png to --workdir.')
+  flags.DEFINE_list('study_ablation_sdes', list(SDES), 'With --study: the SDEs the ablations run for.')
+  flags.DEFINE_string('study_shard', '0/1', 'With --study: i/n runs every n-th run from the i-th, to share the '
+                      'study between n processes started after pretraining.')
   flags.DEFINE_integer('pretrain_iters', 3000, 'DSM steps of the checkpoint both variants are fine-tuned from; '
                        'the configs\' training.n_iters is the total.')
 
@@ -78,12 +83,24 @@ def get_demo_config(sde, variant, toy_name, quick):
   return config
 
 
-def _copy_checkpoint(src_dir, dst_dir):
-  """Starts `dst_dir`'s training from `src_dir`'s last checkpoint, as a released checkpoint is fine-tuned."""
+def _copy_checkpoint(src_dir, dst_dir, ema_rate):
+  """Starts `dst_dir`'s training from `src_dir`'s last checkpoint, as a released checkpoint is fine-tuned.
+
+  A checkpoint carries its EMA decay, and restoring it overrides `model.ema_rate` (Score SDE's behaviour), so a
+  fine-tuning run with another `ema_rate` (the study's EMA-off ablation) gets a copy with its own decay.
+  """
   dst = os.path.join(dst_dir, 'checkpoints-meta', 'checkpoint.pth')
-  if not os.path.exists(dst):  # otherwise training resumes from where dst_dir already is
+  if os.path.exists(dst):  # training resumes from where dst_dir already is
+    return
+  src = os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth')
+  checkpoint = utils.load_checkpoint_file(src)
+  if checkpoint['ema']['decay'] == ema_rate:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.copyfile(os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth'), dst)
+    shutil.copyfile(src, dst)
+    return
+  checkpoint['ema']['decay'] = ema_rate
+  with utils.atomic_write(dst) as f:
+    torch.save(checkpoint, f)
 
 
 def _check_pretrain_steps(pretrain_dir, pretrain_iters):
@@ -120,6 +137,8 @@ def read_results(config, eval_dir):
   return {
       'nll_bpd': float(np.mean(bpds)),
       'fp_residual_mean': float(np.mean(residual['residual'])),
+      # Relative asymmetry of the score's Jacobian (0 for a gradient field), mean over the same t grid.
+      'conservativity': float(np.mean(residual['conservativity'])) if 'conservativity' in residual else float('nan'),
       'swd': float(report['swd']),
       'mmd': float(report['mmd']),
       # With the FP term on, the eval loss file also holds the DSM part alone; without it, the loss is DSM.
@@ -141,23 +160,58 @@ def reference_row(config):
     nll = float('nan')
   fresh = toy.sample_toy(config.data.toy, config.eval.num_samples, np.random.default_rng([config.seed, 99]))
   quality = toy.sample_quality(fresh, config)
-  return {'nll_bpd': nll, 'fp_residual_mean': float('nan'), 'swd': quality['swd'], 'mmd': quality['mmd'],
-          'dsm_loss': float('nan'), 'data': test_points}
+  return {'nll_bpd': nll, 'fp_residual_mean': float('nan'), 'conservativity': float('nan'), 'swd': quality['swd'],
+          'mmd': quality['mmd'], 'dsm_loss': float('nan'), 'data': test_points}
 
 
 def format_table(sde, toy_name, rows):
   """One SDE's table: a line per model, then the true density's row."""
-  header = f'{"model":<12}{"NLL [bits/dim]":>16}{"FP residual":>14}{"SWD":>10}{"MMD^2":>12}{"DSM loss":>12}'
-  lines = [f'{sde.upper()} SDE on {toy_name} (NLL from the probability-flow ODE; FP residual: mean over t; '
-           'SWD, MMD^2 of ODE samples vs the true density; lower is better for all)', header, '-' * len(header)]
+  header = (f'{"model":<12}{"NLL [bits/dim]":>16}{"FP residual":>14}{"conserv.":>10}{"SWD":>10}{"MMD^2":>12}'
+            f'{"DSM loss":>12}')
+  lines = [f'{sde.upper()} SDE on {toy_name} (NLL from the probability-flow ODE; FP residual and conservativity '
+           '||J - J^T|| / ||J||: mean over t; SWD, MMD^2 of ODE samples vs the true density; lower is better for '
+           'all)', header, '-' * len(header)]
 
   def cell(value, width, fmt):
     return f'{"-":>{width}}' if value is None or math.isnan(value) else f'{value:>{width}{fmt}}'
 
   for label, r in rows.items():
     lines.append(f'{label:<12}' + cell(r['nll_bpd'], 16, '.4f') + cell(r['fp_residual_mean'], 14, '.4g') +
+                 cell(r['conservativity'], 10, '.4f') +
                  cell(r['swd'], 10, '.4f') + cell(r['mmd'], 12, '.2e') + cell(r['dsm_loss'], 12, '.4f'))
   return '\n'.join(lines)
+
+
+def pretrain(workdir, sde, toy_name, quick=False, pretrain_iters=3000):
+  """Trains (or resumes) the DSM checkpoint that every fine-tuning run of `sde` starts from.
+
+  Returns:
+    (the pretraining workdir `workdir/{toy}_{sde}_pretrain[_quick]`, its number of steps: `pretrain_iters`, or
+    half the tiny `n_iters` with `quick`).
+  """
+  config = get_demo_config(sde, 'dsm', toy_name, quick)
+  n_iters = config.training.n_iters
+  if quick:
+    pretrain_iters = n_iters // 2
+  if not 0 < pretrain_iters < n_iters:
+    raise ValueError(f'--pretrain_iters={pretrain_iters} must be in (0, {n_iters}) (training.n_iters).')
+  # The learning-rate schedule's horizon is this run's own length: pretraining ends converged.
+  config.training.n_iters = pretrain_iters
+  config.training.snapshot_freq = pretrain_iters
+  pretrain_dir = os.path.join(workdir, f'{toy_name}_{sde}_pretrain{"_quick" if quick else ""}')
+  _check_pretrain_steps(pretrain_dir, pretrain_iters)
+  logging.info('%s SDE: DSM pretraining, %d steps in %s', sde.upper(), pretrain_iters, pretrain_dir)
+  run_lib.train(config, pretrain_dir)
+  return pretrain_dir, pretrain_iters
+
+
+def fine_tune_and_evaluate(config, pretrain_dir, model_dir):
+  """Fine-tunes `pretrain_dir`'s checkpoint to `config.training.n_iters` in `model_dir`, evaluates the last
+  checkpoint there, and returns `read_results`'s numbers."""
+  _copy_checkpoint(pretrain_dir, model_dir, config.model.ema_rate)
+  run_lib.train(config, model_dir)
+  run_lib.evaluate(config, model_dir, eval_folder='eval')
+  return read_results(config, os.path.join(model_dir, 'eval'))
 
 
 def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
@@ -181,32 +235,17 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
   stage = 0
   for sde in SDES:
     rows = {}
-    pretrain_config = get_demo_config(sde, 'dsm', toy_name, quick)
-    n_iters = pretrain_config.training.n_iters
-    if quick:
-      pretrain_iters = n_iters // 2
-    if not 0 < pretrain_iters < n_iters:
-      raise ValueError(f'--pretrain_iters={pretrain_iters} must be in (0, {n_iters}) (training.n_iters).')
-    pretrain_config.training.n_iters = pretrain_iters
-    pretrain_config.training.snapshot_freq = pretrain_iters
-    pretrain_dir = os.path.join(workdir, f'{toy_name}_{sde}_pretrain{suffix}')
-    _check_pretrain_steps(pretrain_dir, pretrain_iters)
     stage += 1
-    logging.info('[%d/%d] %s SDE: DSM pretraining, %d steps in %s (%.0f s so far)', stage, stages, sde.upper(),
-                 pretrain_iters, pretrain_dir, time.time() - start)
-    run_lib.train(pretrain_config, pretrain_dir)
+    logging.info('[%d/%d] %s SDE: DSM pretraining (%.0f s so far)', stage, stages, sde.upper(), time.time() - start)
+    pretrain_dir, pretrain_iters = pretrain(workdir, sde, toy_name, quick, pretrain_iters)
     for variant, label in VARIANTS:
       stage += 1
       config = get_demo_config(sde, variant, toy_name, quick)
       model_dir = os.path.join(workdir, f'{toy_name}_{sde}_{variant}{suffix}')
-      logging.info('[%d/%d] %s SDE, %s: fine-tuning steps %d..%d in %s (%.0f s so far)', stage, stages,
-                   sde.upper(), label, pretrain_iters, n_iters, model_dir, time.time() - start)
-      _copy_checkpoint(pretrain_dir, model_dir)
-      run_lib.train(config, model_dir)
-      logging.info('[%d/%d] %s SDE, %s: evaluating (likelihood, samples, score-FPE residual) (%.0f s so far)',
-                   stage, stages, sde.upper(), label, time.time() - start)
-      run_lib.evaluate(config, model_dir, eval_folder='eval')
-      rows[label] = read_results(config, os.path.join(model_dir, 'eval'))
+      logging.info('[%d/%d] %s SDE, %s: fine-tuning steps %d..%d in %s, then evaluating (likelihood, samples, '
+                   'score-FPE residual) (%.0f s so far)', stage, stages, sde.upper(), label, pretrain_iters,
+                   config.training.n_iters, model_dir, time.time() - start)
+      rows[label] = fine_tune_and_evaluate(config, pretrain_dir, model_dir)
     reference = reference_row(config)
     toy.plot_residual_vs_time({label: (r['t'], r['residual']) for label, r in rows.items()},
                               os.path.join(workdir, f'residual_vs_t_{sde}.png'),
@@ -220,18 +259,19 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
                     for label, r in rows.items()}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     # NaN (no closed form, or not applicable) is written as null.
-    json.dump(_nan_to_none(results), f, indent=1)
+    json.dump(nan_to_none(results), f, indent=1)
   print('\n\n'.join(tables))
   print(f'\nFigures: {os.path.join(workdir, "residual_vs_t_{ve,vp}.png")}, '
         f'{os.path.join(workdir, "samples_{ve,vp}.png")}. Total time: {time.time() - start:.0f} s.')
   return results
 
 
-def _nan_to_none(value):
+def nan_to_none(value):
+  """`value` (nested dicts, lists, tuples) with NaN floats as None (JSON null) and tuples as lists."""
   if isinstance(value, dict):
-    return {k: _nan_to_none(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_nan_to_none(v) for v in value]
+    return {k: nan_to_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [nan_to_none(v) for v in value]
   if isinstance(value, float) and math.isnan(value):
     return None
   return value
@@ -243,7 +283,16 @@ def main(argv):
   # The MLP's ops are small: a second thread buys little and, next to other processes, costs a lot (measured
   # 5-10x slower steps with 2 threads on 2 busy cores).
   torch.set_num_threads(1)
-  run_demo(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters)
+  if FLAGS.study:
+    shard = FLAGS.study_shard.split('/')
+    if len(shard) != 2 or not all(part.isdigit() for part in shard):
+      raise ValueError(f'--study_shard={FLAGS.study_shard!r} is not of the form i/n (e.g. 0/2).')
+    import study  # pylint: disable=import-outside-toplevel  (study imports this module)
+    study.run_study(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters,
+                    ablation_sdes=tuple(FLAGS.study_ablation_sdes),
+                    shard=tuple(int(part) for part in shard))
+  else:
+    run_demo(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters)
 
 
 if __name__ == '__main__':

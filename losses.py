@@ -52,11 +52,31 @@ def get_optimizer(config, params):
   return optim.Adam(params, lr=lr, betas=(beta1, 0.999), eps=adam_eps, weight_decay=weight_decay)
 
 
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+def lr_schedule_factor(schedule, step, n_iters):
+  """The learning-rate multiplier of `optim.schedule` at `step`, on top of the warmup.
+
+  'constant' (Score SDE's: 1 after warmup); 'cosine' (not in Score SDE): 0.5 (1 + cos(pi step / n_iters)),
+  from 1 at step 0 to 0 at `training.n_iters`, and 0 after it.
+  """
+  if schedule == 'constant':
+    return 1.0
+  return 0.5 * (1. + math.cos(math.pi * min(step / n_iters, 1.)))
+
+
 def optimization_manager(config):
-  """Returns an optimize_fn based on `config`: linear learning-rate warmup and gradient-norm clipping."""
+  """Returns an optimize_fn based on `config`: linear learning-rate warmup, the learning-rate schedule
+  (`optim.schedule`, 'constant' if the config has none) and gradient-norm clipping."""
   lr_default = utils.check_number('optim.lr', config.optim.lr, low=0.)
   warmup_default = utils.check_number('optim.warmup', config.optim.warmup, low=0, integer=True)
   grad_clip_default = utils.check_number('optim.grad_clip', config.optim.grad_clip)
+  # Score SDE's configs have no schedule field: their rate stays constant after warmup, bit for bit.
+  schedule = utils.check_choice('optim.schedule', config.optim.get('schedule', 'constant'), LR_SCHEDULES)
+  n_iters = 1
+  if schedule != 'constant':
+    n_iters = utils.check_number('training.n_iters', config.training.n_iters, low=1, integer=True)
 
   def optimize_fn(optimizer, params, step, lr=lr_default, warmup=warmup_default, grad_clip=grad_clip_default,
                   *, scaler=None):
@@ -71,6 +91,8 @@ def optimization_manager(config):
     # Every step, also without warmup (where Score SDE leaves the rate alone): an optimizer restored from a
     # checkpoint would otherwise keep the checkpoint's rate and silently ignore optim.lr.
     factor = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    if schedule != 'constant':
+      factor *= lr_schedule_factor(schedule, int(step), n_iters)
     for g in optimizer.param_groups:
       g['lr'] = lr * factor
     if scaler is not None:

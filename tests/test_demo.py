@@ -55,15 +55,16 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert set(rows) == {'DSM', 'DSM + FP', 'true samples'}
     for label in ('DSM', 'DSM + FP'):
       row = rows[label]
-      for key in ('nll_bpd', 'fp_residual_mean', 'swd', 'mmd', 'dsm_loss'):
+      for key in ('nll_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd', 'dsm_loss'):
         assert row[key] is not None and math.isfinite(row[key]), (sde, label, key, row[key])
-      assert row['fp_residual_mean'] >= 0 and row['swd'] >= 0
+      assert row['fp_residual_mean'] >= 0 and row['swd'] >= 0 and 0 <= row['conservativity'] <= 2
       assert len(row['t']) == len(row['residual']) == 3
       # The table prints the same numbers.
       assert f'{row["nll_bpd"]:.4f}' in out and f'{row["swd"]:.4f}' in out
+      assert f'{row["conservativity"]:.4f}' in out
     # Checkerboard: the true NLL is log2(8) / 2 = 1.5 bits/dim exactly.
     assert rows['true samples']['nll_bpd'] == pytest.approx(1.5)
-    assert rows['true samples']['fp_residual_mean'] is None
+    assert rows['true samples']['fp_residual_mean'] is None and rows['true samples']['conservativity'] is None
 
 
 def test_workdir_pretrained_for_other_steps_is_refused(tmp_path):

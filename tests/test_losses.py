@@ -134,6 +134,23 @@ def test_optimizer_and_optimization_manager():
     losses.get_optimizer(config, model.parameters())
 
 
+def test_cosine_schedule_after_warmup():
+  config = get_default_configs()
+  model = torch.nn.Linear(3, 1)
+  opt = losses.get_optimizer(config, model.parameters())
+  model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+  config.optim.warmup, config.training.n_iters, config.optim.schedule = 10, 100, 'cosine'
+  optimize_fn = losses.optimization_manager(config)
+  # step 5: warmup 5/10 times the cosine at 5/100; step 25: cos(pi / 4) = 1/sqrt(2); from n_iters on: 0.
+  for step, factor in ((5, 0.5 * 0.5 * (1 + math.cos(math.pi / 20))), (25, 0.5 * (1 + 2 ** -0.5)), (50, 0.5),
+                       (100, 0.), (150, 0.)):
+    optimize_fn(opt, model.parameters(), step=step)
+    assert opt.param_groups[0]['lr'] == pytest.approx(config.optim.lr * factor, abs=1e-12), step
+  config.optim.schedule = 'linear'
+  with pytest.raises(ValueError, match=r"config.optim.schedule='linear'.*'constant', 'cosine'"):
+    losses.optimization_manager(config)
+
+
 def _state(model, lr=1e-3):
   return {'model': model, 'optimizer': torch.optim.Adam(model.parameters(), lr=lr),
           'ema': ExponentialMovingAverage(model.parameters(), decay=0.9), 'step': 0}

@@ -183,3 +183,14 @@ def test_pixel_mmd_is_zero_in_expectation_and_grows_with_a_shift():
   k = lambda d: math.exp(-d ** 2 / 2.)
   expected = k(1.) + k(2.) - 2. * (k(0.) + k(2.) + k(1.) + k(1.)) / 4.
   assert datasets.pixel_mmd(a, b, bandwidth=1.) == pytest.approx(expected)
+
+
+def test_study_summary_is_the_mean_and_students_t_interval_over_seeds():
+  import digits_study
+  runs = [{'sde': 've', 'variant': 'fp', 'nll_bpd': v, 'fp_residual_mean': 1., 'conservativity': None}
+          for v in (1., 2., 3.)]
+  (row,) = digits_study.summarize(runs)
+  assert row['num_seeds'] == 3 and 'conservativity' not in row
+  # std([1, 2, 3], ddof=1) = 1: half width t_{0.975, 2} / sqrt(3).
+  assert row['nll_bpd'] == {'mean': 2., 'ci95': pytest.approx(4.303 / math.sqrt(3))}
+  assert row['fp_residual_mean'] == {'mean': 1., 'ci95': 0.}

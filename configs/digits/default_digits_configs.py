@@ -10,7 +10,7 @@ whole test split (360 images, 17-level bits/dim: `likelihood.discrete_offset`). 
 from configs.default_cifar10_configs import get_default_configs as get_cifar10_defaults
 
 # Pretraining steps (DSM), and the checkpoint written at the end of them.
-PRETRAINING_STEPS = 1800
+PRETRAINING_STEPS = 4000
 
 
 def get_default_configs():
@@ -38,7 +38,7 @@ def get_default_configs():
   # training images, 4.8 for the digits in [0, 1]^64.
   model.sigma_max = 5
   model.dropout = 0.
-  # EMA over about 50 steps: the 150 fine-tuning steps then leave 0.98^150 = 5% of the pretrained weights in
+  # EMA over about 50 steps: the 200 fine-tuning steps then leave 0.98^200 = 2% of the pretrained weights in
   # the evaluated model (a checkpoint keeps its EMA decay, so fine-tuning cannot change it).
   model.ema_rate = 0.98
 

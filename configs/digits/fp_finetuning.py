@@ -9,7 +9,7 @@ and `beta` are the paper's; docs/study_digits.md says how the study chose them f
 
 from configs.fp.fp_finetuning import fine_tune
 
-FINE_TUNING_STEPS = 150
+FINE_TUNING_STEPS = 200
 
 
 def digits_fine_tune(config):

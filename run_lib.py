@@ -570,6 +570,9 @@ def _eval_settings(config):
                                                integer=True),
       fp_residual_num_batches=utils.check_number('eval.fp_residual_num_batches', e.fp_residual_num_batches,
                                                  low=1, integer=True),
+      enable_conservativity=utils.check_bool('eval.enable_conservativity', e.enable_conservativity),
+      conservativity_num_probes=utils.check_number('eval.conservativity_num_probes', e.conservativity_num_probes,
+                                                   low=0, integer=True),
       wait_limit_seconds=utils.check_number('eval.wait_limit_seconds', e.wait_limit_seconds, low=0),
       skip_missing_ckpts=utils.check_bool('eval.skip_missing_ckpts', e.skip_missing_ckpts),
   )
@@ -780,10 +783,13 @@ def _evaluate_samples(ctx, ckpt):
 
 
 def _evaluate_fp_residual(ctx, ckpt):
-  """The score-FPE residual as a function of t on `eval.fp_residual_num_batches` eval batches (rank 0).
+  """The score-FPE residual and/or the conservativity as functions of t on `eval.fp_residual_num_batches` eval
+  batches (rank 0).
 
-  Writes `ckpt_{ckpt}_fp_residual.npz` with the arrays of `score_fpe.residual_vs_time` over the t grid:
-  `t`, `residual`, `residual_weighted`, `scalar`, `time_derivative`.
+  Writes `ckpt_{ckpt}_fp_residual.npz` with `t` and, if `eval.enable_fp_residual`, the arrays of
+  `score_fpe.residual_vs_time` over the t grid (`residual`, `residual_weighted`, `scalar`, `time_derivative`),
+  and, if `eval.enable_conservativity`, `conservativity` (`score_fpe.conservativity_vs_time`), which also goes
+  to TensorBoard.
   """
   if not ctx.is_main:
     return
@@ -796,18 +802,48 @@ def _evaluate_fp_residual(ctx, ckpt):
   if len(batches) < s['fp_residual_num_batches']:
     logging.warning('eval.fp_residual_num_batches=%d, but the eval split has only %d batches.',
                     s['fp_residual_num_batches'], len(batches))
-  _seeded(ctx.config, 'fp_residual')
   score_fn = mutils.get_score_fn(ctx.sde, ctx.state['model'], train=False, continuous=ctx.continuous)
   ts = np.linspace(ctx.sde.sampling_eps, ctx.sde.T, s['fp_residual_num_times'])
-  # The training run's estimators (`training.fp_*`), so the diagnostic measures what the loss penalizes.
-  curves = score_fpe.residual_vs_time(score_fn, ctx.sde, torch.cat(batches), ts, fpe=ctx.fpe,
-                                      fp_wgt_type=ctx.config.training.fp_wgt_type, m=ctx.config.training.m,
-                                      batch_size=s['batch_size'])
+  curves = {'t': ts}
+  if s['enable_fp_residual']:
+    _seeded(ctx.config, 'fp_residual')
+    # The training run's estimators (`training.fp_*`), so the diagnostic measures what the loss penalizes.
+    curves.update(score_fpe.residual_vs_time(score_fn, ctx.sde, torch.cat(batches), ts, fpe=ctx.fpe,
+                                             fp_wgt_type=ctx.config.training.fp_wgt_type, m=ctx.config.training.m,
+                                             batch_size=s['batch_size']))
+  if s['enable_conservativity']:
+    # A seed of its own: the same x_t whether or not the residual ran before it.
+    _seeded(ctx.config, 'conservativity')
+    curves['conservativity'] = score_fpe.conservativity_vs_time(
+        score_fn, ctx.sde, torch.cat(batches), ts, num_probes=s['conservativity_num_probes'],
+        batch_size=s['batch_size'])
   for name, values in curves.items():
     _check_finite(ckpt, f'the score-FPE {name}', values, 't')
   _save_npz(os.path.join(ctx.eval_dir, f'ckpt_{ckpt}_fp_residual.npz'), **curves)
-  logging.info('ckpt: %d, score-FPE residual vs t: %s', ckpt,
-               ', '.join(f't={t:.3g}: {r:.4e}' for t, r in zip(curves['t'], curves['residual'])))
+  for name, what in (('residual', 'score-FPE residual'), ('conservativity', 'score conservativity')):
+    if name in curves:
+      logging.info('ckpt: %d, %s vs t: %s', ckpt, what,
+                   ', '.join(f't={t:.3g}: {r:.4e}' for t, r in zip(curves['t'], curves[name])))
+  if 'conservativity' in curves:
+    _write_conservativity_summaries(ctx, curves)
+
+
+def _eval_summary_writer(tb_dir):
+  # Lazy, as in training: torch.utils.tensorboard imports TensorFlow when it is installed (seconds).
+  from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
+  return tensorboard.SummaryWriter(tb_dir)
+
+
+def _write_conservativity_summaries(ctx, curves):
+  """TensorBoard scalars at the checkpoint's training step, in `<eval_dir>/tensorboard`: the mean over the t
+  grid (`eval_conservativity`) and the value at each t (`eval_conservativity/t=...`)."""
+  if ctx.writer is None:
+    ctx.writer = _eval_summary_writer(os.path.join(ctx.eval_dir, 'tensorboard'))
+  step = int(ctx.state['step'])
+  ctx.writer.add_scalar('eval_conservativity', float(np.mean(curves['conservativity'])), step)
+  for t, value in zip(curves['t'], curves['conservativity']):
+    ctx.writer.add_scalar(f'eval_conservativity/t={t:.4g}', float(value), step)
+  ctx.writer.flush()
 
 
 def _check_eval_batch_fits(data, settings):
@@ -818,6 +854,8 @@ def _check_eval_batch_fits(data, settings):
     readers.setdefault('test', []).append('eval.enable_loss')
   if settings['enable_fp_residual']:
     readers.setdefault('test', []).append('eval.enable_fp_residual')
+  if settings['enable_conservativity']:
+    readers.setdefault('test', []).append('eval.enable_conservativity')
   if settings['enable_bpd']:
     readers.setdefault(settings['bpd_dataset'], []).append('eval.enable_bpd')
   batch_size = settings['batch_size']
@@ -865,6 +903,20 @@ def _await_checkpoint(ctx, workdir, path):
   return distributed.broadcast_object(_on_main_rank(wait))
 
 
+CONSERVATIVITY_MAX_EXACT_DIM = 64
+
+
+def _check_conservativity_dim(settings, dim):
+  """Refuses the exact Jacobian (`eval.conservativity_num_probes = 0`) for data of more than
+  `CONSERVATIVITY_MAX_EXACT_DIM` dimensions: D backward passes and a (B, D, D) tensor per batch."""
+  probes = settings['conservativity_num_probes']
+  if probes == 0 and dim > CONSERVATIVITY_MAX_EXACT_DIM:
+    raise ValueError(f'config.eval.conservativity_num_probes={probes} asks for the exact Jacobian, but the data have '
+                     f'{dim} dimensions (at most {CONSERVATIVITY_MAX_EXACT_DIM} allowed for the exact one: it takes '
+                     'D backward passes per batch). Set it to a positive number of Rademacher probes per sample, '
+                     'e.g. 4.')
+
+
 def _setup_evaluation(config, workdir, eval_folder):
   """Builds and validates everything evaluation needs; writes nothing."""
   dist_ctx = distributed.context()
@@ -878,7 +930,7 @@ def _setup_evaluation(config, workdir, eval_folder):
   trainer = make_trainer(config, sde, state)
   ctx = types.SimpleNamespace(
       config=config, settings=settings, sde=sde, state=state, continuous=continuous, data=data, trainer=trainer,
-      is_main=dist_ctx.is_main, likelihood_fn=None, sampling_fn=None,
+      is_main=dist_ctx.is_main, likelihood_fn=None, sampling_fn=None, writer=None,
       sampling_model=_sampling_model(trainer, state), fpe=None,
       checkpoint_dir=os.path.join(workdir, 'checkpoints'), eval_dir=os.path.join(workdir, eval_folder))
   if settings['enable_bpd']:
@@ -892,6 +944,8 @@ def _setup_evaluation(config, workdir, eval_folder):
       raise ValueError('eval.enable_fp_residual=True needs a continuous-time model (training.continuous=True); '
                        'the score of a discrete-time model is not differentiable in t.')
     ctx.fpe = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)
+  if settings['enable_conservativity']:
+    _check_conservativity_dim(settings, math.prod(data.sample_shape(1)[1:]))
   if settings['enable_sampling']:
     shape = data.sample_shape(settings['batch_size'])
     ctx.sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
@@ -912,7 +966,10 @@ def evaluate(config, workdir, eval_folder='eval'):
       then `report_{ckpt}.npz`: `IS`, `fid`, `kid` for images, the `toy.sample_quality` metrics for TOY data;
     - `ckpt_{ckpt}_fp_residual.npz`: the score-FPE residual on a grid of `eval.fp_residual_num_times` t in
       [sde.sampling_eps, T] (`score_fpe.residual_vs_time`: `t`, `residual`, `residual_weighted`, `scalar`,
-      `time_derivative`).
+      `time_derivative`), and with `eval.enable_conservativity` the score's relative Jacobian asymmetry on the
+      same grid and batches (`conservativity`, from `score_fpe.conservativity_vs_time`; also TensorBoard
+      scalars in `<eval_folder>/tensorboard/`). With only the conservativity enabled, the file holds `t` and
+      `conservativity`.
   Every unit of work (a batch of the loss or of a bits/dim pass, a sampling round) draws its noise from a seed
   of its own, so the numbers do not depend on how many processes evaluate (torchrun splits the units over
   ranks; rank 0 writes the same files as a single process).
@@ -969,9 +1026,11 @@ def evaluate(config, workdir, eval_folder='eval'):
       _evaluate_bpd(ctx, ckpt)
     if s['enable_sampling']:
       _evaluate_samples(ctx, ckpt)
-    if s['enable_fp_residual']:
+    if s['enable_fp_residual'] or s['enable_conservativity']:
       _evaluate_fp_residual(ctx, ckpt)
     distributed.barrier()
+  if ctx.writer is not None:
+    ctx.writer.close()
   if skipped:
     logging.warning('Skipped %d missing checkpoint(s) that no trainer will write: %s.', len(skipped),
                     ', '.join(map(str, skipped)))

@@ -17,6 +17,10 @@ Estimators (chosen in `ScoreFPE`):
   - div_x s: Hutchinson's estimator (Gaussian or Rademacher probes, differentiable again in x), or the exact
     trace of the Jacobian (D backward passes: small D only).
 
+Conservativity (FP-Diffusion's second claim: the regularized score is closer to a gradient field) is measured
+by `conservativity`, the relative asymmetry ||J - J^T||_F / ||J||_F of the score's Jacobian J in x, exactly
+or from Rademacher probes, and by `conservativity_vs_time` on the same x_t as `residual_vs_time`.
+
 A score function is `score_fn(x, t)` with x of any shape (B, ...) and t of shape (B,), returning the score,
 shape of x. Everything here is differentiable (to the order the loss needs) with respect to the score
 function's parameters.
@@ -393,18 +397,12 @@ def residual_vs_time(score_fn, sde, x0, ts, fpe=None, fp_wgt_type='ll', m=2, bat
     fpe = ScoreFPE(sde, eps=min(float(np.min(ts)), sde.sampling_eps), time_derivative='forward_ad')
   ts = np.asarray(ts, dtype=np.float64).reshape(-1)
   n = x0.shape[0]
-  batch_size = n if batch_size is None else batch_size
   names = ('residual', 'residual_weighted', 'scalar', 'time_derivative')
   out = {name: np.zeros(len(ts)) for name in names}
   D = utils.data_dim(x0)
   for i, t_value in enumerate(ts):
     sums = dict.fromkeys(names, 0.)
-    for start in range(0, n, batch_size):
-      x0_chunk = x0[start:start + batch_size]
-      t = torch.full((x0_chunk.shape[0],), t_value, device=x0.device, dtype=x0.dtype)
-      mean, std = sde.marginal_prob(x0_chunk, t)
-      z = torch.randn(x0_chunk.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-      x_t = mean + utils.expand_batch(std, x0_chunk) * z
+    for x_t, t in perturbed_batches(sde, x0, t_value, batch_size, generator):
       with torch.enable_grad():
         x_t = x_t.detach().requires_grad_(True)
         evaluation = fpe.evaluate_score(score_fn, x_t, t, with_time_derivative=True)
@@ -421,6 +419,155 @@ def residual_vs_time(score_fn, sde, x0, ts, fpe=None, fp_wgt_type='ll', m=2, bat
     out['time_derivative'][i] = math.sqrt(sums['time_derivative'] / (n * D))
     logging.debug('score-FPE residual at t=%.4g: %.4g', t_value, out['residual'][i])
   out['t'] = ts
+  return out
+
+
+def perturbed_batches(sde, x0, t_value, batch_size=None, generator=None):
+  """Yields (x_t, t) chunk by chunk: x_t ~ p_t(x_t | x0) at the single time `t_value`, one sample per row of x0.
+
+  The noise of a chunk is drawn from `generator` only when the chunk is reached, so a caller that draws its own
+  random numbers (probes) from the same generator between chunks gets a reproducible interleaving.
+
+  Args:
+    sde: an `sde_lib.SDE`.
+    x0: clean data, shape (N, ...).
+    t_value: the time, a float.
+    batch_size: chunk size (default: all N at once).
+    generator: optional `torch.Generator` for the noise.
+  """
+  n = x0.shape[0]
+  batch_size = n if batch_size is None else batch_size
+  for start in range(0, n, batch_size):
+    x0_chunk = x0[start:start + batch_size]
+    t = torch.full((x0_chunk.shape[0],), t_value, device=x0.device, dtype=x0.dtype)
+    mean, std = sde.marginal_prob(x0_chunk, t)
+    z = torch.randn(x0_chunk.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    yield mean + utils.expand_batch(std, x0_chunk) * z, t
+
+
+def _check_num_probes(num_probes):
+  if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 0:
+    raise ValueError(f'num_probes={num_probes!r}; expected a non-negative integer (0: the exact Jacobian).')
+  return int(num_probes)
+
+
+def jacobian_asymmetry_exact(s, x):
+  """Per-sample squared Frobenius norms of J - J^T and of J, J = ds/dx, from the full Jacobian (D passes).
+
+  Args:
+    s: the score s(x), computed from x (which requires grad), shape (B, ...).
+    x: the input, shape (B, ...).
+
+  Returns:
+    (||J - J^T||_F^2, ||J||_F^2), each of shape (B,).
+  """
+  s_flat = s.reshape(s.shape[0], -1)
+  rows = []
+  for i in range(s_flat.shape[1]):
+    unit = torch.zeros_like(s_flat)
+    unit[:, i] = 1.
+    rows.append(_grad(s, x, unit.reshape(s.shape), False).reshape(s.shape[0], -1))
+  jac = torch.stack(rows, dim=1)  # (B, D, D): jac[b, i, j] = d s_i / d x_j of sample b
+  asym = jac - jac.transpose(1, 2)
+  return asym.square().sum(dim=(1, 2)), jac.square().sum(dim=(1, 2))
+
+
+def jacobian_asymmetry_probes(s, x, num_probes, generator=None):
+  """Unbiased estimates of ||J - J^T||_F^2 and ||J||_F^2 per sample, J = ds/dx, from Rademacher probes.
+
+  For a probe v with E[v v^T] = I, E|A v|^2 = ||A||_F^2 for any matrix A; with A = J - J^T this is
+  |J v - J^T v|^2. J^T v is one vector-Jacobian product; J v comes from the double-backward trick: u -> J^T u
+  is linear in a dummy cotangent u, so the gradient of <J^T u, v> with respect to u is J v. Each probe costs
+  two backward passes and one double backward.
+
+  Args:
+    s: the score s(x), computed from x (which requires grad), shape (B, ...).
+    x: the input, shape (B, ...).
+    num_probes: probes per sample (>= 1).
+    generator: optional `torch.Generator` for the probes.
+
+  Returns:
+    (estimate of ||J - J^T||_F^2, estimate of ||J||_F^2), each of shape (B,), averaged over the probes.
+  """
+  probes = draw_probes(x.shape, num_probes, 'rademacher', generator, x.device, x.dtype)
+  asym, norm = 0., 0.
+  for i in range(num_probes):
+    v = probes[:, i]
+    jtv = _grad(s, x, v, False)
+    u = torch.zeros_like(s, requires_grad=True)
+    jtu = _grad(s, x, u, True)
+    if jtu.requires_grad:
+      (jv,) = torch.autograd.grad(jtu, u, grad_outputs=v, allow_unused=True)
+      jv = torch.zeros_like(s) if jv is None else jv
+    else:  # s does not depend on x: J = 0
+      jv = torch.zeros_like(s)
+    asym = asym + utils.sum_except_batch((jv - jtv).square())
+    norm = norm + utils.sum_except_batch(jv.square())
+  return asym / num_probes, norm / num_probes
+
+
+def conservativity(score_fn, x, t, num_probes=0, generator=None):
+  """The relative asymmetry ||J - J^T||_F / ||J||_F of the score's Jacobian J = d score / dx, per sample.
+
+  A vector field is a gradient field (conservative) exactly where its Jacobian is symmetric, so this is zero for
+  any true score, grad_x log p_t, and measures how far a learned score is from one (FP-Diffusion's second
+  claim). It is scale-free (the same for s and c s) and lies in [0, 2]: 2 for an antisymmetric J (a rotation),
+  about sqrt(2) for a matrix of independent entries. Where J = 0 (a constant field, the gradient of a linear
+  potential) it is 0.
+
+  Args:
+    score_fn: `score_fn(x, t)` returning the score, shape of x. Samples must not interact (J is taken per
+      sample: the cross-sample blocks of the batch Jacobian are assumed zero, as for any network in eval mode).
+    x: points, shape (B, ...); each sample is flattened to D dimensions.
+    t: times, shape (B,).
+    num_probes: 0 for the exact Jacobian (D backward passes and a (B, D, D) tensor: small D only); k > 0 for k
+      Rademacher probes per sample. The probe estimates of both squared norms are unbiased; their ratio (and
+      its square root) is consistent, not unbiased: it converges to the exact value as k grows.
+    generator: optional `torch.Generator` for the probes.
+
+  Returns:
+    A float tensor of shape (B,), detached (an evaluation metric: no graph is kept).
+  """
+  num_probes = _check_num_probes(num_probes)
+  with torch.enable_grad():
+    x = x.detach().requires_grad_(True)
+    s = score_fn(x, t)
+    if num_probes == 0:
+      asym, norm = jacobian_asymmetry_exact(s, x)
+    else:
+      asym, norm = jacobian_asymmetry_probes(s, x, num_probes, generator)
+  asym, norm = asym.detach(), norm.detach()
+  ratio = torch.sqrt(asym / torch.where(norm > 0, norm, torch.ones_like(norm)))
+  return torch.where(norm > 0, ratio, torch.zeros_like(ratio))
+
+
+def conservativity_vs_time(score_fn, sde, x0, ts, num_probes=0, batch_size=None, generator=None):
+  """The score's relative Jacobian asymmetry (`conservativity`) as a function of t, mean over samples.
+
+  For each t in `ts`, draws x_t ~ p_t(x_t | x0) exactly as `residual_vs_time` does (`perturbed_batches`) and
+  averages `conservativity(score_fn, x_t, t)` over the samples.
+
+  Args:
+    score_fn: `score_fn(x, t)`, e.g. `models.utils.get_score_fn(sde, model, train=False, continuous=True)`.
+    sde: an `sde_lib.SDE`.
+    x0: clean data, shape (N, ...).
+    ts: times, a 1-D sequence in [eps, T].
+    num_probes: as in `conservativity` (0: exact).
+    batch_size: evaluate x0 in chunks of this many samples (default: all at once).
+    generator: optional `torch.Generator` for the noise and the probes.
+
+  Returns:
+    A float64 numpy array of shape (len(ts),).
+  """
+  num_probes = _check_num_probes(num_probes)
+  ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+  out = np.zeros(len(ts))
+  for i, t_value in enumerate(ts):
+    total = 0.
+    for x_t, t in perturbed_batches(sde, x0, t_value, batch_size, generator):
+      total += conservativity(score_fn, x_t, t, num_probes, generator).sum().item()
+    out[i] = total / x0.shape[0]
+    logging.debug('score conservativity (relative Jacobian asymmetry) at t=%.4g: %.4g', t_value, out[i])
   return out
 
 

@@ -49,6 +49,11 @@ def add_fp_diffusion_fields(config):
   evaluate.enable_fp_residual = False  # score-FPE residual as a function of t (docs/score_fpe.md)
   evaluate.fp_residual_num_times = 10  # points of the t grid, uniform in [sampling_eps, T]
   evaluate.fp_residual_num_batches = 1  # eval batches per t
+  # Conservativity: ||J - J^T||_F / ||J||_F of the score's Jacobian in x, on the residual's t grid and batches
+  # (docs/score_fpe.md). Probes: 0 is the exact Jacobian (data of at most 64 dimensions), k > 0 is k Rademacher
+  # probes per sample (images).
+  evaluate.enable_conservativity = False
+  evaluate.conservativity_num_probes = 0
   # Inception network for FID/IS/KID: a TF-Hub handle, or a local directory holding the SavedModel.
   evaluate.inception_model = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
   evaluate.stats_path = ''  # dataset statistics for FID; '' means Score SDE's assets/stats/ file name

@@ -91,7 +91,8 @@ def main_args(config, workdir, mode, overrides):
 def eval_overrides(has_conservativity):
   overrides = {}
   if has_conservativity:
-    overrides['eval.enable_conservativity'] = True
+    # 8 Rademacher probes per sample (the exact Jacobian takes 64 backward passes per batch and t).
+    overrides.update({'eval.enable_conservativity': True, 'eval.conservativity_num_probes': 8})
   return overrides
 
 
@@ -107,12 +108,9 @@ def read_results(workdir, ckpt):
   report = np.load(os.path.join(eval_dir, f'report_{ckpt}.npz'))
   out.update({name: float(report[name]) for name in report.files})
   out['conservativity'] = None
-  conservativity = glob.glob(os.path.join(eval_dir, f'ckpt_{ckpt}_conservativity*.npz'))
-  if conservativity:
-    arrays = np.load(conservativity[0])
-    name = 'conservativity' if 'conservativity' in arrays.files else arrays.files[-1]
-    out['conservativity'] = float(np.mean(arrays[name]))
-    out['conservativity_vs_t'] = {k: arrays[k].tolist() for k in arrays.files}
+  if 'conservativity' in residual.files:
+    out['conservativity'] = float(np.mean(residual['conservativity']))
+    out['conservativity_vs_t'] = residual['conservativity'].tolist()
   return out
 
 
@@ -236,7 +234,10 @@ def study_sde(sde, workdir, seeds, jobs, has_conservativity, record, done):
   tasks = [evaluate_pretrained] + [functools.partial(fine_tune, variant, seed)
                                    for seed in seeds for variant in ('fp', 'dsm')]
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    for result, commands in pool.map(lambda task: task(), tasks):
+    for result, commands in pool.map(_failures_logged, tasks):
+      if commands is None:
+        record.setdefault('failures', []).append(result)
+        continue
       if result is None:
         record['commands'].append({'what': f'{sde} evaluation of the pretrained model', 'command': commands[0][0],
                                    'seconds': commands[0][1]})
@@ -249,6 +250,15 @@ def study_sde(sde, workdir, seeds, jobs, has_conservativity, record, done):
                    result['variant'], result['seed'], result['nll_bpd'], result['fp_residual_mean'],
                    result['conservativity'], result['train_seconds'], result['eval_seconds'])
       _write(workdir, record)
+
+
+def _failures_logged(task):
+  """Runs a task; a failed one returns (its error message, None) instead of stopping the other runs."""
+  try:
+    return task()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception('A study task failed.')
+    return str(e), None
 
 
 def _write(workdir, record):

@@ -13,7 +13,8 @@ For each SDE (`ve`: the small NCSN++ of configs/digits/ve_ncsnpp_continuous.py; 
      bits/dim for 17 levels, sample metrics (`datasets.DigitsData`), the score-FPE residual vs t and, where
      `eval.enable_conservativity` exists, the conservativity vs t.
 Every command is a `main.py` command line run under `nice` with one thread (OMP_NUM_THREADS=1); each one's
-wall time is recorded. Results go to `W/digits_study.json`: the commands and durations, per run `sde`,
+wall time is read from its log. A rerun keeps what is done (the pretraining, a run with results) and runs the
+rest; `--collect` only writes the JSON from the workdir. Results go to `W/digits_study.json`: the commands and durations, per run `sde`,
 `variant`, `alpha`, `beta`, `seed`, `nll_bpd`, `fp_residual_mean`, `conservativity` (None where not measured)
 and the sample metrics, and per (sde, variant) the mean and 95% interval over seeds.
 """
@@ -174,88 +175,106 @@ def summarize(runs):
   return summary
 
 
-def study_sde(sde, workdir, seeds, jobs, has_conservativity, record, done):
-  """Pretraining, weights, fine-tuning and evaluation of one SDE; appends to `record`. `done`: the commands of an
-  earlier study in the same workdir, by what they did."""
+def _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity):
+  """The `main.py` arguments of one fine-tuning run and of its evaluation."""
+  overrides = {'seed': seed}
+  if variant == 'dsm':
+    overrides.update({'training.alpha': 0., 'training.beta': 0.})
+  else:
+    overrides.update({'training.alpha': weights['alpha'], 'training.beta': weights['beta']})
+  train_args = main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'train', overrides)
+  overrides.update(EVAL_OVERRIDES)
+  overrides.update(eval_overrides(has_conservativity))
+  return train_args, main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'eval', overrides), overrides
+
+
+def fine_tune(workdir, sde, variant, seed, has_conservativity):
+  """Fine-tunes the pretrained checkpoint of `sde` (one variant, one seed) and evaluates it."""
+  base = os.path.join(workdir, sde)
+  with open(os.path.join(base, 'fp_weights.json')) as f:
+    weights = json.load(f)
+  run_dir = os.path.join(base, f'{variant}_seed{seed}')
+  os.makedirs(os.path.join(run_dir, 'checkpoints-meta'), exist_ok=True)
+  shutil.copyfile(os.path.join(base, 'pretrain', 'checkpoints', 'checkpoint_1.pth'),
+                  os.path.join(run_dir, 'checkpoints-meta', 'checkpoint.pth'))
+  train_args, eval_args, _ = _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity)
+  run_command(train_args, os.path.join(run_dir, 'train.log'))
+  run_command(eval_args, os.path.join(run_dir, 'eval.log'))
+
+
+def collect(workdir, sde, seeds, has_conservativity, record):
+  """Reads what the commands of one SDE wrote (results, and durations from their logs) into `record`."""
+  base = os.path.join(workdir, sde)
+  pretrain = os.path.join(base, 'pretrain')
+  record['commands'].append({'what': f'{sde} DSM pretraining', 'command': _printable(main_args(
+      CONFIGS[sde], pretrain, 'train', {})), 'seconds': _logged_seconds(os.path.join(base, 'pretrain_train.log'))})
+  with open(os.path.join(base, 'fp_weights.json')) as f:
+    record['weights'][sde] = weights = json.load(f)
+  record['commands'].append({'what': f'{sde} FP weights on training data (balanced_weights)', 'command':
+                             f'python -c "import digits_study; digits_study.balanced_weights(...)"',
+                             'seconds': weights['seconds']})
+  eval_log = os.path.join(base, 'pretrain_eval.log')
+  if os.path.exists(os.path.join(pretrain, 'eval', 'report_1.npz')):
+    record['commands'].append({'what': f'{sde} evaluation of the pretrained model', 'command': _printable(main_args(
+        CONFIGS[sde], pretrain, 'eval', dict(EVAL_OVERRIDES, **eval_overrides(has_conservativity)))),
+                               'seconds': _logged_seconds(eval_log)})
+    record['pretrained'][sde] = read_results(pretrain, 1)
+  for seed in seeds:
+    for variant in ('dsm', 'fp'):
+      run_dir = os.path.join(base, f'{variant}_seed{seed}')
+      train_args, eval_args, overrides = _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity)
+      checkpoints = glob.glob(os.path.join(run_dir, 'checkpoints', 'checkpoint_*.pth'))
+      if not checkpoints or not glob.glob(os.path.join(run_dir, 'eval', 'report_*.npz')):
+        logging.warning('%s: not finished; left out.', run_dir)
+        continue
+      seconds = {}
+      for what, args, log in (('fine-tuning', train_args, 'train.log'), ('evaluation', eval_args, 'eval.log')):
+        seconds[what] = _logged_seconds(os.path.join(run_dir, log))
+        record['commands'].append({'what': f'{sde} {variant} seed {seed} {what}', 'command': _printable(args),
+                                   'seconds': seconds[what]})
+      ckpt = int(os.path.basename(max(checkpoints, key=os.path.getmtime))[len('checkpoint_'):-4])
+      result = {'sde': sde, 'variant': variant, 'seed': seed, 'alpha': overrides['training.alpha'],
+                'beta': overrides['training.beta'], 'train_seconds': seconds['fine-tuning'],
+                'eval_seconds': seconds['evaluation']}
+      result.update(read_results(run_dir, ckpt))
+      record['runs'].append(result)
+
+
+def study_sde(sde, workdir, seeds, jobs, has_conservativity):
+  """Pretraining (kept if done), FP weights, the pretrained model's evaluation and the fine-tuning runs of one
+  SDE (those not evaluated yet), `jobs` at a time."""
   base = os.path.join(workdir, sde)
   pretrain = os.path.join(base, 'pretrain')
   os.makedirs(pretrain, exist_ok=True)
   checkpoint = os.path.join(pretrain, 'checkpoints', 'checkpoint_1.pth')  # the state at the last step
-  what = f'{sde} DSM pretraining'
-  train_args = main_args(CONFIGS[sde], pretrain, 'train', {})
   _wait_for_trainer(pretrain)
-  if os.path.exists(checkpoint):
-    # A study rerun in the same workdir keeps a finished pretraining; its duration is read from its log.
-    record['commands'].append(done.get(what) or {'what': what, 'command': _printable(train_args),
-                                                 'seconds': _logged_seconds(os.path.join(base, 'pretrain_train.log'))})
-  else:
-    command, seconds = run_command(train_args, os.path.join(base, 'pretrain_train.log'))
-    record['commands'].append({'what': what, 'command': command, 'seconds': seconds})
-  logging.info('%s: %.0f s', what, record['commands'][-1]['seconds'])
-  _write(workdir, record)
-
-  start = time.time()
-  weights = balanced_weights(FINE_TUNING_CONFIGS[sde], checkpoint)
-  record['weights'][sde] = dict(weights, seconds=time.time() - start)
-  logging.info('%s FP weights: %s', sde, record['weights'][sde])
-
-  def evaluate_pretrained():
+  if not os.path.exists(checkpoint):
+    run_command(main_args(CONFIGS[sde], pretrain, 'train', {}), os.path.join(base, 'pretrain_train.log'))
+  weights_path = os.path.join(base, 'fp_weights.json')
+  if not os.path.exists(weights_path):
+    start = time.time()
+    weights = balanced_weights(FINE_TUNING_CONFIGS[sde], checkpoint)
+    weights['seconds'] = time.time() - start
+    with open(weights_path, 'w') as f:
+      json.dump(weights, f, indent=1)
+  tasks = []
+  if not os.path.exists(os.path.join(pretrain, 'eval', 'report_1.npz')):
     overrides = dict(EVAL_OVERRIDES, **eval_overrides(has_conservativity))
-    command = run_command(main_args(CONFIGS[sde], pretrain, 'eval', overrides),
-                          os.path.join(base, 'pretrain_eval.log'))
-    record['pretrained'][sde] = read_results(pretrain, 1)
-    logging.info('%s pretrained: %s', sde, {k: v for k, v in record['pretrained'][sde].items() if 'vs_t' not in k})
-    return None, [command]
-
-  def fine_tune(variant, seed):
-    run_dir = os.path.join(base, f'{variant}_seed{seed}')
-    os.makedirs(os.path.join(run_dir, 'checkpoints-meta'), exist_ok=True)
-    shutil.copyfile(checkpoint, os.path.join(run_dir, 'checkpoints-meta', 'checkpoint.pth'))
-    overrides = {'seed': seed}
-    if variant == 'dsm':
-      overrides.update({'training.alpha': 0., 'training.beta': 0.})
-    else:
-      overrides.update({'training.alpha': weights['alpha'], 'training.beta': weights['beta']})
-    commands = []
-    commands.append(run_command(main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'train', overrides),
-                                os.path.join(run_dir, 'train.log')))
-    overrides.update(EVAL_OVERRIDES)
-    overrides.update(eval_overrides(has_conservativity))
-    commands.append(run_command(main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'eval', overrides),
-                                os.path.join(run_dir, 'eval.log')))
-    ckpt = int(os.path.basename(max(glob.glob(os.path.join(run_dir, 'checkpoints', 'checkpoint_*.pth')),
-                                    key=os.path.getmtime))[len('checkpoint_'):-4])
-    result = {'sde': sde, 'variant': variant, 'seed': seed, 'alpha': overrides['training.alpha'],
-              'beta': overrides['training.beta'], 'train_seconds': commands[0][1], 'eval_seconds': commands[1][1]}
-    result.update(read_results(run_dir, ckpt))
-    return result, commands
-
-  # The pretrained model's evaluation runs beside the fine-tuning runs.
-  tasks = [evaluate_pretrained] + [functools.partial(fine_tune, variant, seed)
-                                   for seed in seeds for variant in ('fp', 'dsm')]
+    tasks.append(functools.partial(run_command, main_args(CONFIGS[sde], pretrain, 'eval', overrides),
+                                   os.path.join(base, 'pretrain_eval.log')))
+  for seed in seeds:
+    for variant in ('fp', 'dsm'):
+      if not glob.glob(os.path.join(base, f'{variant}_seed{seed}', 'eval', 'report_*.npz')):
+        tasks.append(functools.partial(fine_tune, workdir, sde, variant, seed, has_conservativity))
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    for result, commands in pool.map(_failures_logged, tasks):
-      if commands is None:
-        record.setdefault('failures', []).append(result)
-        continue
-      if result is None:
-        record['commands'].append({'what': f'{sde} evaluation of the pretrained model', 'command': commands[0][0],
-                                   'seconds': commands[0][1]})
-        continue
-      record['runs'].append(result)
-      for (command, seconds), what in zip(commands, ('fine-tuning', 'evaluation')):
-        record['commands'].append({'what': f'{sde} {result["variant"]} seed {result["seed"]} {what}',
-                                   'command': command, 'seconds': seconds})
-      logging.info('%s %s seed %d: bpd %.4f, residual %.4g, conservativity %s (%.0f + %.0f s)', sde,
-                   result['variant'], result['seed'], result['nll_bpd'], result['fp_residual_mean'],
-                   result['conservativity'], result['train_seconds'], result['eval_seconds'])
-      _write(workdir, record)
+    failures = [error for error, ok in pool.map(_failures_logged, tasks) if ok is None]
+  return failures
 
 
 def _failures_logged(task):
   """Runs a task; a failed one returns (its error message, None) instead of stopping the other runs."""
   try:
-    return task()
+    return task(), True
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('A study task failed.')
     return str(e), None
@@ -275,6 +294,8 @@ def main():
   parser.add_argument('--sde', nargs='+', default=['ve'], choices=sorted(CONFIGS))
   parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
   parser.add_argument('--jobs', type=int, default=3, help='fine-tuning runs at a time')
+  parser.add_argument('--collect', action='store_true',
+                      help='run nothing: write digits_study.json from what the commands wrote in the workdir')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   sys.path.insert(0, ROOT)
@@ -284,20 +305,17 @@ def main():
       {'training': {}, 'sampling': {}, 'eval': {}, 'data': {}}))
   has_conservativity = 'enable_conservativity' in probe.eval
   os.makedirs(args.workdir, exist_ok=True)
-  previous = os.path.join(args.workdir, 'digits_study.json')
-  done = {}
-  if os.path.exists(previous):
-    with open(previous) as f:
-      done = {c['what']: c for c in json.load(f)['commands']}
-  record = {'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), 'seeds': args.seeds,
+  failures = []
+  if not args.collect:
+    for sde in args.sde:
+      failures += study_sde(sde, args.workdir, args.seeds, args.jobs, has_conservativity)
+  record = {'written': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), 'seeds': args.seeds,
             'conservativity_measured': has_conservativity, 'commands': [], 'pretrained': {}, 'weights': {},
-            'runs': []}
-  start = time.time()
+            'runs': [], 'failures': failures}
   for sde in args.sde:
-    study_sde(sde, args.workdir, args.seeds, args.jobs, has_conservativity, record, done)
-  record['total_seconds'] = time.time() - start
+    collect(args.workdir, sde, args.seeds, has_conservativity, record)
   _write(args.workdir, record)
-  logging.info('Wrote %s (%.0f s).', os.path.join(args.workdir, 'digits_study.json'), record['total_seconds'])
+  logging.info('Wrote %s.', os.path.join(args.workdir, 'digits_study.json'))
 
 
 if __name__ == '__main__':

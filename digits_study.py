@@ -104,8 +104,12 @@ def read_results(workdir, ckpt):
                      key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
   bpds = np.load(bpd_files[-1])['all_bpds']
   residual = np.load(os.path.join(eval_dir, f'ckpt_{ckpt}_fp_residual.npz'))
+  # The plain residual's mean over t is dominated by the smallest t; the lambda(t)-weighted one (what the loss
+  # penalizes) is reported beside it.
   out = {'nll_bpd': float(np.mean(bpds)), 'fp_residual_mean': float(np.mean(residual['residual'])),
-         'fp_residual_vs_t': {'t': residual['t'].tolist(), 'residual': residual['residual'].tolist()}}
+         'fp_residual_weighted_mean': float(np.mean(residual['residual_weighted'])),
+         'fp_residual_vs_t': {'t': residual['t'].tolist(), 'residual': residual['residual'].tolist(),
+                              'residual_weighted': residual['residual_weighted'].tolist()}}
   report = np.load(os.path.join(eval_dir, f'report_{ckpt}.npz'))
   out.update({name: float(report[name]) for name in report.files})
   out['conservativity'] = None
@@ -164,7 +168,8 @@ def summarize(runs):
   summary = []
   for (sde, variant), members in sorted(groups.items()):
     row = {'sde': sde, 'variant': variant, 'num_seeds': len(members)}
-    for metric in ('nll_bpd', 'fp_residual_mean', 'conservativity', 'mmd', 'digit_score'):
+    for metric in ('nll_bpd', 'fp_residual_mean', 'fp_residual_weighted_mean', 'conservativity', 'mmd',
+                   'digit_score'):
       values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
       if not values.size:
         continue
@@ -173,6 +178,20 @@ def summarize(runs):
       row[metric] = {'mean': float(values.mean()), 'ci95': float(half)}
     summary.append(row)
   return summary
+
+
+def real_image_metrics(num_images=120):
+  """The sample metrics of `num_images` real training images (a fixed draw), as a reference for the models'."""
+  sys.path.insert(0, ROOT)
+  import torch  # pylint: disable=g-import-not-at-top
+  import datasets  # pylint: disable=g-import-not-at-top
+  from configs.digits.ve_ncsnpp_continuous import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.device = torch.device('cpu')
+  images = datasets.load_digits_splits()['train'][0]
+  chosen = images[np.random.default_rng(0).choice(len(images), num_images, replace=False)]
+  arrays = np.clip(chosen.astype(np.float64) / 16. * 255., 0, 255).astype(np.uint8)
+  return datasets.DigitsData(config).sample_quality([(arrays, None)], num_images)
 
 
 def _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity):
@@ -312,6 +331,7 @@ def main():
   record = {'written': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), 'seeds': args.seeds,
             'conservativity_measured': has_conservativity, 'commands': [], 'pretrained': {}, 'weights': {},
             'runs': [], 'failures': failures}
+  record['real_training_images'] = real_image_metrics()
   for sde in args.sde:
     collect(args.workdir, sde, args.seeds, has_conservativity, record)
   _write(args.workdir, record)

@@ -70,6 +70,6 @@ def digits(config):
   evaluate.enable_sampling = True
   evaluate.num_samples = 360
   evaluate.enable_fp_residual = True
-  evaluate.fp_residual_num_times = 5
+  evaluate.fp_residual_num_times = 10  # as configs/fp/fp_finetuning.fine_tune
   evaluate.fp_residual_num_batches = 1
   return config

@@ -243,7 +243,8 @@ def collect(workdir, sde, seeds, has_conservativity, record):
       run_dir = os.path.join(base, f'{variant}_seed{seed}')
       train_args, eval_args, overrides = _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity)
       checkpoints = glob.glob(os.path.join(run_dir, 'checkpoints', 'checkpoint_*.pth'))
-      if not checkpoints or not glob.glob(os.path.join(run_dir, 'eval', 'report_*.npz')):
+      # The residual file is the last one an evaluation writes.
+      if not checkpoints or not glob.glob(os.path.join(run_dir, 'eval', 'ckpt_*_fp_residual.npz')):
         logging.warning('%s: not finished; left out.', run_dir)
         continue
       seconds = {}
@@ -283,7 +284,7 @@ def study_sde(sde, workdir, seeds, jobs, has_conservativity):
                                    os.path.join(base, 'pretrain_eval.log')))
   for seed in seeds:
     for variant in ('fp', 'dsm'):
-      if not glob.glob(os.path.join(base, f'{variant}_seed{seed}', 'eval', 'report_*.npz')):
+      if not glob.glob(os.path.join(base, f'{variant}_seed{seed}', 'eval', 'ckpt_*_fp_residual.npz')):
         tasks.append(functools.partial(fine_tune, workdir, sde, variant, seed, has_conservativity))
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
     failures = [error for error, ok in pool.map(_failures_logged, tasks) if ok is None]

@@ -135,7 +135,6 @@ def balanced_weights(fine_tuning_config, checkpoint):
   import run_lib  # pylint: disable=g-import-not-at-top
   import sde_lib  # pylint: disable=g-import-not-at-top
   import utils  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('ft_config', os.path.join(ROOT, fine_tuning_config))
   module = importlib.util.module_from_spec(spec)

@@ -2,13 +2,15 @@
 
 `get_dataset` returns Score SDE's tf.data pipelines (tfds for CIFAR10, SVHN, CELEBA, LSUN; TFRecords for FFHQ
 and CelebAHQ), plus ImageNet 32x32 (`downsampled_imagenet/32x32`, FP-Diffusion's second data set), a local
-`.npz` file (`data.dataset = 'NPZ'`) and the 2-D toy data of `toy.py`.
+`.npz` file (`data.dataset = 'NPZ'`), scikit-learn's handwritten digits (`'DIGITS'`: 8x8 grey images with 17
+levels, offline) and the 2-D toy data of `toy.py`.
 
 TensorFlow is imported lazily (`import_tensorflow`), so that modules that only need the scalers import
 without it, and it is always kept off the GPUs: the data pipeline and the Inception network run on the CPU and
 leave every byte of GPU memory to PyTorch.
 """
 
+import functools
 import gc
 import logging
 import os
@@ -20,7 +22,7 @@ import torch
 import utils
 
 # Every value `config.data.dataset` may take.
-DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'IMAGENET32', 'NPZ', 'TOY')
+DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'IMAGENET32', 'NPZ', 'DIGITS', 'TOY')
 
 # Score SDE's pipeline constants. Score SDE uses a private thread pool of 48; we cap it at the number of CPUs.
 SHUFFLE_BUFFER_SIZE = 10000
@@ -28,6 +30,13 @@ _MAX_PRIVATE_THREADPOOL_SIZE = 48
 
 # The arrays a `data.dataset = 'NPZ'` file holds: split name -> array name.
 NPZ_ARRAYS = {'train': 'train', 'test': 'test'}
+
+# scikit-learn's digits (`sklearn.datasets.load_digits`, shipped with the package: no download): 1797 8 x 8 grey
+# images, pixel values 0..16. The split is fixed: stratified by digit, 360 test images, `random_state` below.
+DIGITS_LEVELS = 17
+DIGITS_IMAGE_SIZE = 8
+DIGITS_SPLIT_SIZES = {'train': 1437, 'test': 360}
+DIGITS_SPLIT_SEED = 0
 
 _TF_GPUS_HIDDEN = False
 
@@ -194,6 +203,50 @@ def load_npz_dataset(path, image_size, num_channels):
                          f'expected {num_channels} (config.data.num_channels={num_channels}).')
       arrays[split] = array
   return arrays
+
+
+def num_levels(dataset):
+  """How many grey levels each pixel of a data set has: 17 for 'DIGITS', 256 (8-bit) for the other images."""
+  return DIGITS_LEVELS if dataset == 'DIGITS' else 256
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits_splits():
+  """scikit-learn's handwritten digits, split into the fixed 'train' (1437) and 'test' (360) images.
+
+  The split is `sklearn.model_selection.train_test_split` of the 1797 images with `test_size=360`,
+  `stratify` = the digit and `random_state=DIGITS_SPLIT_SEED` (each digit is 20% of the test images, as of the
+  whole set, to within one image); the indices of each split are kept in the data set's order. scikit-learn
+  is imported here only, so that it is needed for 'DIGITS' alone.
+
+  Returns:
+    A dict split name -> `(images, labels)`: uint8 (N, 8, 8, 1) arrays of levels 0..16 (read-only) and the
+    digits, int64 (N,).
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = digits.images
+  if images.shape[1:] != (DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE) or np.any(images != np.round(images)) or (
+      images.min() < 0 or images.max() >= DIGITS_LEVELS):
+    raise ValueError(f'sklearn.datasets.load_digits returned images of shape {images.shape} with values in '
+                     f'[{images.min()}, {images.max()}]; expected 8 x 8 images of integer levels 0..16.')
+  indices = np.arange(images.shape[0])
+  train, test = train_test_split(indices, test_size=DIGITS_SPLIT_SIZES['test'], stratify=digits.target,
+                                 random_state=DIGITS_SPLIT_SEED)
+  splits = {}
+  for split, index in (('train', np.sort(train)), ('test', np.sort(test))):
+    split_images = images[index].astype(np.uint8)[..., None]
+    split_images.flags.writeable = False  # shared by every caller through the cache
+    splits[split] = (split_images, digits.target[index].astype(np.int64))
+  return splits
+
+
+def _digits_arrays(image_size, num_channels):
+  """The digits' images per split, for a config that must ask for 8 x 8 images with one channel."""
+  utils.check_choice('data.image_size', image_size, (DIGITS_IMAGE_SIZE,))
+  utils.check_choice('data.num_channels', num_channels, (1,))
+  return {split: images for split, (images, _) in load_digits_splits().items()}
 
 
 def npz_split_sizes(path):
@@ -440,7 +493,8 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
     config: the config; reads `data.dataset`, `data.image_size`, `data.num_channels`, `data.random_flip`,
       `data.data_dir` (tfds), `data.category` (LSUN), `data.tfrecords_path` (FFHQ, CelebAHQ), `data.path`
       (NPZ), and the batch size.
-    uniform_dequantization: if `True`, images become (255 x + u) / 256 with u ~ U[0, 1) per pixel.
+    uniform_dequantization: if `True`, images become (255 x + u) / 256 with u ~ U[0, 1) per pixel ((16 x + u) /
+      17 for 'DIGITS', whose images are level / 16).
     evaluation: if `True`, one epoch without random flips and with `eval.batch_size`.
     drop_remainder: keyword only, not in Score SDE; `False` keeps the last partial batch, so that one epoch
       covers every image (dataset statistics for FID).
@@ -448,7 +502,7 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
   Returns:
     `(train_ds, eval_ds, dataset_builder)`. Iterating a dataset yields dicts with `'image'` (float32, shape
     (B, H, W, C)) and `'label'` (None where the data have no labels). `dataset_builder` is the tfds builder,
-    the `TFRecordDataset` for FFHQ/CelebAHQ, or None for NPZ and TOY.
+    the `TFRecordDataset` for FFHQ/CelebAHQ, or None for NPZ, DIGITS and TOY.
   """
   dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
   if dataset == 'TOY':
@@ -473,7 +527,7 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
     batch_size: images per batch.
     evaluation: one epoch (True) or repeat forever (False).
     flip: random left-right flips (Score SDE: while training only).
-    uniform_dequantization: (255 x + u) / 256 per pixel, u ~ U[0, 1).
+    uniform_dequantization: (255 x + u) / 256 per pixel, u ~ U[0, 1) (L levels: ((L - 1) x + u) / L).
     drop_remainder: drop the last partial batch.
     shuffle_seed: None shuffles differently on every start (Score SDE); an int makes the order a function of
       it (the file order of tfds data sets too).
@@ -490,27 +544,33 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
   if dataset == 'NPZ':
     # Validate the file before TensorFlow is imported: a bad file should fail fast.
     npz_arrays = load_npz_dataset(config.data.path, image_size, num_channels)
+  elif dataset == 'DIGITS':
+    npz_arrays = _digits_arrays(image_size, num_channels)
   else:
     # Every other image data set is RGB.
     utils.check_choice('data.num_channels', num_channels, (3,))
 
   tf = import_tensorflow()
   num_epochs = 1 if evaluation else None
+  levels = float(num_levels(dataset))
 
   def finish(img):
     """Random flip and uniform dequantization, shared by every image dataset."""
     if flip:
       img = tf.image.random_flip_left_right(img)
     if uniform_dequantization:
-      img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * 255.) / 256.
+      img = (tf.random.uniform(tf.shape(img), dtype=tf.float32) + img * (levels - 1.)) / levels
     return img
 
-  if dataset == 'NPZ':
+  if dataset in ('NPZ', 'DIGITS'):
     dataset_builder = None
     train_split_name, eval_split_name = 'train', 'test'
 
     def preprocess_fn(d):
-      return dict(image=finish(tf.image.convert_image_dtype(d['image'], tf.float32)), label=None)
+      # Level k of L becomes k / (L - 1): 0 and 1 are black and white, as for 8-bit images.
+      image = (tf.image.convert_image_dtype(d['image'], tf.float32) if dataset == 'NPZ'
+               else tf.cast(d['image'], tf.float32) / (levels - 1.))
+      return dict(image=finish(image), label=None)
   else:
     dataset_builder, train_split_name, eval_split_name, resize_op = _image_resize_ops(config)
     if dataset in ('FFHQ', 'CelebAHQ'):
@@ -538,7 +598,7 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
     options.experimental_optimization.map_parallelization = True
     options.threading.private_threadpool_size = min(_MAX_PRIVATE_THREADPOOL_SIZE, os.cpu_count() or 1)
     options.threading.max_intra_op_parallelism = 1
-    if dataset == 'NPZ':
+    if dataset in ('NPZ', 'DIGITS'):
       ds = tf.data.Dataset.from_tensor_slices({'image': npz_arrays[split]}).with_options(options)
     elif not isinstance(dataset_builder, tf.data.Dataset):  # a tfds builder
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -594,16 +654,16 @@ class ImageData:
   global batch, from generators seeded by the step, so that a batch is the same however it is split over
   ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`), scored by FID/IS/KID of Inception
   features against the data set's statistics file; bits/dim are Score SDE's: dequantized data, Rademacher
-  trace estimator, the 8-bit offset.
+  trace estimator, the 8-bit offset (the offset of `num_levels` levels: `DigitsData`).
   """
 
-  # `likelihood.get_likelihood_fn` options, and whether bits/dim are computed on dequantized data.
-  likelihood_options = {'hutchinson_type': 'Rademacher', 'discrete_data': True}
+  # Whether bits/dim are computed on dequantized data.
   bpd_dequantize = True
 
   def __init__(self, config):
     self.config = config
     self.dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+    self.num_levels = num_levels(self.dataset)
     self.image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
     self.num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
     self.scaler = get_data_scaler(config)
@@ -618,6 +678,12 @@ class ImageData:
     self._inception = None
     self._inceptionv3 = False
 
+  @property
+  def likelihood_options(self):
+    """The `likelihood.get_likelihood_fn` options: Score SDE's Rademacher estimator, bits/dim of the data's
+    levels."""
+    return {'hutchinson_type': 'Rademacher', 'discrete_data': True, 'num_levels': self.num_levels}
+
   def sample_shape(self, batch_size):
     """Shape (B, C, H, W) of a batch as the model sees it."""
     return (batch_size, self.num_channels, self.image_size, self.image_size)
@@ -628,14 +694,15 @@ class ImageData:
     Args:
       images: the batch.
       flip: optional bool tensor (B,): which images to flip left-right.
-      dequantization_noise: optional u ~ U[0, 1) of the batch's NCHW shape: images become (255 x + u) / 256.
+      dequantization_noise: optional u ~ U[0, 1) of the batch's NCHW shape: images become (255 x + u) / 256
+        (L levels: ((L - 1) x + u) / L, each level's bin of width 1 / L, as `likelihood.discrete_offset` counts).
     """
     # A copy: tf.data's arrays are read-only, which torch.from_numpy warns about.
     x = torch.from_numpy(np.array(images, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
     if flip is not None:
       x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
     if dequantization_noise is not None:
-      x = (x * 255. + dequantization_noise) / 256.
+      x = (x * (self.num_levels - 1.) + dequantization_noise) / self.num_levels
     return self.scaler(x)
 
   def _global_draws(self, shape, tag, index, ctx, flip, dequantize):
@@ -713,6 +780,8 @@ class ImageData:
   def split_size(self, split):
     """How many images the 'train' or 'test' split holds, or None where that is not known without reading it
     (TFRecords; a tfds data set not prepared yet)."""
+    if self.dataset == 'DIGITS':
+      return len(load_digits_splits()[split][0])
     if self.dataset == 'NPZ':
       sizes = npz_split_sizes(self.config.data.path)
       return None if sizes is None else sizes[split]
@@ -788,10 +857,80 @@ class ImageData:
     return {'IS': metrics['is'], 'fid': metrics['fid'], 'kid': metrics['kid']}
 
 
+def pixel_mmd(a, b, bandwidth):
+  """Unbiased squared maximum mean discrepancy of two sets of images, RBF kernel exp(-|x-y|^2 / (2 h^2)).
+
+  Args:
+    a, b: arrays (N, ...) and (M, ...) of at least 2 images each; compared as flat vectors.
+    bandwidth: the kernel's bandwidth h.
+
+  Returns:
+    A float; its expectation is 0 when a and b come from the same distribution (so it can be slightly negative).
+  """
+  a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+  b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+
+  def mean_kernel(x, y, same):
+    sq = np.maximum((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2. * x @ y.T, 0.)
+    k = np.exp(-sq / (2. * bandwidth ** 2))
+    if same:  # drop the diagonal, k(x, x) = 1
+      return (k.sum() - len(x)) / (len(x) * (len(x) - 1))
+    return k.mean()
+
+  return float(mean_kernel(a, a, True) + mean_kernel(b, b, True) - 2. * mean_kernel(a, b, False))
+
+
+class DigitsData(ImageData):
+  """scikit-learn's 8 x 8 digits (`data.dataset = 'DIGITS'`): 17 grey levels, a fixed split (`load_digits_splits`).
+
+  Images are level / 16 in [0, 1]; dequantized, level k becomes (k + u) / 17, so bits/dim are those of 17 levels
+  (`likelihood.discrete_offset`). Inception features mean nothing for 8 x 8 grey digits, and need a download:
+  samples are scored offline, against the test images, by `pixel_mmd` (bandwidth: the median distance between
+  training images) and by a digit score, exp(E KL(p(y|x) || p(y))) of a logistic-regression classifier fit on the
+  training images (the Inception score's formula; 10 for confident, balanced digits, 1 for noise it cannot tell
+  apart).
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    _digits_arrays(self.image_size, self.num_channels)  # validates the shape fields now, not at the first batch
+    self._classifier = None
+    self._bandwidth = None
+
+  def prepare_sample_quality(self):
+    """Fits the digit classifier and the MMD bandwidth on the training images."""
+    from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+    images, labels = load_digits_splits()['train']
+    x = images.reshape(len(images), -1) / (self.num_levels - 1.)
+    self._classifier = LogisticRegression(max_iter=2000).fit(x, labels)
+    sq = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2. * x @ x.T, 0.)
+    self._bandwidth = float(np.sqrt(np.median(sq[np.triu_indices(len(x), 1)])))
+
+  def sample_statistics(self, arrays):
+    """No per-round statistics: the metrics need the images themselves."""
+    del arrays
+    return None
+
+  def sample_quality(self, rounds, num_samples):
+    """`{'mmd', 'digit_score'}` of the first `num_samples` samples (uint8 NHWC) against the test images."""
+    if self._classifier is None:
+      self.prepare_sample_quality()
+    samples = np.concatenate([arrays for arrays, _ in rounds], axis=0)[:num_samples]
+    x = samples.reshape(len(samples), -1).astype(np.float64) / 255.
+    test = load_digits_splits()['test'][0]
+    mmd = pixel_mmd(x, test.reshape(len(test), -1) / (self.num_levels - 1.), self._bandwidth)
+    p = np.clip(self._classifier.predict_proba(x), 1e-12, 1.)
+    kl = (p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1)
+    return {'mmd': mmd, 'digit_score': float(np.exp(kl.mean()))}
+
+
 def get_data(config):
-  """The data set object of `config.data.dataset`: `toy.ToyData` for 'TOY', else `ImageData`."""
+  """The data set object of `config.data.dataset`: `toy.ToyData` for 'TOY', `DigitsData` for 'DIGITS', else
+  `ImageData`."""
   dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
   if dataset == 'TOY':
     import toy  # pylint: disable=g-import-not-at-top
     return toy.ToyData(config)
+  if dataset == 'DIGITS':
+    return DigitsData(config)
   return ImageData(config)

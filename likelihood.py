@@ -85,7 +85,8 @@ def get_exact_div_fn(fn):
 
 
 def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
-                      rtol=1e-5, atol=1e-5, method='RK45', eps=1e-5, discrete_data=True, backend='scipy'):
+                      rtol=1e-5, atol=1e-5, method='RK45', eps=1e-5, discrete_data=True, backend='scipy', *,
+                      num_levels=256):
   """Create a function to compute the unbiased log-likelihood estimate of a given data point.
 
   Args:
@@ -99,13 +100,17 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
       See documentation for `scipy.integrate.solve_ivp`. With `backend='torch'`, 'RK45' (Dormand-Prince,
       torchdiffeq's 'dopri5') or 'RK23' (Bogacki-Shampine, 'bosh3'), with scipy's step-size control.
     eps: A `float` number. The probability flow ODE is integrated to `eps` for numerical stability.
-    discrete_data: If `True`, add Score SDE's offset 7 - inverse_scaler(-1) to the bits/dim, which turns
-      the density of the scaled data into bits/dim of 8-bit data (8 for data in [0, 1], 7 for data in
-      [-1, 1]). If `False`, return the bits/dim of the continuous density of the data as given.
+    discrete_data: If `True`, add the offset log2(num_levels) - 1 - inverse_scaler(-1) to the bits/dim, which
+      turns the density of the scaled data into bits/dim of data with `num_levels` levels per dimension,
+      dequantized into [0, 1] (for 256 levels Score SDE's 7 - inverse_scaler(-1): 8 for data in [0, 1], 7 for
+      data in [-1, 1]). If `False`, return the bits/dim of the continuous density of the data as given.
     backend: 'scipy' (Score SDE's: `scipy.integrate.solve_ivp` on the CPU, the state copied to and from the
       model's device at every function evaluation) or 'torch' (the solve runs on the data's device; each
       function evaluation shares one forward pass between the drift and the divergence, where Score SDE's
       path runs two). See `ode_backends`.
+    num_levels: keyword only, not in Score SDE: how many levels each dimension of the discrete data has (256
+      for 8-bit images, 17 for scikit-learn's digits), each dequantized to a bin of width 1 / num_levels of
+      [0, 1]. Only read with `discrete_data=True`.
 
   Returns:
     `likelihood_fn(model, data)`: takes a score model and a batch of data, already scaled by the data scaler
@@ -116,7 +121,7 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
 
   Raises:
     ValueError: if `hutchinson_type` is not one of 'Gaussian', 'Rademacher', 'exact', `eps` is not in
-      (0, sde.T), `discrete_data` is not a bool, `backend` is not 'scipy' or 'torch', or `method` has no
+      (0, sde.T), `discrete_data` is not a bool, `num_levels` is not an integer >= 2, `backend` is not 'scipy' or 'torch', or `method` has no
       torch solver with `backend='torch'`.
     RuntimeError (from `likelihood_fn`): the ODE solver failed; the message names the time reached.
   """
@@ -126,6 +131,7 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
   if not isinstance(discrete_data, bool):
     # A truthy string such as 'no' would silently add the 8-bit offset.
     raise ValueError(f'discrete_data={discrete_data!r} must be True or False.')
+  utils.check_number('num_levels', num_levels, low=2, integer=True)
   ode_backends.check_backend(backend, method)
 
   def drift_fn(model, x, t):
@@ -217,16 +223,33 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
       bpd = -(prior_logp + delta_logp) / math.log(2)
       bpd = bpd / math.prod(shape[1:])
       if discrete_data:
-        # Score SDE's conversion to bits/dim of 8-bit data: log2(256 / r) bits per dimension, r the range of
-        # the scaled data (8 for [0, 1], 7 for [-1, 1]); 7 - inverse_scaler(-1) gives both for its scalers.
-        offset = 7. - float(inverse_scaler(-1.))
-        bpd = bpd + offset
+        bpd = bpd + discrete_offset(inverse_scaler, num_levels)
       return bpd, z, nfe
 
   return likelihood_fn
 
 
-def likelihood_fn_from_config(config, sde, inverse_scaler, hutchinson_type='Rademacher', discrete_data=True):
+def discrete_offset(inverse_scaler, num_levels=256):
+  """The bits/dim that turn the density of the scaled data into bits/dim of data with `num_levels` levels.
+
+  A level k of [0, 1] data dequantizes to the bin [k, k + 1) / num_levels, so a density p on [0, 1]^D gives
+  the bin about p / num_levels^D: log2(num_levels) bits per dimension. The scaler maps [0, 1] onto a range of
+  width r, dividing the density by r per dimension: log2(r) bits less. Score SDE's `7 - inverse_scaler(-1)`
+  is this for 256 levels and its two scalers (r = 1: inverse_scaler(-1) = -1; r = 2: inverse_scaler(-1) = 0),
+  and is kept in that form so that 8-bit bits/dim are Score SDE's to the last bit.
+
+  Args:
+    inverse_scaler: the inverse data normalizer (Score SDE's: identity, or [-1, 1] -> [0, 1]).
+    num_levels: levels per dimension of the discrete data.
+
+  Returns:
+    The offset, a float: log2(num_levels) - 1 - inverse_scaler(-1).
+  """
+  return (math.log2(num_levels) - 1.) - float(inverse_scaler(-1.))
+
+
+def likelihood_fn_from_config(config, sde, inverse_scaler, hutchinson_type='Rademacher', discrete_data=True, *,
+                              num_levels=256):
   """`get_likelihood_fn` with the solver backend of `config.eval.ode_backend` ('scipy' or 'torch', validated).
 
   The tolerances, `method` and `eps` are Score SDE's defaults (rtol = atol = 1e-5, 'RK45', eps = 1e-5), as
@@ -234,14 +257,14 @@ def likelihood_fn_from_config(config, sde, inverse_scaler, hutchinson_type='Rade
 
   Args:
     config: the config; reads `eval.ode_backend`.
-    sde, inverse_scaler, hutchinson_type, discrete_data: as `get_likelihood_fn`.
+    sde, inverse_scaler, hutchinson_type, discrete_data, num_levels: as `get_likelihood_fn`.
 
   Returns:
     `likelihood_fn(model, data)`, as `get_likelihood_fn`.
   """
   backend = utils.check_choice('eval.ode_backend', config.eval.ode_backend, ode_backends.BACKENDS)
   return get_likelihood_fn(sde, inverse_scaler, hutchinson_type=hutchinson_type, discrete_data=discrete_data,
-                           backend=backend)
+                           backend=backend, num_levels=num_levels)
 
 
 def bpd_summary(bpds, num_repeats):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import likelihood
+import sde_lib
 from helpers import SDE_KINDS, ExactScoreModel, GaussianData, make_sde
 from ode_checks import (DeviceCheckingModel, NaNAfter, RecordingModel, count_live_saved_tensors, no_host_copies,
                         smooth_tiny_ncsnpp)
@@ -287,7 +288,73 @@ def test_hutchinson_divergence_of_one_dimensional_data():
     (dict(eps=0.), r'eps=0.0: .*\(0, T=1\)'),
     (dict(eps=1.5), r'eps=1.5: .*\(0, T=1\)'),
     (dict(discrete_data='no'), "discrete_data='no' must be True or False"),
+    (dict(num_levels=1), r'num_levels=1 .*2'),
+    (dict(num_levels=16.5), r'num_levels=16.5 '),
 ])
 def test_likelihood_refuses_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     likelihood.get_likelihood_fn(make_sde('vp'), lambda v: v, **kwargs)
+
+
+class UniformModelSDE(sde_lib.VESDE):
+  """A "diffusion" that does not move (f = g = 0) with a prior uniform on the scaled image of [0, 1]^D.
+
+  Its probability flow is x(t) = x, so `likelihood_fn`'s model density is exactly that prior: a model whose
+  density is uniform on [0, 1]^D (in data space). Every dequantization bin of [0, 1] with L levels per
+  dimension then has probability L^-D: exactly log2(L) bits per dimension, whatever the scaler.
+  """
+
+  def __init__(self, low, high):
+    super().__init__(sigma_min=0.01, sigma_max=1., N=10)
+    self.low, self.high = low, high
+
+  def diffusion(self, t):
+    return torch.zeros_like(t)
+
+  def prior_logp(self, z):
+    inside = ((z >= self.low) & (z <= self.high)).reshape(z.shape[0], -1).all(1)
+    log_density = -z[0].numel() * math.log(self.high - self.low)
+    return torch.where(inside, torch.full_like(inside, log_density, dtype=z.dtype), -math.inf)
+
+
+class Identity(torch.nn.Module):
+
+  def forward(self, x, labels):
+    del labels
+    return x
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('centered', [True, False])
+@pytest.mark.parametrize('num_levels', [17, 256])
+def test_discrete_bpd_of_a_uniform_density_is_log2_of_the_levels(num_levels, centered, backend):
+  # The exact answer for the model uniform on [0, 1]^D: log2(17) = 4.0875 bits/dim for the digits' 17 grey
+  # levels, 8 for 8-bit images, for dequantized data in [0, 1] and in [-1, 1] alike.
+  scaler = (lambda v: 2. * v - 1.) if centered else (lambda v: v)
+  inverse_scaler = (lambda v: (v + 1.) / 2.) if centered else (lambda v: v)
+  sde = UniformModelSDE(scaler(0.), scaler(1.))
+  generator = torch.Generator().manual_seed(2)
+  levels = torch.randint(0, num_levels, (5, 1, 3, 2), generator=generator).double()
+  x = scaler((levels + torch.rand(levels.shape, generator=generator, dtype=torch.float64)) / num_levels)
+  fn = likelihood.get_likelihood_fn(sde, inverse_scaler, eps=1e-3, backend=backend, num_levels=num_levels)
+  bpd, z, _ = fn(Identity(), x)
+  torch.testing.assert_close(z, x)
+  torch.testing.assert_close(bpd, torch.full_like(bpd, math.log2(num_levels)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('centered, num_levels, offset', [(True, 17, math.log2(17) - 1), (False, 17, math.log2(17)),
+                                                          (True, 256, 7.), (False, 256, 8.)])
+def test_discrete_offset(centered, num_levels, offset):
+  inverse_scaler = (lambda v: (v + 1.) / 2.) if centered else (lambda v: v)
+  # Score SDE's 8-bit offsets to the last bit (the default), and log2(L / r) for L levels and data range r.
+  assert likelihood.discrete_offset(inverse_scaler, num_levels) == offset
+  if num_levels == 256:
+    assert likelihood.discrete_offset(inverse_scaler) == 7. - inverse_scaler(-1.)
+
+
+def test_likelihood_fn_from_config_passes_num_levels():
+  sde = UniformModelSDE(0., 1.)
+  config = ml_collections.ConfigDict({'eval': {'ode_backend': 'torch'}})
+  fn = likelihood.likelihood_fn_from_config(config, sde, lambda v: v, num_levels=17)
+  bpd, _, _ = fn(Identity(), torch.full((2, 1, 2, 2), 0.5, dtype=torch.float64))
+  torch.testing.assert_close(bpd, torch.full_like(bpd, math.log2(17)), rtol=0, atol=1e-12)

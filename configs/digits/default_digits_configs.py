@@ -5,7 +5,7 @@ sampler stay as there) down to the digits: the data, a small network, a schedule
 two CPU cores, and an evaluation of the whole test split (360 images, 17-level bits/dim:
 `likelihood.discrete_offset`). Configs: `ve_ncsnpp_continuous.py`, `vp_ddpmpp_continuous.py`, and their
 FP-Diffusion fine-tuning variants `fp_ve_ncsnpp_continuous.py`, `fp_vp_ddpmpp_continuous.py`
-(docs/study_digits.md).
+(docs/study.md (DIGITS section)).
 """
 
 # Pretraining steps (DSM), and the checkpoint written at the end of them.

@@ -4,7 +4,7 @@ The paper's setting (likelihood weighting, vector and scalar score-FPE terms, la
 estimators) on top of a pretraining config, with the schedule shrunk: `FINE_TUNING_STEPS` steps past the
 pretraining's `training.n_iters`, one checkpoint at the end (the one `eval.begin_ckpt..end_ckpt` evaluates).
 Put the pretrained checkpoint at `<workdir>/checkpoints-meta/checkpoint.pth`, as for any fine-tuning. `alpha`
-and `beta` are the paper's; docs/study_digits.md says how the study chose them for the digits.
+and `beta` are the paper's; docs/study.md (DIGITS section) says how the study chose them for the digits.
 """
 
 from configs.fp.fp_finetuning import fine_tune

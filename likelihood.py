@@ -121,8 +121,8 @@ def get_likelihood_fn(sde, inverse_scaler, hutchinson_type='Rademacher',
 
   Raises:
     ValueError: if `hutchinson_type` is not one of 'Gaussian', 'Rademacher', 'exact', `eps` is not in
-      (0, sde.T), `discrete_data` is not a bool, `num_levels` is not an integer >= 2, `backend` is not 'scipy' or 'torch', or `method` has no
-      torch solver with `backend='torch'`.
+      (0, sde.T), `discrete_data` is not a bool, `num_levels` is not an integer >= 2, `backend` is not 'scipy'
+      or 'torch', or `method` has no torch solver with `backend='torch'`.
     RuntimeError (from `likelihood_fn`): the ODE solver failed; the message names the time reached.
   """
   if hutchinson_type not in HUTCHINSON_TYPES:

@@ -460,12 +460,6 @@ def perturbed_batches(sde, x0, t_value, batch_size=None, generator=None):
     yield mean + utils.expand_batch(std, x0_chunk) * z, t
 
 
-def _check_num_probes(num_probes):
-  if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 0:
-    raise ValueError(f'num_probes={num_probes!r}; expected a non-negative integer (0: the exact Jacobian).')
-  return int(num_probes)
-
-
 def jacobian_asymmetry_exact(s, x):
   """Per-sample squared Frobenius norms of J - J^T and of J, J = ds/dx, from the full Jacobian (D passes).
 
@@ -543,7 +537,7 @@ def conservativity(score_fn, x, t, num_probes=0, generator=None):
   Returns:
     A float tensor of shape (B,), detached (an evaluation metric: no graph is kept).
   """
-  num_probes = _check_num_probes(num_probes)
+  num_probes = utils.check_number('num_probes', num_probes, low=0, integer=True)  # 0: the exact Jacobian
   with torch.enable_grad():
     x = x.detach().requires_grad_(True)
     s = score_fn(x, t)
@@ -574,7 +568,7 @@ def conservativity_vs_time(score_fn, sde, x0, ts, num_probes=0, batch_size=None,
   Returns:
     A float64 numpy array of shape (len(ts),).
   """
-  num_probes = _check_num_probes(num_probes)
+  num_probes = utils.check_number('num_probes', num_probes, low=0, integer=True)  # 0: the exact Jacobian
   ts = np.asarray(ts, dtype=np.float64).reshape(-1)
   out = np.zeros(len(ts))
   for i, t_value in enumerate(ts):

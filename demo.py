@@ -49,10 +49,14 @@ def define_flags():
   flags.DEFINE_list('study_ablation_sdes', list(SDES), 'With --study: the SDEs the ablations run for.')
   flags.DEFINE_string('study_shard', '0/1', 'With --study: i/n runs every n-th run from the i-th, to share the '
                       'study between n processes started after pretraining.')
-  flags.DEFINE_integer('pretrain_iters', 3000, 'DSM steps of the checkpoint both variants are fine-tuned from; '
-                       'the configs\' training.n_iters is the total.')
+  flags.DEFINE_integer('pretrain_iters', None, 'DSM steps of the checkpoint both variants are fine-tuned from, '
+                       'for both SDEs; the configs\' training.n_iters is the total. Default: each SDE config\'s '
+                       f'training.n_iters minus {FINE_TUNE_ITERS} (VE 3000, VP 6000).')
 
 SDES = ('ve', 'vp')
+# Fine-tuning steps after the shared DSM checkpoint, by default: each SDE's pretraining is its config's
+# training.n_iters minus these (VE 3000 steps, VP 6000: the VP model needs twice the steps to converge).
+FINE_TUNE_ITERS = 500
 VARIANTS = (('dsm', 'DSM'), ('fp', 'DSM + FP'))
 CKPT = 1  # the toy configs write one snapshot, at the end of training
 
@@ -182,17 +186,19 @@ def format_table(sde, toy_name, rows):
   return '\n'.join(lines)
 
 
-def pretrain(workdir, sde, toy_name, quick=False, pretrain_iters=3000):
+def pretrain(workdir, sde, toy_name, quick=False, pretrain_iters=None):
   """Trains (or resumes) the DSM checkpoint that every fine-tuning run of `sde` starts from.
 
   Returns:
-    (the pretraining workdir `workdir/{toy}_{sde}_pretrain[_quick]`, its number of steps: `pretrain_iters`, or
-    half the tiny `n_iters` with `quick`).
+    (the pretraining workdir `workdir/{toy}_{sde}_pretrain[_quick]`, its number of steps: `pretrain_iters`,
+    by default the config's `training.n_iters` minus `FINE_TUNE_ITERS`, or half the tiny `n_iters` with `quick`).
   """
   config = get_demo_config(sde, 'dsm', toy_name, quick)
   n_iters = config.training.n_iters
   if quick:
     pretrain_iters = n_iters // 2
+  elif pretrain_iters is None:
+    pretrain_iters = n_iters - FINE_TUNE_ITERS
   if not 0 < pretrain_iters < n_iters:
     raise ValueError(f'--pretrain_iters={pretrain_iters} must be in (0, {n_iters}) (training.n_iters).')
   # The learning-rate schedule's horizon is this run's own length: pretraining ends converged.
@@ -214,7 +220,7 @@ def fine_tune_and_evaluate(config, pretrain_dir, model_dir):
   return read_results(config, os.path.join(model_dir, 'eval'))
 
 
-def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
+def run_demo(workdir, toy_name, quick=False, pretrain_iters=None):
   """Trains and evaluates the four demo models, writes the figures and `results.json`, prints the tables.
 
   Args:
@@ -222,7 +228,8 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
       `quick`), the shared DSM checkpoint in `workdir/{toy}_{sde}_pretrain`.
     toy_name: one of `toy.TOY_DENSITIES`.
     quick: tiny sizes (`shrink_for_quick_run`); `pretrain_iters` is then half the tiny `n_iters`.
-    pretrain_iters: DSM steps before the variants split, less than the configs' `training.n_iters`.
+    pretrain_iters: DSM steps before the variants split, less than the configs' `training.n_iters`; None: each
+      SDE's own (`pretrain`).
 
   Returns:
     dict: sde -> label -> the row's numbers (floats), as in `results.json`.
@@ -237,13 +244,13 @@ def run_demo(workdir, toy_name, quick=False, pretrain_iters=3000):
     rows = {}
     stage += 1
     logging.info('[%d/%d] %s SDE: DSM pretraining (%.0f s so far)', stage, stages, sde.upper(), time.time() - start)
-    pretrain_dir, pretrain_iters = pretrain(workdir, sde, toy_name, quick, pretrain_iters)
+    pretrain_dir, sde_pretrain_iters = pretrain(workdir, sde, toy_name, quick, pretrain_iters)
     for variant, label in VARIANTS:
       stage += 1
       config = get_demo_config(sde, variant, toy_name, quick)
       model_dir = os.path.join(workdir, f'{toy_name}_{sde}_{variant}{suffix}')
       logging.info('[%d/%d] %s SDE, %s: fine-tuning steps %d..%d in %s, then evaluating (likelihood, samples, '
-                   'score-FPE residual) (%.0f s so far)', stage, stages, sde.upper(), label, pretrain_iters,
+                   'score-FPE residual) (%.0f s so far)', stage, stages, sde.upper(), label, sde_pretrain_iters,
                    config.training.n_iters, model_dir, time.time() - start)
       rows[label] = fine_tune_and_evaluate(config, pretrain_dir, model_dir)
     reference = reference_row(config)

@@ -25,7 +25,6 @@ import functools
 import glob
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -43,8 +42,6 @@ ALPHA_BATCHES = 4
 # Evaluation batches of 120 test images (3 bits/dim batches over the 360; one sampling round of 120): the ODE
 # solve of bits/dim (Score SDE's tolerances) dominates the study's time on CPU.
 EVAL_OVERRIDES = {'eval.batch_size': 120, 'eval.num_samples': 120}
-# Student's t quantiles t_{0.975, n - 1} for the 95% interval of a mean over n seeds.
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
 
 
 def _printable(args):
@@ -160,7 +157,9 @@ def balanced_weights(fine_tuning_config, checkpoint):
 
 
 def summarize(runs):
-  """Mean and 95% interval (Student's t over seeds) per (sde, variant) and metric."""
+  """Mean and 95% interval (Student's t over seeds, `study.t_interval`) per (sde, variant) and metric."""
+  sys.path.insert(0, ROOT)
+  from study import t_interval  # pylint: disable=g-import-not-at-top
   groups = {}
   for run in runs:
     groups.setdefault((run['sde'], run['variant']), []).append(run)
@@ -172,9 +171,8 @@ def summarize(runs):
       values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
       if not values.size:
         continue
-      half = (T_975[len(values)] * values.std(ddof=1) / math.sqrt(len(values))
-              if 1 < len(values) <= max(T_975) else float('nan'))
-      row[metric] = {'mean': float(values.mean()), 'ci95': float(half)}
+      mean, half = t_interval(values)
+      row[metric] = {'mean': mean, 'ci95': half}
     summary.append(row)
   return summary
 

@@ -285,14 +285,14 @@ def plot_study(rows, path, true_nll=None):
   plt.close(fig)
 
 
-def run_study(workdir, toy_name, quick=False, pretrain_iters=3000, ablation_sdes=demo.SDES, shard=(0, 1)):
+def run_study(workdir, toy_name, quick=False, pretrain_iters=None, ablation_sdes=demo.SDES, shard=(0, 1)):
   """Pretrains (once per SDE), runs every planned fine-tuning, writes study.json, study.md and study.png.
 
   Args:
     workdir: output folder; runs in `workdir/{run_name}`, pretraining as in the demo.
     toy_name: one of `toy.TOY_DENSITIES`.
     quick: tiny sizes and a small grid (seconds): to test the pipeline.
-    pretrain_iters: DSM steps of the shared checkpoint (as `demo.py --pretrain_iters`).
+    pretrain_iters: DSM steps of the shared checkpoints (as `demo.py --pretrain_iters`; None: each SDE's own).
     ablation_sdes: the SDEs the ablations run for.
     shard: (i, n): this process runs the planned runs whose index is i modulo n, so that n processes (started
       once pretraining is done) share the study; whichever finds every run finished writes the outputs.
@@ -312,9 +312,9 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=3000, ablation_sdes
     planned = plan_runs(alphas=QUICK_ALPHAS, seeds=QUICK_SEEDS, ablation_sdes=('ve',), ablation_seeds=(0,))
   else:
     planned = plan_runs(ablation_sdes=ablation_sdes)
-  pretrain_dirs = {}
+  pretrain_dirs, pretrain_steps = {}, {}
   for sde in demo.SDES:
-    pretrain_dirs[sde], pretrain_iters = demo.pretrain(workdir, sde, toy_name, quick, pretrain_iters)
+    pretrain_dirs[sde], pretrain_steps[sde] = demo.pretrain(workdir, sde, toy_name, quick, pretrain_iters)
   terms = measure_start_terms(pretrain_dirs, toy_name, quick)
   for i, run in enumerate(planned):
     if i % num_shards == index:
@@ -331,8 +331,9 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=3000, ablation_sdes
   rows = summarize(runs)
   true_nll = demo.reference_row(demo.get_demo_config('ve', 'fp', toy_name, quick))['nll_bpd']
   result = {'runs': runs, 'start_terms': terms, 'summary': rows,
-            'settings': {'toy': toy_name, 'quick': quick, 'pretrain_iters': pretrain_iters,
-                         'n_iters': demo.get_demo_config('ve', 'fp', toy_name, quick).training.n_iters,
+            'settings': {'toy': toy_name, 'quick': quick, 'pretrain_iters': pretrain_steps,
+                         'n_iters': {sde: demo.get_demo_config(sde, 'fp', toy_name, quick).training.n_iters
+                                     for sde in demo.SDES},
                          'ablation_alpha': ABLATION_ALPHA,
                          'true_nll_bpd': true_nll, 'seconds': time.time() - start}}
   with utils.atomic_write(os.path.join(workdir, 'study.json')) as f:  # shards may finish together

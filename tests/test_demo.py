@@ -77,3 +77,20 @@ def test_workdir_pretrained_for_other_steps_is_refused(tmp_path):
   utils.save_checkpoint(str(meta), state)
   with pytest.raises(ValueError, match=r'pretrained for 3 steps, not --pretrain_iters=5; use another --workdir'):
     demo.run_demo(str(tmp_path), 'checkerboard', quick=True)
+
+
+@pytest.mark.parametrize('sde,default_steps', [('ve', 3000), ('vp', 6000)])
+def test_pretraining_steps_default_to_each_sdes_config(tmp_path, sde, default_steps):
+  import run_lib
+  import utils
+  config = demo.get_demo_config(sde, 'dsm', 'gmm', quick=False)
+  assert config.training.n_iters - demo.FINE_TUNE_ITERS == default_steps
+  state = run_lib._build_state(config)
+  state['step'] = 100
+  utils.save_checkpoint(str(tmp_path / f'gmm_{sde}_pretrain' / 'checkpoints-meta' / 'checkpoint.pth'), state)
+  # The workdir check runs before any training step: the message names the default this SDE would use.
+  with pytest.raises(ValueError, match=rf'pretrained for 100 steps, not --pretrain_iters={default_steps};'):
+    demo.pretrain(str(tmp_path), sde, 'gmm')
+  n_iters = config.training.n_iters
+  with pytest.raises(ValueError, match=rf'--pretrain_iters={n_iters} must be in \(0, {n_iters}\)'):
+    demo.pretrain(str(tmp_path), sde, 'gmm', pretrain_iters=n_iters)

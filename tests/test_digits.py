@@ -192,5 +192,5 @@ def test_study_summary_is_the_mean_and_students_t_interval_over_seeds():
   (row,) = digits_study.summarize(runs)
   assert row['num_seeds'] == 3 and 'conservativity' not in row
   # std([1, 2, 3], ddof=1) = 1: half width t_{0.975, 2} / sqrt(3).
-  assert row['nll_bpd'] == {'mean': 2., 'ci95': pytest.approx(4.303 / math.sqrt(3))}
+  assert row['nll_bpd'] == {'mean': 2., 'ci95': pytest.approx(4.3026527 / math.sqrt(3), rel=1e-7)}
   assert row['fp_residual_mean'] == {'mean': 1., 'ci95': 0.}

@@ -45,7 +45,8 @@ def test_run_config_applies_the_run():
   config = study.run_config(run, 'gmm', quick=False)
   assert config.training.alpha == 1e-3 and config.seed == 2 and config.training.sde == 'vpsde'
   assert config.training.scalar_fp == 'both' and config.training.beta == study.ABLATION_ALPHA
-  assert config.training.n_iters == 3500  # the demo's fine-tuning, from the 3000 steps of pretraining
+  assert config.training.n_iters == 6500  # the demo's VP fine-tuning, from the 6000 steps of pretraining
+  assert study.run_config(dict(run, sde='ve'), 'gmm', quick=False).training.n_iters == 3500
   assert config.eval.num_samples == study.EVAL_SIZES['eval.num_samples']
   assert study.run_config(dict(run, ablation='no_ema'), 'gmm', False).model.ema_rate == 0.
 

@@ -14,7 +14,8 @@ For each SDE (`ve`: the small NCSN++ of configs/digits/ve_ncsnpp_continuous.py; 
      `eval.enable_conservativity` exists, the conservativity vs t.
 Every command is a `main.py` command line run under `nice` with one thread (OMP_NUM_THREADS=1); each one's
 wall time is read from its log. A rerun keeps what is done (the pretraining, a run with results) and runs the
-rest; `--collect` only writes the JSON from the workdir. Results go to `W/digits_study.json`: the commands and durations, per run `sde`,
+rest; `--collect` only writes the outputs from the workdir. Results go to `W/digits_study.json` (the same as
+tables in `W/digits_study.md`): the commands and durations, per run `sde`,
 `variant`, `alpha`, `beta`, `seed`, `nll_bpd`, `fp_residual_mean`, `conservativity` (None where not measured)
 and the sample metrics, and per (sde, variant) the mean and 95% interval over seeds.
 """
@@ -297,12 +298,100 @@ def _failures_logged(task):
     return str(e), None
 
 
+def paired_differences(runs):
+  """Per SDE and metric: DSM + FP minus DSM alone, seed by seed (same data order, loss noise, dequantization and
+  probes), with the mean and 95% interval over the seeds both variants finished."""
+  sys.path.insert(0, ROOT)
+  from study import t_interval  # pylint: disable=g-import-not-at-top
+  by_key = {(r['sde'], r['variant'], r['seed']): r for r in runs}
+  out = {}
+  for sde in sorted({r['sde'] for r in runs}):
+    seeds = sorted(s for (e, v, s) in by_key if e == sde and v == 'fp' and (sde, 'dsm', s) in by_key)
+    rows = {}
+    for metric in ('nll_bpd', 'conservativity', 'fp_residual_mean'):
+      values = [by_key[(sde, 'fp', s)][metric] - by_key[(sde, 'dsm', s)][metric] for s in seeds
+                if by_key[(sde, 'fp', s)].get(metric) is not None and by_key[(sde, 'dsm', s)].get(metric) is not None]
+      if values:
+        mean, half = t_interval(values)
+        rows[metric] = {'per_seed': values, 'mean': mean, 'ci95': half}
+    out[sde] = {'seeds': seeds, 'metrics': rows}
+  return out
+
+
+def _number(value, digits):
+  if value is None:
+    return '-'
+  return f'{value:.{digits}f}' if value == 0 or abs(value) >= 10 ** -digits else f'{value:.2e}'
+
+
+def format_report(record):
+  """The study as markdown: per run, per variant (mean ± 95% interval), paired differences, curves vs t, and
+  the commands with their durations."""
+  metrics = (('nll_bpd', 'test bits/dim (17 levels)', 4), ('fp_residual_mean', 'FP residual, mean over t', 1),
+             ('fp_residual_weighted_mean', 'weighted residual', 2), ('conservativity', 'conservativity', 4),
+             ('mmd', 'mmd', 4), ('digit_score', 'digit score', 3))
+  lines = [f'# DIGITS study ({record["written"]})', '']
+  for sde in sorted({r['sde'] for r in record['runs']} | set(record['pretrained'])):
+    weights = record['weights'].get(sde, {})
+    lines += [f'## {sde.upper()}', '', f'FP weights (training data, pretrained weights): alpha = '
+              f'{weights.get("alpha", float("nan")):.4g}, beta = {weights.get("beta", float("nan")):.4g}; terms '
+              f'at the start: {weights.get("terms_at_start")}.', '',
+              '| model | seed | ' + ' | '.join(m[1] for m in metrics) + ' | fine-tuning s | eval s |',
+              '| --- ' * (len(metrics) + 4) + '|']
+    rows = [('pretrained (DSM)', '-', record['pretrained'][sde], None, None)] if sde in record['pretrained'] else []
+    rows += [('DSM fine-tuning' if r['variant'] == 'dsm' else 'DSM + FP', r['seed'], r, r['train_seconds'],
+              r['eval_seconds']) for r in sorted(record['runs'], key=lambda r: (r['variant'], r['seed']))
+             if r['sde'] == sde]
+    for name, seed, r, train_s, eval_s in rows:
+      cells = [_number(r.get(key), digits) for key, _, digits in metrics]
+      lines.append(f'| {name} | {seed} | ' + ' | '.join(cells) + f' | {_number(train_s, 0)} | {_number(eval_s, 0)} |')
+    lines += ['', 'Mean ± 95% interval (Student\'s t) over seeds:', '',
+              '| variant | seeds | ' + ' | '.join(m[1] for m in metrics) + ' |', '| --- ' * (len(metrics) + 2) + '|']
+    for row in record['summary']:
+      if row['sde'] == sde:
+        cells = [f'{row[key]["mean"]:.{digits}f} ± {row[key]["ci95"]:.{digits}f}' if key in row else '-'
+                 for key, _, digits in metrics]
+        lines.append(f'| {row["variant"]} | {row["num_seeds"]} | ' + ' | '.join(cells) + ' |')
+    paired = record.get('paired', {}).get(sde)
+    if paired and paired['metrics']:
+      lines += ['', f'Paired by seed ({paired["seeds"]}), DSM + FP minus DSM:', '']
+      for key, values in paired['metrics'].items():
+        per_seed = ', '.join(f'{v:+.4f}' for v in values['per_seed'])
+        lines.append(f'- {key}: {per_seed} (mean {values["mean"]:+.4f} ± {values["ci95"]:.4f})')
+    for curve, label in (('conservativity_vs_t', 'Conservativity'), ('fp_residual_vs_t', 'Score-FPE residual')):
+      lines += _curve_table(record, sde, curve, label)
+  lines += ['', '## Commands', '', '| what | command | seconds |', '| --- | --- | --- |']
+  lines += [f'| {c["what"]} | `{c["command"]}` | {c["seconds"]:.0f} |' for c in record['commands']]
+  return '\n'.join(lines) + '\n'
+
+
+def _curve_table(record, sde, curve, label):
+  """A curve against t (mean over seeds per model) as a markdown table."""
+  models = [('pretrained', [record['pretrained'][sde]] if sde in record['pretrained'] else [])]
+  models += [(name, [r for r in record['runs'] if r['sde'] == sde and r['variant'] == variant])
+             for variant, name in (('dsm', 'DSM fine-tuning'), ('fp', 'DSM + FP'))]
+  models = [(name, runs) for name, runs in models if runs and all(curve in r for r in runs)]
+  if not models:
+    return []
+  t = models[0][1][0]['fp_residual_vs_t']['t']
+  values = lambda r: r[curve]['residual'] if curve == 'fp_residual_vs_t' else r[curve]
+  lines = ['', f'{label} against t (mean over seeds):', '', '| t | ' + ' | '.join(f'{x:.3g}' for x in t) + ' |',
+           '| --- ' * (len(t) + 1) + '|']
+  for name, runs in models:
+    mean = np.mean([values(r) for r in runs], axis=0)
+    lines.append(f'| {name} | ' + ' | '.join(f'{v:.3g}' for v in mean) + ' |')
+  return lines
+
+
 def _write(workdir, record):
   record['summary'] = summarize(record['runs'])
+  record['paired'] = paired_differences(record['runs'])
   path = os.path.join(workdir, 'digits_study.json')
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)
+  with open(os.path.join(workdir, 'digits_study.md'), 'w') as f:
+    f.write(format_report(record))
 
 
 def main():
@@ -312,7 +401,7 @@ def main():
   parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
   parser.add_argument('--jobs', type=int, default=3, help='fine-tuning runs at a time')
   parser.add_argument('--collect', action='store_true',
-                      help='run nothing: write digits_study.json from what the commands wrote in the workdir')
+                      help='run nothing: write digits_study.json and .md from what the commands wrote in the workdir')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   sys.path.insert(0, ROOT)
@@ -333,7 +422,7 @@ def main():
   for sde in args.sde:
     collect(args.workdir, sde, args.seeds, has_conservativity, record)
   _write(args.workdir, record)
-  logging.info('Wrote %s.', os.path.join(args.workdir, 'digits_study.json'))
+  logging.info('Wrote %s (and digits_study.md).', os.path.join(args.workdir, 'digits_study.json'))
 
 
 if __name__ == '__main__':

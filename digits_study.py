@@ -384,14 +384,15 @@ def _curve_table(record, sde, curve, label):
 
 
 def _write(workdir, record):
+  """Writes `W/digits_study.json` and `W/digits_study.md`, each atomically (`utils.atomic_write`)."""
+  sys.path.insert(0, ROOT)
+  import utils  # pylint: disable=g-import-not-at-top
   record['summary'] = summarize(record['runs'])
   record['paired'] = paired_differences(record['runs'])
-  path = os.path.join(workdir, 'digits_study.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + '.tmp', path)
-  with open(os.path.join(workdir, 'digits_study.md'), 'w') as f:
-    f.write(format_report(record))
+  with utils.atomic_write(os.path.join(workdir, 'digits_study.json')) as f:
+    f.write(json.dumps(record, indent=1).encode())
+  with utils.atomic_write(os.path.join(workdir, 'digits_study.md')) as f:
+    f.write(format_report(record).encode())
 
 
 def main():

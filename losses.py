@@ -91,8 +91,7 @@ def optimization_manager(config):
     # Every step, also without warmup (where Score SDE leaves the rate alone): an optimizer restored from a
     # checkpoint would otherwise keep the checkpoint's rate and silently ignore optim.lr.
     factor = min(step / warmup, 1.0) if warmup > 0 else 1.0
-    if schedule != 'constant':
-      factor *= lr_schedule_factor(schedule, int(step), n_iters)
+    factor *= lr_schedule_factor(schedule, int(step), n_iters)  # 1.0 for 'constant': Score SDE's rate, exactly
     for g in optimizer.param_groups:
       g['lr'] = lr * factor
     if scaler is not None:

@@ -41,7 +41,7 @@ ABLATIONS = {
     'wgt_convention': ({'training.fp_wgt_type': 'convention'}, False),
     # The released code's scalar term, with the vector term's weight (beta = alpha).
     'scalar_on': ({'training.scalar_fp': 'both', 'training.beta': ABLATION_ALPHA}, False),
-    # EMA off: the evaluated weights are the fine-tuned ones alone, not 1/3 pretraining (0.999^1000 = 0.37).
+    # EMA off: the evaluated weights are the fine-tuned ones alone, not 61% pretraining (0.999^500 = 0.61).
     'no_ema': ({'model.ema_rate': 0.}, True),
 }
 # Evaluation sizes of the full study (the demo's: 2000 samples, 20 times), see docs/study.md.

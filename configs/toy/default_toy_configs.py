@@ -17,7 +17,7 @@ def get_default_configs():
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 256
   # demo.py trains the first 3000 steps (DSM) once per SDE, then fine-tunes the DSM and DSM + FP variants to 3500
-  # (500 steps: the study, `demo.py --study`, runs about 50 of them on one shared CPU core).
+  # (500 steps: the study, `demo.py --study`, runs about 50 of them on one CPU core). VP: 6000 + 500 (vp_dsm.py).
   training.n_iters = 3500
   # One checkpoint, at the end of training: the demo evaluates checkpoint_1.
   training.snapshot_freq = 3500
@@ -94,7 +94,8 @@ def get_default_configs():
   optim.grad_clip = 1.
   # Cosine decay to 0 at training.n_iters (not in Score SDE, whose rate stays constant): the pretraining run
   # (n_iters = 3000 in demo.py) ends converged, at rate 0; fine-tuning (3000 to 3500) then follows the cosine of
-  # 3500 steps, at 1.5e-4 decaying to 0 (a constant 3e-3 would first undo the convergence).
+  # 3500 steps, at 1.5e-4 decaying to 0 (VP, 6000 to 6500: 4.4e-5 to 0; a constant 3e-3 would first undo the
+  # convergence).
   optim.schedule = 'cosine'
 
   config.seed = 42

@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 import torch
 
+import distributed
 import utils
 
 # Every value `config.data.dataset` may take.
@@ -639,13 +640,6 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _check_divides(field, value, world_size):
-  if value % world_size:
-    raise ValueError(f'config.{field}={value} does not divide over {world_size} processes (torchrun '
-                     '--nproc_per_node); the batch size is the global one, split evenly over the ranks.')
-  return value // world_size
-
-
 class ImageData:
   """An image data set (every `data.dataset` but 'TOY') as run_lib uses it.
 
@@ -713,14 +707,14 @@ class ImageData:
     generator.manual_seed(utils.seed_for(self.seed, tag, index))
     flips = torch.rand(shape[0], generator=generator, device=self.device) < 0.5 if flip else None
     noise = torch.rand(shape, generator=generator, device=self.device) if dequantize else None
-    local = shape[0] // ctx.world_size
-    part = slice(ctx.rank * local, (ctx.rank + 1) * local)
+    part = distributed.share(shape[0], ctx)
     return (None if flips is None else flips[part]), (None if noise is None else noise[part])
 
   def _stream(self, split, global_batch, start, ctx, tag):
     """This rank's share of each global batch of an endless shuffled stream, as model input."""
-    local = _check_divides('training.batch_size', global_batch, ctx.world_size)
-    keep = None if ctx.world_size == 1 else (ctx.rank * local, local, global_batch)
+    part = distributed.share(global_batch, ctx)
+    local = part.stop - part.start
+    keep = (part.start, local, global_batch) if ctx.distributed else None
     train_ds, eval_ds, _ = _image_pipelines(
         self.config, batch_size=local, evaluation=False, flip=False, uniform_dequantization=False,
         drop_remainder=True, shuffle_seed=utils.seed_for(self.seed, tag, start), keep=keep)

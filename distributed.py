@@ -12,7 +12,11 @@ What the ranks share and how (docs/workflow.md, "Multi-GPU"):
     it twice, and DDP's forward does not run under `torch.func.jvp` (the exact time derivative);
   - everything random that a training step draws (t, z, Hutchinson probes) is drawn for the global batch from
     a generator seeded by the step, and each rank takes its slice (`trainer.step_generator`);
-  - rank 0 alone writes files (checkpoints, samples, TensorBoard, stdout.txt, evaluation results).
+  - rank 0 alone writes files (checkpoints, samples, TensorBoard, stdout.txt, evaluation results):
+    `on_main_rank` runs a step there and stops every rank alike if it fails;
+  - a global batch is split into contiguous shares (`share`, `check_divisible`), a sequence of evaluation work
+    (batches, sampling rounds) is dealt round-robin (`is_mine`, `over_ranks`). This module owns that rank
+    arithmetic: other modules ask it which part is theirs rather than slicing by rank themselves.
 """
 
 import dataclasses
@@ -208,7 +212,141 @@ def broadcast_object(obj):
   return box[0]
 
 
-def shard(items, ctx=None):
-  """The items of a sequence of work (e.g. evaluation batches) this rank does: every world_size-th, from rank."""
+# ------------------------------------------------------------------------------------------------------------
+# Rank arithmetic: which part of a global batch, and which items of a sequence of work, are this rank's. Every
+# other module asks these functions rather than computing with `rank` and `world_size` itself.
+# ------------------------------------------------------------------------------------------------------------
+
+_PROCESSES = 'processes (torchrun --nproc_per_node)'
+
+
+def check_divisible(field, value, parts, why, what=_PROCESSES):
+  """Checks that `config.<field>` splits evenly into `parts` and returns the size of one part.
+
+  The one check of a size split over ranks. A split over ranks and then micro-batches passes their product as
+  `parts` and says so in `what`, e.g. `parts=world_size * k`,
+  `what=f'parts ({world_size} processes x config.training.grad_accum_steps={k} micro-batches)'`.
+
+  Args:
+    field: the config field, without `config.` (e.g. 'training.batch_size').
+    value: its value (an int).
+    parts: into how many equal parts it is split (an int >= 1).
+    why: why it must split evenly (a clause, for the error message).
+    what: what the parts are (follows the number in the error message): processes by default.
+
+  Returns:
+    value // parts.
+
+  Raises:
+    ValueError: naming the field, its value, the number of parts and `why`, if `value % parts`.
+  """
+  if value % parts:
+    raise ValueError(f'config.{field}={value} does not divide over {parts} {what}: {why}.')
+  return value // parts
+
+
+def share(n, ctx=None, field='training.batch_size'):
+  """This rank's contiguous share of `n` items (e.g. the samples of a global batch): a `slice`.
+
+  Rank r of world_size takes items r * n / world_size up to (r + 1) * n / world_size, so the shares of the
+  ranks, in rank order, tile 0..n once: concatenated, they are what a single process takes.
+
+  Args:
+    n: the number of items; must divide by the number of processes.
+    ctx: the `Context` (default: `context()`).
+    field: the config field `n` comes from, named in the error if it does not divide (the global training
+      batch by default).
+
+  Raises:
+    ValueError: from `check_divisible`, if `n` does not divide over the processes.
+  """
   ctx = ctx or context()
-  return items[ctx.rank::ctx.world_size]
+  local = check_divisible(field, n, ctx.world_size, 'the batch size is the global one, split evenly over the ranks')
+  return slice(ctx.rank * local, (ctx.rank + 1) * local)
+
+
+def is_mine(index, ctx=None):
+  """Whether this rank does work item `index` of a sequence dealt round-robin (item i to rank i % world_size).
+
+  Args:
+    index: the item's index (0, 1, 2, ...), the same on every rank.
+    ctx: the `Context` (default: `context()`).
+  """
+  ctx = ctx or context()
+  return index % ctx.world_size == ctx.rank
+
+
+def over_ranks(items, fn, ctx=None):
+  """Applies `fn` to the items of an ordered sequence of work, each rank to its share, in waves.
+
+  Every rank iterates `items` alike: pairs `(index, item)` with indices 0, 1, 2, ... Rank r computes
+  `fn(index, item)` for the indices `is_mine` gives it (index % world_size == r; the others' items may be
+  None: not converted); after each wave of world_size items the results are gathered to rank 0.
+
+  Args:
+    items: an iterable of `(index, item)` pairs, indices consecutive from 0.
+    fn: `fn(index, item)` -> a picklable result.
+    ctx: the `Context` (default: `context()`); a simulated one (in one process) only changes which items are
+      this rank's: the gather of one process is the identity.
+
+  Yields:
+    On rank 0, `(index, result)` for every item, in index order (one wave at a time, so results can be
+    written as they come); nothing on the other ranks. In one process: every item of this rank, one at a time.
+  """
+  ctx = ctx or context()
+  mine = []
+  count = 0
+  for index, item in items:
+    count = index + 1
+    if is_mine(index, ctx):
+      mine.append((index, fn(index, item)))
+    if count % ctx.world_size == 0:
+      yield from _gathered(mine)
+      mine = []
+  if count % ctx.world_size:
+    yield from _gathered(mine)
+
+
+def _gathered(mine):
+  """Every rank's `(index, result)` pairs of a wave, on rank 0, in index order (nothing on the other ranks)."""
+  gathered = gather_objects(mine)
+  if gathered is None:
+    return
+  yield from sorted((pair for rank_pairs in gathered for pair in rank_pairs), key=lambda pair: pair[0])
+
+
+def on_main_rank(fn):
+  """Runs `fn` on rank 0 alone; an exception there is raised on every rank (itself on rank 0, a RuntimeError
+  quoting it on the others), so that all ranks stop alike.
+
+  Every rank must call it at the same point (it broadcasts rank 0's outcome).
+
+  Returns:
+    What `fn` returned, on rank 0; None on the other ranks.
+  """
+  result, error = None, None
+  if context().is_main:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below, on every rank)
+      error = e
+  message = broadcast_object(None if error is None else f'{type(error).__name__}: {error}')
+  if error is not None:
+    raise error
+  if message is not None:
+    raise RuntimeError(f'Rank 0 stopped: {message}')
+  return result
+
+
+def mean_over_ranks(terms):
+  """The mean over ranks of a dict of 0-dim tensors (one collective; the identity in one process).
+
+  Returns:
+    A dict with the keys of `terms`: float32 tensors on every rank; `terms` itself in one process.
+  """
+  ctx = context()
+  if not ctx.distributed:
+    return terms
+  names = list(terms)
+  summed = all_reduce_sum(torch.stack([terms[name].float() for name in names]))
+  return {name: summed[i] / ctx.world_size for i, name in enumerate(names)}

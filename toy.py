@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+import distributed
 import utils
 
 TOY_DENSITIES = ('checkerboard', 'gmm', 'swissroll', 'rings')
@@ -409,32 +410,24 @@ class ToyData:
     x = np.asarray(points, dtype=np.float32).reshape(-1, 1, 1, 2)
     return torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2)
 
-  def _local(self, points, global_batch, ctx):
-    local = global_batch // ctx.world_size
-    return points[ctx.rank * local:(ctx.rank + 1) * local]
-
   def train_batches(self, start_step, ctx):
     """This rank's share of training batch `step`, for every step from `start_step` on.
 
     Batch k is drawn from its own seed, so a resumed run continues the stream of the uninterrupted run
     exactly, and a rank's share is a slice of the same global batch a single process would train on.
     """
-    if self.train_batch_size % ctx.world_size:
-      raise ValueError(f'config.training.batch_size={self.train_batch_size} does not divide over '
-                       f'{ctx.world_size} processes.')
+    part = distributed.share(self.train_batch_size, ctx, 'training.batch_size')
     stream = ToyStream(self.name, self.train_batch_size, [self.seed, _TRAIN_STREAM], start=start_step)
     for batch in stream:
-      yield self.to_model_input(self._local(batch['image'], self.train_batch_size, ctx))
+      yield self.to_model_input(batch['image'][part])
 
   def eval_stream(self, ctx):
     """The fixed evaluation set, repeated: this rank's share of each batch (of `eval.batch_size`)."""
-    if self.eval_batch_size % ctx.world_size:
-      raise ValueError(f'config.eval.batch_size={self.eval_batch_size} does not divide over '
-                       f'{ctx.world_size} processes.')
+    part = distributed.share(self.eval_batch_size, ctx, 'eval.batch_size')
     eval_set = ToySet(self.name, self.eval_batch_size, self.num_eval_batches_per_split,
                       [self.seed, _EVAL_STREAM], repeat=True)
     for batch in eval_set:
-      yield self.to_model_input(self._local(batch['image'], self.eval_batch_size, ctx))
+      yield self.to_model_input(batch['image'][part])
 
   def eval_batches(self, split, dequantize=None, repeat=0, only=None):
     """The fixed 'train' or 'test' evaluation set: `(index, model input)` pairs (see `ImageData`)."""

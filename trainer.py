@@ -126,9 +126,9 @@ class Trainer:
     ctx = distributed.context()
     b = batch.shape[0]
     generator = step_generator(self.noise_seed, step, batch.device)
-    noise = self.loss.draw_noise((b * ctx.world_size,) + tuple(batch.shape[1:]), batch.device, batch.dtype,
-                                 generator)
-    return slice_noise(noise, ctx.rank * b, b)
+    global_batch = b * ctx.world_size
+    noise = self.loss.draw_noise((global_batch,) + tuple(batch.shape[1:]), batch.device, batch.dtype, generator)
+    return slice_noise(noise, distributed.share(global_batch, ctx).start, b)
 
   def train_step(self, state, batch):
     """One optimizer step on this rank's share `batch` of the global batch.

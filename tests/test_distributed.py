@@ -139,3 +139,95 @@ def test_rank_shares_of_image_batches_make_the_global_batch(tmp_path):
   assert not torch.equal(whole[0], whole[1])
   with pytest.raises(ValueError, match='training.batch_size=6 does not divide over 4 processes'):
     batches(distributed.Context(rank=0, world_size=4))
+
+
+# Rank arithmetic, with the ranks simulated in this process by `distributed.Context(rank=r, world_size=n)`.
+
+
+def _ranks(world_size):
+  return [distributed.Context(rank=r, world_size=world_size) for r in range(world_size)]
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3, 4, 6])
+def test_shares_of_the_ranks_tile_the_items_once_in_rank_order(world_size):
+  items = list(range(12))
+  shares = [items[distributed.share(12, ctx)] for ctx in _ranks(world_size)]
+  assert [i for part in shares for i in part] == items
+  assert {len(part) for part in shares} == {12 // world_size}
+
+
+def test_share_defaults_to_the_current_context():
+  assert distributed.share(5) == slice(0, 5)
+
+
+def test_share_refuses_a_count_that_does_not_divide_naming_the_field():
+  ctx = distributed.Context(rank=1, world_size=4)
+  with pytest.raises(ValueError, match=r'config\.eval\.batch_size=10 does not divide over 4 processes'):
+    distributed.share(10, ctx, field='eval.batch_size')
+  with pytest.raises(ValueError, match=r'config\.training\.batch_size=6 does not divide over 4 processes'):
+    distributed.share(6, ctx)
+
+
+def test_check_divisible_returns_the_part_or_names_field_value_parts_and_why():
+  assert distributed.check_divisible('training.batch_size', 24, 6, 'split evenly') == 4
+  # The split over ranks, then micro-batches: one check of the product.
+  what = 'parts (2 processes x config.training.grad_accum_steps=4 micro-batches)'
+  why = 'the global batch is split over the ranks, then into micro-batches'
+  expected = (r'^config\.training\.batch_size=12 does not divide over 8 parts \(2 processes x '
+              r'config\.training\.grad_accum_steps=4 micro-batches\): the global batch is split over the ranks, '
+              r'then into micro-batches\.$')
+  with pytest.raises(ValueError, match=expected):
+    distributed.check_divisible('training.batch_size', 12, 2 * 4, why, what=what)
+
+
+def test_work_items_are_dealt_round_robin_to_exactly_one_rank():
+  ranks = _ranks(3)
+  for index in range(10):
+    assert [distributed.is_mine(index, ctx) for ctx in ranks] == [r == index % 3 for r in range(3)]
+  assert distributed.is_mine(7)  # one process does every item
+
+
+def test_over_ranks_applies_fn_to_this_ranks_items_in_order():
+  items = [(i, f'item{i}') for i in range(7)]
+  results = {}
+  for ctx in _ranks(3):
+    calls = []
+
+    def fn(index, item, calls=calls):
+      calls.append(index)
+      return item.upper()
+
+    # The other ranks' items may be None (not converted): fn never sees them.
+    mine_only = ((i, item if distributed.is_mine(i, ctx) else None) for i, item in items)
+    # In one process the gather is the identity: a simulated rank yields its own results, in index order.
+    results[ctx.rank] = list(distributed.over_ranks(mine_only, fn, ctx))
+    assert calls == list(range(ctx.rank, 7, 3))
+  assert results == {r: [(i, f'ITEM{i}') for i in range(r, 7, 3)] for r in range(3)}
+
+
+def test_over_ranks_in_one_process_yields_each_result_before_the_next_item():
+  drawn = []
+
+  def items():
+    for i in range(4):
+      drawn.append(i)
+      yield i, i
+
+  for index, result in distributed.over_ranks(items(), lambda i, item: item * item):
+    assert drawn[-1] == index and result == index * index
+  assert drawn == [0, 1, 2, 3]
+
+
+def test_on_main_rank_in_one_process_returns_or_raises_as_fn_does():
+  assert distributed.on_main_rank(lambda: 42) == 42
+
+  def fail():
+    raise OSError('disk full')
+
+  with pytest.raises(OSError, match='disk full'):
+    distributed.on_main_rank(fail)
+
+
+def test_mean_over_ranks_in_one_process_is_the_identity():
+  terms = {'loss': torch.tensor(1.5), 'fp': torch.tensor(0.25)}
+  assert distributed.mean_over_ranks(terms) is terms

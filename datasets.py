@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 import torch
 
+import checkpoints
 import distributed
 import utils
 
@@ -405,7 +406,7 @@ def images_to_npz(image_dir, output_path, image_size=None, *, test_dir=None, tes
   for split, files in split_files.items():
     contents[NPZ_ARRAYS[split]] = np.stack(arrays[split])
     contents[f'{split}_files'] = np.array([os.path.relpath(f, roots[split]) for f in files])
-  with utils.atomic_write(output_path) as f:
+  with checkpoints.atomic_write(output_path) as f:
     np.savez(f, **contents)
   counts = {split: len(files) for split, files in split_files.items()}
   shape = contents['train'].shape[1:]

@@ -31,6 +31,7 @@ from absl import flags
 import numpy as np
 import torch
 
+import checkpoints
 import run_lib
 import toy
 import utils
@@ -97,13 +98,13 @@ def _copy_checkpoint(src_dir, dst_dir, ema_rate):
   if os.path.exists(dst):  # training resumes from where dst_dir already is
     return
   src = os.path.join(src_dir, 'checkpoints-meta', 'checkpoint.pth')
-  checkpoint = utils.load_checkpoint_file(src)
+  checkpoint = checkpoints.load_checkpoint_file(src)
   if checkpoint['ema']['decay'] == ema_rate:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     shutil.copyfile(src, dst)
     return
   checkpoint['ema']['decay'] = ema_rate
-  with utils.atomic_write(dst) as f:
+  with checkpoints.atomic_write(dst) as f:
     torch.save(checkpoint, f)
 
 
@@ -112,7 +113,7 @@ def _check_pretrain_steps(pretrain_dir, pretrain_iters):
   match `--pretrain_iters`."""
   meta = os.path.join(pretrain_dir, 'checkpoints-meta', 'checkpoint.pth')
   if os.path.exists(meta):
-    step = int(utils.load_checkpoint_file(meta)['step'])
+    step = int(checkpoints.load_checkpoint_file(meta)['step'])
     if step != pretrain_iters:
       raise ValueError(f'{pretrain_dir} was pretrained for {step} steps, not --pretrain_iters={pretrain_iters}; '
                        'use another --workdir.')

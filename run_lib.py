@@ -13,22 +13,26 @@ checkpoints), and training stops when it reaches `training.n_iters`. Everything 
 data pipeline, the sampler, the checkpoint to resume from) is built and checked before anything is written into
 the workdir, so a bad start leaves the workdir as it was.
 
-The pieces: a loss object (`losses.loss_from_config`), the step that owns forward, backward, update and EMA
-(`trainer.Trainer`), and a data set object (`datasets.get_data`) that knows how batches become model input, how
-samples are saved and scored and which bits/dim apply. Under torchrun (`distributed.py`) every rank trains on
-its share of each global batch and evaluates its share of the evaluation's batches and sampling rounds; rank 0
-alone writes files.
+This module reads as Score SDE's: set-up, the training loop, the evaluation passes. The pieces it puts together
+live elsewhere: the loss object (`losses.loss_from_config`); the step that owns forward, backward, update and
+EMA (`trainer.Trainer`); the data set object (`datasets.get_data`) that knows how batches become model input,
+how samples are saved and scored and which bits/dim apply; the checkpoints and the save policy
+(`checkpoints.Checkpointer`, `checkpoints.await_checkpoint`); a rank's share of the work
+(`distributed.over_ranks`, `distributed.on_main_rank`). Under torchrun every rank trains on its share of each
+global batch and evaluates its share of the evaluation's batches and sampling rounds; rank 0 alone writes files.
 """
 
+import dataclasses
+import itertools
 import logging
 import math
 import os
-import time
-import types
+import typing
 
 import numpy as np
 import torch
 
+import checkpoints
 import datasets
 import distributed
 import likelihood
@@ -43,15 +47,8 @@ import models  # noqa: F401  (registers every architecture with models.utils)
 from models import utils as mutils
 from models.ema import ExponentialMovingAverage
 
-# `evaluate` waits for checkpoints that training has not written yet: it checks every
-# CHECKPOINT_POLL_SECONDS (Score SDE: 60 s), stops when no live trainer holds the workdir lock, and gives up
-# with `TimeoutError` after `eval.wait_limit_seconds`. CHECKPOINT_WAIT_LIMIT_SECONDS, if not None, lowers that
-# bound further (for scripts and tests), and is `wait_for_checkpoint`'s default (None: no bound, as Score SDE).
-CHECKPOINT_POLL_SECONDS = 60.
-CHECKPOINT_WAIT_LIMIT_SECONDS = None
 
-
-def _build_state(config):
+def build_state(config):
   """Score SDE's training state: `{'optimizer', 'model', 'ema', 'step'}`, freshly initialized."""
   score_model = mutils.create_model(config)
   ema_rate = utils.check_number('model.ema_rate', config.model.ema_rate, low=0, high=1)
@@ -60,25 +57,14 @@ def _build_state(config):
   return dict(optimizer=optimizer, model=score_model, ema=ema, step=0)
 
 
-def _check_batch_shape(x, shape, split):
-  # The model is built for the config's image size and channels; data of another shape would fail deep
-  # inside the network (or, worse, silently broadcast), so say which setting disagrees.
-  if tuple(x.shape[1:]) != tuple(shape[1:]):
-    raise ValueError(f'The {split} data have shape (C, H, W) = {tuple(x.shape[1:])}, but the config expects '
-                     f'{tuple(shape[1:])} (config.data.num_channels, config.data.image_size).')
-
-
-def _sample_with_ema(sampling_fn, model, state):
-  """Samples with the EMA weights (through `model`, which may be a compiled module sharing the state's
-  parameters), then puts the training weights back."""
-  ema, params = state['ema'], state['model'].parameters
-  ema.store(params())
-  ema.copy_to(params())
-  try:
-    sample, _ = sampling_fn(model)
-  finally:
-    ema.restore(params())
-  return sample
+def make_trainer(config, sde, state):
+  """The `trainer.Trainer` of a config: its loss, optimizer schedule, precision, accumulation and noise seed."""
+  return trainer_lib.Trainer(
+      losses.loss_from_config(config, sde), losses.optimization_manager(config),
+      precision=trainer_lib.PrecisionPolicy(config.training.mixed_precision, config.device),
+      grad_accum_steps=config.training.grad_accum_steps,
+      noise_seed=utils.check_number('seed', config.seed, low=0, integer=True),
+      forward_model=_compiled(config, state))
 
 
 def _compiled(config, state):
@@ -97,15 +83,49 @@ def _sampling_model(trainer, state):
   return state['model'] if trainer.forward_model is None else trainer.forward_model
 
 
+def _format_terms(values):
+  return ', '.join(f'{name}: {value:.5e}' for name, value in values.items())
+
+
+def summary_writer(tb_dir):
+  """A TensorBoard `SummaryWriter` into `tb_dir` (rank 0 only; tests replace it with a recorder)."""
+  # Lazy: torch.utils.tensorboard imports TensorFlow when it is installed (seconds); by then the data pipeline
+  # has configured TensorFlow to stay off the GPU.
+  from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
+  return tensorboard.SummaryWriter(tb_dir)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """Everything a training run uses, built and checked by `setup_training` before anything is written.
+
+  The only things that change during the run are the training state (`state`, updated in place by the
+  trainer), the position in `batches`, and what `checkpointer` remembers (the resume point).
+  """
+  config: typing.Any
+  settings: dict  # the loop's validated `training.*` fields (`_training_settings`)
+  sde: sde_lib.SDE
+  state: dict  # Score SDE's `{'optimizer', 'model', 'ema', 'step'}`
+  trainer: trainer_lib.Trainer
+  data: typing.Any  # a `datasets.get_data` object
+  batches: typing.Iterator  # this rank's share of the training batches, from the state's step on
+  eval_batches: typing.Iterator  # this rank's share of the periodic eval batches
+  checkpointer: checkpoints.Checkpointer
+  sampling_fn: typing.Optional[typing.Callable]  # None unless `training.snapshot_sampling`
+  sampling_model: torch.nn.Module
+  sample_dir: str
+  tb_dir: str
+
+
 def _training_settings(config):
-  """The loop's own `training.*` fields, validated."""
+  """The loop's own `training.*` fields, validated (the save policy's go to `checkpoints.Checkpointer`)."""
   t = config.training
-  return dict(
+  settings = dict(
       n_iters=utils.check_number('training.n_iters', t.n_iters, low=0, integer=True),
       snapshot_freq=utils.check_number('training.snapshot_freq', t.snapshot_freq, low=1, integer=True),
       preemption_freq=utils.check_number('training.snapshot_freq_for_preemption',
@@ -118,21 +138,26 @@ def _training_settings(config):
       max_param_growth=utils.check_number('training.max_param_growth', t.max_param_growth, low=1,
                                           low_open=True),
   )
+  # The global batch splits evenly over ranks, then micro-batches: every share has the same weight.
+  world_size, k = distributed.context().world_size, settings['grad_accum_steps']
+  distributed.check_divisible(
+      'training.batch_size', settings['batch_size'], world_size * k,
+      'the global batch is split evenly over the ranks, then into micro-batches',
+      what=f'parts ({world_size} processes x config.training.grad_accum_steps={k} micro-batches)')
+  return settings
 
 
-def _check_batch_split(settings, ctx):
-  """The global batch must split evenly over ranks, then micro-batches: every share has the same weight."""
-  batch_size, k = settings['batch_size'], settings['grad_accum_steps']
-  if batch_size % (ctx.world_size * k):
-    raise ValueError(f'config.training.batch_size={batch_size} must be a multiple of the number of processes '
-                     f'({ctx.world_size}) times config.training.grad_accum_steps={k}: the global batch is split '
-                     'evenly over the ranks, then into micro-batches.')
+def _check_batch_shape(x, shape, split):
+  # The model is built for the config's image size and channels; data of another shape would fail deep
+  # inside the network (or, worse, silently broadcast), so say which setting disagrees.
+  if tuple(x.shape[1:]) != tuple(shape[1:]):
+    raise ValueError(f'The {split} data have shape (C, H, W) = {tuple(x.shape[1:])}, but the config expects '
+                     f'{tuple(shape[1:])} (config.data.num_channels, config.data.image_size).')
 
 
-def _check_batch_fits_split(data, settings):
+def _check_batch_fits_split(data, batch_size):
   """Refuses a training batch larger than the training split; warns if the periodic eval batch (of the same
   size) is larger than the test split."""
-  batch_size = settings['batch_size']
   size = data.split_size('train')
   if size is not None and batch_size > size:
     raise ValueError(f'config.training.batch_size={batch_size} is larger than the training split, which holds '
@@ -143,90 +168,57 @@ def _check_batch_fits_split(data, settings):
                     'batches (training.eval_freq) repeat test images.', batch_size, size)
 
 
-def make_trainer(config, sde, state):
-  """The `trainer.Trainer` of a config: its loss, optimizer schedule, precision, accumulation and noise seed."""
-  return trainer_lib.Trainer(
-      losses.loss_from_config(config, sde), losses.optimization_manager(config),
-      precision=trainer_lib.PrecisionPolicy(config.training.mixed_precision, config.device),
-      grad_accum_steps=config.training.grad_accum_steps,
-      noise_seed=utils.check_number('seed', config.seed, low=0, integer=True),
-      forward_model=_compiled(config, state))
-
-
-def _setup_training(config, workdir):
+def setup_training(config, workdir, lock=None):
   """Builds and validates everything training needs, and restores the preemption checkpoint if there is one.
 
   Nothing is written: a config value, the data or a checkpoint that does not fit stops the run here, with the
   workdir as it was.
+
+  Args:
+    config: the experiment's config.
+    workdir: the working directory.
+    lock: the workdir lock rank 0 holds (`preemption.WorkdirLock`), checked before every save; or None.
+
+  Returns:
+    A `TrainingRun`.
   """
   ctx = distributed.context()
   settings = _training_settings(config)
-  _check_batch_split(settings, ctx)
   seed = utils.check_number('seed', config.seed, low=0, integer=True)
   # Every rank builds the same initial weights (then restores the same checkpoint, if any).
   torch.manual_seed(seed)
   sde = sde_lib.sde_from_config(config)
-  state = _build_state(config)
+  state = build_state(config)
   trainer = make_trainer(config, sde, state)
   data = datasets.get_data(config)
   shape = data.sample_shape(settings['batch_size'])
   sampling_fn = None
   if settings['snapshot_sampling']:
     sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
+  _check_batch_fits_split(data, settings['batch_size'])
 
-  _check_batch_fits_split(data, settings)
-
-  meta_path = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
-  if os.path.lexists(meta_path):  # a dangling symbolic link is an error, not "no checkpoint"
-    # Strict: a checkpoint that does not fit the model (or holds NaN) raises here, before training writes.
-    state = utils.restore_checkpoint(meta_path, state, config.device)
-    logging.info('Resuming from %s at step %d.', meta_path, int(state['step']))
-  else:
-    logging.info('No checkpoint at %s: training starts from a fresh initialization.', meta_path)
+  checkpointer = checkpoints.Checkpointer(
+      workdir, n_iters=settings['n_iters'], snapshot_freq=settings['snapshot_freq'],
+      preemption_freq=settings['preemption_freq'], max_param_growth=settings['max_param_growth'],
+      device=config.device, lock=lock)
+  state = checkpointer.restore(state, config.device)
   step = int(state['step'])
   # Dropout and samplers draw from the global generator: a different stream per rank, and a resumed run does
   # not replay the run it resumes. (The loss's noise comes from the trainer's per-step generator.)
   torch.manual_seed(utils.seed_for(seed, 'global', ctx.rank, step))
 
-  iterators = {'train': data.train_batches(step, ctx), 'eval': data.eval_stream(ctx)}
+  batches = data.train_batches(step, ctx)
   # Read one batch now, so that data that do not fit the model stop the run before anything is written.
-  first_batch = next(iterators['train'])
+  first_batch = next(batches)
   _check_batch_shape(first_batch, shape, 'training')
-
-  return types.SimpleNamespace(
-      config=config, ctx=ctx, settings=settings, sde=sde, state=state, trainer=trainer, data=data,
-      sampling_fn=sampling_fn, sampling_model=_sampling_model(trainer, state), iterators=iterators,
-      pending_batch=first_batch, meta_path=meta_path, checkpoint_dir=os.path.join(workdir, 'checkpoints'),
-      sample_dir=os.path.join(workdir, 'samples'), tb_dir=os.path.join(workdir, 'tensorboard'),
-      workdir=workdir, monitor=NonFiniteLossMonitor(config.device),
-      # The resume point on disk (None: none yet) and the parameter scale the growth bound compares with.
-      resume_step=step if os.path.lexists(meta_path) else None, param_scale=_param_scale(state),
-      lock=None, stop=None)
+  return TrainingRun(
+      config=config, settings=settings, sde=sde, state=state, trainer=trainer, data=data,
+      batches=itertools.chain([first_batch], batches), eval_batches=data.eval_stream(ctx),
+      checkpointer=checkpointer, sampling_fn=sampling_fn, sampling_model=_sampling_model(trainer, state),
+      sample_dir=os.path.join(workdir, 'samples'), tb_dir=os.path.join(workdir, 'tensorboard'))
 
 
-def _on_main_rank(fn):
-  """Runs `fn` on rank 0 alone; an exception there is raised on every rank (itself on rank 0, a RuntimeError
-  quoting it on the others), so that all ranks stop alike.
-
-  Returns:
-    What `fn` returned, on rank 0; None on the other ranks.
-  """
-  ctx = distributed.context()
-  result, error = None, None
-  if ctx.is_main:
-    try:
-      result = fn()
-    except Exception as e:  # pylint: disable=broad-except  (re-raised below, on every rank)
-      error = e
-  message = distributed.broadcast_object(None if error is None else f'{type(error).__name__}: {error}')
-  if error is not None:
-    raise error
-  if message is not None:
-    raise RuntimeError(f'Rank 0 stopped: {message}')
-  return result
-
-
-def _make_workdir(run):
+def _make_folders(run):
   """Creates the workdir's folders, checks they are writable, and the TensorBoard writer (rank 0).
 
   Returns:
@@ -234,126 +226,17 @@ def _make_workdir(run):
   """
 
   def make():
-    # Before the first step: an unwritable folder found at the first checkpoint would lose the steps before it.
-    for path, purpose in ((run.checkpoint_dir, 'the snapshot checkpoints'),
-                          (os.path.dirname(run.meta_path), 'the resume point (preemption checkpoint)'),
-                          (run.sample_dir, 'the snapshot samples'), (run.tb_dir, 'the TensorBoard summaries')):
-      utils.check_writable(path, purpose)
-    # Lazy: torch.utils.tensorboard imports TensorFlow when it is installed; by now the data pipeline has
-    # configured TensorFlow to stay off the GPU.
-    from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
-    return tensorboard.SummaryWriter(run.tb_dir)
+    run.checkpointer.check_folders()
+    for path, purpose in ((run.sample_dir, 'the snapshot samples'), (run.tb_dir, 'the TensorBoard summaries')):
+      checkpoints.check_writable(path, purpose)
+    return summary_writer(run.tb_dir)
 
-  return _on_main_rank(make)
-
-
-class NonFiniteLossMonitor:
-  """Remembers the first step whose training loss, or gradient norm, was NaN or infinite, without a host-device
-  sync.
-
-  `update` runs every step with device-side ops only; `check` reads the flags (one sync) and is called at
-  `log_freq` and before every checkpoint save, so no checkpoint is ever written after a non-finite loss or
-  gradient. Under torchrun the flags are combined over ranks (the earliest bad step of any), so every rank
-  stops alike.
-  """
-
-  _NONE = torch.iinfo(torch.long).max
-  _WHAT = ('training loss', 'gradient norm')
-
-  def __init__(self, device):
-    self._first_bad_step = torch.full((len(self._WHAT),), self._NONE, dtype=torch.long, device=device)
-
-  def update(self, loss, step, grad_norm=None):
-    """Records `step` if `loss` (or `grad_norm`, a 0-dim tensor or None) is not finite; device-side only."""
-    values = [loss.detach().float().reshape(())]
-    values.append(values[0].new_zeros(()) if grad_norm is None else grad_norm.detach().float().reshape(()))
-    bad = ~torch.isfinite(torch.stack(values))
-    self._first_bad_step = torch.where(bad, torch.clamp(self._first_bad_step, max=step), self._first_bad_step)
-
-  def check(self, last_good=''):
-    """Raises `FloatingPointError` naming the first bad step (and `last_good`, a sentence) if there was one."""
-    first_bad = distributed.all_reduce_min(self._first_bad_step).tolist()
-    bad = [(step, what) for step, what in zip(first_bad, self._WHAT) if step != self._NONE]
-    if bad:
-      step, what = min(bad)
-      raise FloatingPointError(
-          f'The {what} is not finite (NaN or inf) at step {step}; training stopped, and nothing from that step on '
-          f'was saved. {last_good or "The checkpoints written before that step are intact."} Lower optim.lr or '
-          'check the data.')
-
-
-def _param_scale(state):
-  """The largest absolute value of a trainable parameter (NaN if one is NaN): one host sync."""
-  params = [p.detach() for p in state['model'].parameters() if p.requires_grad]
-  if not params:
-    return 0.
-  return float(torch.stack([p.abs().max() for p in params]).max())
-
-
-def _ema_finite(state):
-  shadow = state['ema'].shadow_params
-  return not shadow or bool(torch.stack([torch.isfinite(p).all() for p in shadow]).all())
-
-
-def _last_good(run):
-  """A sentence naming the last good checkpoint on disk, for errors that stop training."""
-  if run.resume_step is None:
-    return 'No checkpoint was written yet.'
-  return (f'The last good checkpoint is {run.meta_path} (step {run.resume_step}); training resumes from it when '
-          'started again.')
-
-
-def _check_before_save(run, step):
-  """Refuses to write checkpoints of a state that is not finite, or has exploded, or when the lock is lost.
-
-  The criterion (docs/workflow.md, "When a run dies"): no NaN/inf training loss or gradient norm at any step
-  since the last check; every trainable parameter and EMA weight finite; the largest |trainable parameter| at
-  most `training.max_param_growth` times max(1, its value at the last good checkpoint). Parameters are the
-  same on every rank, so every rank reaches the same verdict; rank 0 also checks that it still holds the
-  workdir lock.
-
-  Raises:
-    FloatingPointError: naming the step, the problem and the last good checkpoint.
-    preemption.WorkdirLocked: the lock file is no longer this trainer's.
-  """
-  run.monitor.check(_last_good(run))
-  scale = _param_scale(run.state)
-  problem = None
-  if not math.isfinite(scale) or not _ema_finite(run.state):
-    problem = 'the parameters or their EMA are not finite (NaN or inf)'
-  else:
-    limit = run.settings['max_param_growth'] * max(1., run.param_scale)
-    if scale > limit:
-      problem = (f'the largest |parameter| grew to {scale:.4g}, more than training.max_param_growth='
-                 f'{run.settings["max_param_growth"]:g} times max(1, {run.param_scale:.4g}), its value at the last '
-                 'check: the weights exploded')
-  if problem is not None:
-    raise FloatingPointError(f'Not saving at step {step}: {problem}. Training stopped. {_last_good(run)} Lower '
-                             'optim.lr (or raise training.max_param_growth if such growth is expected).')
-  run.param_scale = scale
-
-  def lock_problem():
-    problem = None if run.lock is None else run.lock.check_held()
-    if problem is not None:
-      raise preemption.WorkdirLocked(f'Not saving at step {step}: {problem}. Another trainer may be writing '
-                                     'into this workdir; this one stops without writing.')
-
-  _on_main_rank(lock_problem)
-
-
-def _mean_over_ranks(terms):
-  """The mean over ranks of a dict of 0-dim tensors (one collective; the identity in one process)."""
-  ctx = distributed.context()
-  if not ctx.distributed:
-    return terms
-  names = list(terms)
-  summed = distributed.all_reduce_sum(torch.stack([terms[name].float() for name in names]))
-  return {name: summed[i] / ctx.world_size for i, name in enumerate(names)}
+  return distributed.on_main_rank(make)
 
 
 def _log_terms(writer, prefix, terms, step):
   """Logs the loss terms to TensorBoard (rank 0) and returns them as floats (the loop's only `.item()` calls)."""
-  values = {name: value.item() for name, value in _mean_over_ranks(terms).items()}
+  values = {name: value.item() for name, value in distributed.mean_over_ranks(terms).items()}
   if writer is not None:
     for name, value in values.items():
       tag = {'loss': 'training_loss'}.get(name, name) if prefix == 'train' else f'eval_{name}'
@@ -361,129 +244,61 @@ def _log_terms(writer, prefix, terms, step):
   return values
 
 
-def _format_terms(values):
-  return ', '.join(f'{name}: {value:.5e}' for name, value in values.items())
-
-
-def _snapshot_path(run, step):
-  return os.path.join(run.checkpoint_dir, f'checkpoint_{step // run.settings["snapshot_freq"]}.pth')
-
-
-def _snapshot_due(run, step):
-  return step == run.settings['n_iters'] or step % run.settings['snapshot_freq'] == 0
-
-
-def _save_checkpoints(run, step):
-  """Writes the snapshot and the preemption checkpoint due at `step` (rank 0), after `_check_before_save`;
-  returns whether a snapshot was due."""
-  s = run.settings
-  due_meta = step == s['n_iters'] or step % s['preemption_freq'] == 0
-  due_snapshot = _snapshot_due(run, step)
-  if due_meta or due_snapshot:
-    _check_before_save(run, step)
-  if run.ctx.is_main:
-    # The snapshot first, each file durable before the next: once the resume point is past step k, no run
-    # writes snapshot k again, so a kill between the two writes must find the snapshot on disk.
-    if due_snapshot:
-      path = _snapshot_path(run, step)
-      utils.save_checkpoint(path, run.state)
-      logging.info('step: %d, saved %s', step, path)
-    if due_meta:
-      utils.save_checkpoint(run.meta_path, run.state)
-  if due_meta:
-    run.resume_step = step
-  return due_snapshot
-
-
-def _write_missing_snapshot(run):
-  """Writes the snapshot due at the resume point's step if it is missing (rank 0).
-
-  A run of an earlier version, killed between writing its resume point and its snapshot, resumed past the
-  snapshot's step and never wrote it; the resume point holds exactly the state the snapshot would have.
-  """
-  step = run.resume_step
-  if not run.ctx.is_main or not step or not _snapshot_due(run, step):
-    return
-  path = _snapshot_path(run, step)
-  if not os.path.lexists(path):
-    logging.warning('The snapshot %s due at step %d is missing (a run killed between its two saves): writing it '
-                    'from the resume point, which holds that step.', path, step)
-    utils.save_checkpoint(path, run.state)
-
-
-def _stop_signal(run):
-  """The stop signal any rank received (0 if none): one host-side collective per step under torchrun."""
-  return distributed.max_over_ranks(0 if run.stop is None else run.stop.signum or 0)
-
-
 def _stop_on_signal(run, signum):
-  """Saves the resume point at the current step (after `_check_before_save`), logs, raises
+  """Saves the resume point at the current step (after the checks before a save), logs, raises
   `preemption.TrainingInterrupted` with `preemption.EXIT_STOPPED` (every rank alike)."""
   step = int(run.state['step'])
-  name = preemption.signal_name(signum)
-  if run.resume_step == step:
-    message = f'the resume point {run.meta_path} is at this step already'
-  elif step == 0:
-    message = 'no step was trained: nothing to save'
-  else:
-    _check_before_save(run, step)
-    if run.ctx.is_main:
-      utils.save_checkpoint(run.meta_path, run.state)
-    run.resume_step = step
-    message = f'saved the resume point {run.meta_path}'
-  text = (f'Stopped by {name} at step {step}: {message}. Run the same command to resume (exit status '
-          f'{preemption.EXIT_STOPPED}).')
+  message = run.checkpointer.save_resume_point(run.state)
+  text = (f'Stopped by {preemption.signal_name(signum)} at step {step}: {message}. Run the same command to resume '
+          f'(exit status {preemption.EXIT_STOPPED}).')
   logging.warning(text)
+  saved = run.checkpointer.resume_step == step
   raise preemption.TrainingInterrupted(text, signum, step=step,
-                                       checkpoint=run.meta_path if run.resume_step == step else None,
+                                       checkpoint=run.checkpointer.meta_path if saved else None,
                                        exit_code=preemption.EXIT_STOPPED)
 
 
 def _save_sample_snapshot(run, step):
   """Snapshot samples with the EMA weights (rank 0 samples and writes; the other ranks go on)."""
-  if not run.ctx.is_main:
+  if not distributed.context().is_main:
     return
-  sample = _sample_with_ema(run.sampling_fn, run.sampling_model, run.state)
+  with trainer_lib.ema_weights(run.state):
+    sample, _ = run.sampling_fn(run.sampling_model)
   this_sample_dir = os.path.join(run.sample_dir, f'iter_{step}')
   os.makedirs(this_sample_dir, exist_ok=True)
   run.data.save_snapshot(sample, this_sample_dir, step)
 
 
-def _eval_step(run, writer, step):
-  """Score SDE's periodic eval loss on one batch of the eval split (each rank its share), EMA weights."""
-  terms = run.trainer.eval_step(run.state, next(run.iterators['eval']))
-  values = _log_terms(writer, 'eval', terms, step)
-  logging.info('step: %d, eval_loss: %.5e (%s)', step, values['loss'], _format_terms(values))
-
-
-def _training_loop(run, writer):
-  s = run.settings
+def _training_loop(run, writer, stop):
+  s, ckpt = run.settings, run.checkpointer
   initial_step = int(run.state['step'])
   logging.info('Starting training loop at step %d (n_iters %d).', initial_step, s['n_iters'])
-  progress = utils.Progress(s['n_iters'], 'train', unit='step', done=initial_step, show_bar=run.ctx.is_main)
+  progress = utils.Progress(s['n_iters'], 'train', unit='step', done=initial_step,
+                            show_bar=distributed.context().is_main)
   # With float16's GradScaler an infinite gradient norm is expected now and then: that step is skipped.
   check_grad_norm = run.trainer.precision.scaler is None
   try:
     while int(run.state['step']) < s['n_iters']:
-      # A step boundary: where a SIGTERM / SIGINT received during the last step (or setup) takes effect.
-      signum = _stop_signal(run)
+      # A step boundary: where a SIGTERM / SIGINT received during the last step (or setup) takes effect. Every
+      # rank agrees on it (one host-side collective per step under torchrun).
+      signum = distributed.max_over_ranks(stop.signum or 0)
       if signum:
         _stop_on_signal(run, signum)
-      batch = run.pending_batch if run.pending_batch is not None else next(run.iterators['train'])
-      run.pending_batch = None
-      terms = run.trainer.train_step(run.state, batch)
+      terms = run.trainer.train_step(run.state, next(run.batches))
       step = int(run.state['step'])  # the step has incremented it: `step` updates are done
-      run.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)
+      ckpt.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)
       if step % s['log_freq'] == 0:
         values = _log_terms(writer, 'train', terms, step)
         logging.info('step: %d, training_loss: %.5e (%s), %s', step, values['loss'], _format_terms(values),
                      progress.status(step))
-        run.monitor.check(_last_good(run))
+        ckpt.check_finite_loss()
       if step % s['eval_freq'] == 0:
-        _eval_step(run, writer, step)
-      if _save_checkpoints(run, step) and run.sampling_fn is not None:
+        # Score SDE's periodic eval loss on one batch of the eval split (each rank its share), EMA weights.
+        values = _log_terms(writer, 'eval', run.trainer.eval_step(run.state, next(run.eval_batches)), step)
+        logging.info('step: %d, eval_loss: %.5e (%s)', step, values['loss'], _format_terms(values))
+      if ckpt.save_due(run.state, step) and run.sampling_fn is not None:
         _save_sample_snapshot(run, step)
-    run.monitor.check(_last_good(run))
+    ckpt.check_finite_loss()
   finally:
     progress.close()
 
@@ -505,43 +320,38 @@ def train(config, workdir):
 
   Raises:
     ValueError: a config value or the data do not fit; nothing was written to the workdir.
-    utils.CheckpointError: the checkpoint cannot be read, does not fit the model or is not finite; nothing
-      was written to the workdir.
+    checkpoints.CheckpointError: the checkpoint cannot be read, does not fit the model or is not finite;
+      nothing was written to the workdir.
     preemption.WorkdirLocked: another trainer holds the workdir lock; nothing was written.
     FloatingPointError: the training loss or gradient norm became NaN or infinite, or the parameters exploded;
       the error names the step and the last good checkpoint, which is intact.
     preemption.TrainingInterrupted: SIGTERM / SIGINT; the error says what was saved.
   """
-  lock = _on_main_rank(lambda: preemption.WorkdirLock(workdir).acquire())
+  lock = distributed.on_main_rank(lambda: preemption.WorkdirLock(workdir).acquire())
   try:
     with preemption.StopOnSignal() as stop:
-      run = _setup_training(config, workdir)
-      run.lock, run.stop = lock, stop
-      _train(run)
+      run = setup_training(config, workdir, lock=lock)
+      _train(run, stop)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(run):
+def _train(run, stop):
+  s, ctx = run.settings, distributed.context()
   logging.info('Loss: %s', run.trainer.loss.describe())
   logging.info('Batch: %d in all, %d process(es), %d micro-batch(es) per step; precision: %s%s.',
-               run.settings['batch_size'], run.ctx.world_size, run.settings['grad_accum_steps'],
-               run.trainer.precision.name, '' if run.trainer.forward_model is None else ', compiled forward')
-  if run.ctx.is_main:
-    # Under the lock no other process writes the checkpoints: a temporary file there is what a killed save left.
-    # In the workdir itself, another trainer may be writing its lock record (for milliseconds) to be refused.
-    for folder, min_age in ((run.checkpoint_dir, 0.), (os.path.dirname(run.meta_path), 0.), (run.workdir, 60.)):
-      utils.remove_stale_temp_files(folder, min_age_seconds=min_age)
-  _on_main_rank(lambda: _write_missing_snapshot(run))
+               s['batch_size'], ctx.world_size, s['grad_accum_steps'], run.trainer.precision.name,
+               '' if run.trainer.forward_model is None else ', compiled forward')
+  run.checkpointer.prepare(run.state)
   step = int(run.state['step'])
-  if step >= run.settings['n_iters']:
+  if step >= s['n_iters']:
     logging.info('The checkpoint is at step %d, at or past training.n_iters=%d: nothing to train.', step,
-                 run.settings['n_iters'])
+                 s['n_iters'])
     return
-  writer = _make_workdir(run)
+  writer = _make_folders(run)
   try:
-    _training_loop(run, writer)
+    _training_loop(run, writer, stop)
   finally:
     if writer is not None:
       writer.close()
@@ -576,63 +386,23 @@ def _eval_settings(config):
       wait_limit_seconds=utils.check_number('eval.wait_limit_seconds', e.wait_limit_seconds, low=0),
       skip_missing_ckpts=utils.check_bool('eval.skip_missing_ckpts', e.skip_missing_ckpts),
   )
-  settings['end_ckpt'] = utils.check_number('eval.end_ckpt', e.end_ckpt, low=settings['begin_ckpt'],
-                                            integer=True)
+  end = utils.check_number('eval.end_ckpt', e.end_ckpt, integer=True)
+  if end < settings['begin_ckpt']:
+    t = config.training
+    raise ValueError(
+        f'config.eval.end_ckpt={end} is smaller than config.eval.begin_ckpt={settings["begin_ckpt"]}: no checkpoint '
+        f'to evaluate. Checkpoint k is written at step k * training.snapshot_freq (now {t.snapshot_freq}) and at '
+        f'the last step, training.n_iters (now {t.n_iters}); the fine-tuning configs derive both bounds from '
+        'those fields, so set --config.eval.begin_ckpt and --config.eval.end_ckpt to the checkpoints in '
+        'W/checkpoints/ (docs/workflow.md, "Which checkpoints exist").')
+  settings['end_ckpt'] = end
   return settings
 
 
 def _save_npz(path, *unnamed, **named):
   """Writes an .npz atomically (a reader polling the folder never sees half a file)."""
-  with utils.atomic_write(path) as fout:
+  with checkpoints.atomic_write(path) as fout:
     np.savez_compressed(fout, *unnamed, **named)
-
-
-class MissingCheckpointError(FileNotFoundError):
-  """A checkpoint that does not exist, and that no running trainer will write."""
-
-
-def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_status=None):
-  """Waits until `path` exists, as Score SDE's evaluation waits for training to write a checkpoint.
-
-  Args:
-    path: the checkpoint file.
-    poll_seconds: seconds between checks; default `CHECKPOINT_POLL_SECONDS`.
-    limit_seconds: give up after this many seconds; default `CHECKPOINT_WAIT_LIMIT_SECONDS` (None: forever).
-    trainer_status: optional callable returning `(alive, description)`, e.g. `preemption.trainer_status` of
-      the workdir: while the file is missing, `alive` False stops the wait (nothing will write it), None
-      (cannot tell) waits on.
-
-  Raises:
-    MissingCheckpointError: the checkpoint does not exist and `trainer_status` says no trainer runs.
-    TimeoutError: the checkpoint did not appear within `limit_seconds`.
-  """
-  poll_seconds = CHECKPOINT_POLL_SECONDS if poll_seconds is None else poll_seconds
-  limit_seconds = CHECKPOINT_WAIT_LIMIT_SECONDS if limit_seconds is None else limit_seconds
-  start = time.time()
-  logged = set()
-  description = ''
-  # lexists: a dangling symbolic link is there, and restoring it says what is wrong with it.
-  while not os.path.lexists(path):
-    if trainer_status is not None:
-      alive, description = trainer_status()
-      # Look again: a trainer writes its last snapshot before it releases the lock.
-      if alive is False and not os.path.lexists(path):
-        raise MissingCheckpointError(
-            f'Checkpoint {path} does not exist, and no trainer will write it: {description}. Check eval.begin_ckpt '
-            'and eval.end_ckpt (checkpoint k is written at step k * training.snapshot_freq and at the last step), '
-            'or set eval.skip_missing_ckpts=True to evaluate the checkpoints that exist.')
-      if alive is None and 'unknown' not in logged:
-        logging.warning('%s; waiting for %s as long as allowed.', description, path)
-        logged.add('unknown')
-    waited = time.time() - start
-    if limit_seconds is not None and waited >= limit_seconds:
-      raise TimeoutError(f'Checkpoint {path} did not appear within {limit_seconds:g} s (eval.wait_limit_seconds)'
-                         + (f'; {description}' if description else '') + '.')
-    if 'waiting' not in logged:
-      logging.warning('Waiting for %s: training has not written it yet (checking every %g s%s).', path,
-                      poll_seconds, '' if limit_seconds is None else f', for at most {limit_seconds:g} s')
-      logged.add('waiting')
-    time.sleep(poll_seconds if limit_seconds is None else max(0., min(poll_seconds, limit_seconds - waited)))
 
 
 def _seeded(config, *what):
@@ -644,57 +414,70 @@ def _seeded(config, *what):
   torch.manual_seed(utils.seed_for(config.seed, *what))
 
 
-def over_ranks(items, fn):
-  """Applies `fn` to the items of an ordered sequence of work, each rank to its share, in waves.
+def _check_finite(ckpt, what, values, unit):
+  """Raises `FloatingPointError` if `values` (a sequence of numbers) are not all finite: a result computed from
+  a checkpoint is written only if it is a number."""
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise FloatingPointError(f'Checkpoint {ckpt}: {what} is not finite (NaN or inf) for {bad.size} of {values.size} '
+                             f'{unit}(s) (first: {unit} {bad[0]}); nothing more is written for it. Its weights '
+                             'are finite, but the model diverges on these inputs.')
 
-  Every rank iterates `items` alike: pairs `(index, item)` with indices 0, 1, 2, ... Rank r computes
-  `fn(index, item)` for the indices with index % world_size == r (the others' items may be None: not
-  converted); after each wave of world_size items the results are gathered to rank 0.
 
-  Yields:
-    On rank 0, `(index, result)` for every item, in index order (one wave at a time, so results can be
-    written as they come); nothing on the other ranks. In one process: every item, one at a time.
+class _LazySummaryWriter:
+  """A TensorBoard writer made at its first use (importing TensorBoard takes seconds), closed by `close`."""
+
+  def __init__(self, log_dir):
+    self.log_dir = log_dir
+    self._writer = None
+
+  def get(self):
+    if self._writer is None:
+      self._writer = summary_writer(self.log_dir)
+    return self._writer
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """Everything `evaluate`'s passes use, built and checked by `setup_evaluation` before anything is written.
+
+  `state` is restored in place from each checkpoint; the passes change nothing else.
   """
-  ctx = distributed.context()
-  mine = []
-  count = 0
-  for index, item in items:
-    count = index + 1
-    if index % ctx.world_size == ctx.rank:
-      mine.append((index, fn(index, item)))
-    if count % ctx.world_size == 0:
-      yield from _gathered(mine)
-      mine = []
-  if count % ctx.world_size:
-    yield from _gathered(mine)
+  config: typing.Any
+  settings: dict  # the validated `eval.*` fields (`_eval_settings`)
+  sde: sde_lib.SDE
+  state: dict
+  continuous: bool
+  data: typing.Any  # a `datasets.get_data` object
+  trainer: trainer_lib.Trainer
+  sampling_model: torch.nn.Module
+  checkpoint_dir: str
+  eval_dir: str
+  summaries: _LazySummaryWriter  # `<eval_dir>/tensorboard`, for the conservativity scalars
+  likelihood_fn: typing.Optional[typing.Callable] = None  # with eval.enable_bpd
+  sampling_fn: typing.Optional[typing.Callable] = None  # with eval.enable_sampling
+  fpe: typing.Optional[score_fpe.ScoreFPE] = None  # with eval.enable_fp_residual
 
 
-def _gathered(mine):
-  gathered = distributed.gather_objects(mine)
-  if gathered is None:
-    return
-  yield from sorted((pair for rank_pairs in gathered for pair in rank_pairs), key=lambda pair: pair[0])
-
-
-def _mine(index):
-  ctx = distributed.context()
-  return index % ctx.world_size == ctx.rank
-
-
-def _evaluate_loss(ctx, ckpt):
+def _evaluate_loss(ev, ckpt):
   """Eval loss over the whole eval split: Score SDE's `ckpt_{ckpt}_loss.npz`, plus the regularizer's terms."""
 
   def loss_terms(index, batch):
-    _seeded(ctx.config, 'eval_loss', index)
-    return {name: value.item() for name, value in ctx.trainer.eval_step(ctx.state, batch).items()}
+    _seeded(ev.config, 'eval_loss', index)
+    return {name: value.item() for name, value in ev.trainer.eval_step(ev.state, batch).items()}
 
   values = {}
-  for i, terms in over_ranks(ctx.data.eval_batches('test', only=_mine), loss_terms):
+  for i, terms in distributed.over_ranks(ev.data.eval_batches('test', only=distributed.is_mine), loss_terms):
     for name, value in terms.items():
       values.setdefault(name, []).append(value)
     if (i + 1) % 1000 == 0:
       logging.info('Finished %dth step loss evaluation', i + 1)
-  if not ctx.is_main:
+  if not distributed.context().is_main:
     return
   for name, term in values.items():
     _check_finite(ckpt, f'the eval {name}', term, 'batch')
@@ -709,155 +492,141 @@ def _evaluate_loss(ctx, ckpt):
       arrays[f'all_{name}'] = term
       arrays[f'mean_{name}'] = term.mean()
       message += f', {name}: {term.mean():.5e}'
-  _save_npz(os.path.join(ctx.eval_dir, f'ckpt_{ckpt}_loss.npz'), **arrays)
+  _save_npz(os.path.join(ev.eval_dir, f'ckpt_{ckpt}_loss.npz'), **arrays)
   logging.info(message)
 
 
-def _evaluate_bpd(ctx, ckpt):
+def _evaluate_bpd(ev, ckpt):
   """Bits/dim over `eval.bpd_num_repeats` passes of the bpd split; Score SDE's per-batch files."""
-  s = ctx.settings
+  s, is_main = ev.settings, distributed.context().is_main
   split = s['bpd_dataset']
   bpds = []
-  num_batches = ctx.data.num_eval_batches(split)
+  num_batches = ev.data.num_eval_batches(split)
   progress = utils.Progress(None if num_batches is None else num_batches * s['bpd_num_repeats'],
-                            f'ckpt {ckpt} bits/dim', unit='batch', show_bar=ctx.is_main)
+                            f'ckpt {ckpt} bits/dim', unit='batch', show_bar=is_main)
   # Score SDE's round id, batch_id + len(ds_bpd) * repeat, is the running count of batches.
   bpd_round_id = 0
   for repeat in range(s['bpd_num_repeats']):
 
     def batch_bpd(index, batch, repeat=repeat):
-      _seeded(ctx.config, 'bpd', split, repeat, index)
-      return ctx.likelihood_fn(ctx.state['model'], batch)[0].detach().cpu().numpy().reshape(-1)
+      _seeded(ev.config, 'bpd', split, repeat, index)
+      return ev.likelihood_fn(ev.state['model'], batch)[0].detach().cpu().numpy().reshape(-1)
 
-    batches = ctx.data.eval_batches(split, dequantize=ctx.data.bpd_dequantize, repeat=repeat, only=_mine)
-    for batch_id, bpd in over_ranks(batches, batch_bpd):
+    batches = ev.data.eval_batches(split, dequantize=ev.data.bpd_dequantize, repeat=repeat, only=distributed.is_mine)
+    for batch_id, bpd in distributed.over_ranks(batches, batch_bpd):
       _check_finite(ckpt, f'the bits/dim of batch {batch_id} (repeat {repeat})', bpd, 'example')
       bpds.extend(bpd)
       logging.info('ckpt: %d, repeat: %d, batch: %d, mean bpd: %6f (%s)', ckpt, repeat, batch_id,
                    np.mean(np.asarray(bpds)), progress.status(bpd_round_id + 1))
       # Score SDE's file holds this batch's bits/dim as the unnamed array `arr_0`; `all_bpds` adds all so far.
-      _save_npz(os.path.join(ctx.eval_dir, f'{split}_ckpt_{ckpt}_bpd_{bpd_round_id}.npz'), bpd,
+      _save_npz(os.path.join(ev.eval_dir, f'{split}_ckpt_{ckpt}_bpd_{bpd_round_id}.npz'), bpd,
                 all_bpds=np.asarray(bpds))
       bpd_round_id += 1
   progress.close()
-  if ctx.is_main:
+  if is_main:
     # Standard error of the mean from the spread of the per-pass means (likelihood.bpd_summary; nan for 1 pass).
     mean, stderr = likelihood.bpd_summary(bpds, s['bpd_num_repeats']) if bpds else (float('nan'), float('nan'))
     logging.info('ckpt: %d, %s bits/dim over %d repeats: %.6f +- %.6f (standard error)', ckpt, split,
                  s['bpd_num_repeats'], mean, stderr)
 
 
-def _evaluate_samples(ctx, ckpt):
+def _evaluate_samples(ev, ckpt):
   """Samples in rounds of `eval.batch_size` (Score SDE's `ckpt_{ckpt}/samples_{r}.npz`, and per-round
   statistics `statistics_{r}.npz` where the data set has them), then `report_{ckpt}.npz`."""
-  s = ctx.settings
-  this_sample_dir = os.path.join(ctx.eval_dir, f'ckpt_{ckpt}')
-  if ctx.is_main:
+  s, is_main = ev.settings, distributed.context().is_main
+  this_sample_dir = os.path.join(ev.eval_dir, f'ckpt_{ckpt}')
+  if is_main:
     os.makedirs(this_sample_dir, exist_ok=True)
   # ceil: Score SDE's num_samples // batch_size + 1 draws a useless extra round when they divide exactly.
   num_rounds = math.ceil(s['num_samples'] / s['batch_size'])
-  progress = utils.Progress(num_rounds, f'ckpt {ckpt} sampling', unit='round', show_bar=ctx.is_main)
+  progress = utils.Progress(num_rounds, f'ckpt {ckpt} sampling', unit='round', show_bar=is_main)
 
   def sample_round(r, _):
-    _seeded(ctx.config, 'sampling', r)
-    samples, _ = ctx.sampling_fn(ctx.sampling_model)
+    _seeded(ev.config, 'sampling', r)
+    samples, _ = ev.sampling_fn(ev.sampling_model)
     _check_finite(ckpt, f'the samples of round {r}', samples.reshape(samples.shape[0], -1).sum(1).cpu().numpy(),
                   'sample')
-    arrays = ctx.data.sample_arrays(samples)
-    return arrays, ctx.data.sample_statistics(arrays)
+    arrays = ev.data.sample_arrays(samples)
+    return arrays, ev.data.sample_statistics(arrays)
 
   rounds = []
-  for r, (arrays, stats) in over_ranks(((r, None) for r in range(num_rounds)), sample_round):
+  for r, (arrays, stats) in distributed.over_ranks(((r, None) for r in range(num_rounds)), sample_round):
     logging.info('sampling -- ckpt: %d, round: %d (%s)', ckpt, r, progress.status(r + 1))
     _save_npz(os.path.join(this_sample_dir, f'samples_{r}.npz'), samples=arrays)
     if stats is not None:
       _save_npz(os.path.join(this_sample_dir, f'statistics_{r}.npz'), **stats)
     rounds.append((arrays, stats))
   progress.close()
-  if ctx.is_main:
-    metrics = ctx.data.sample_quality(rounds, s['num_samples'])
+  if is_main:
+    metrics = ev.data.sample_quality(rounds, s['num_samples'])
     for name, value in metrics.items():
       _check_finite(ckpt, f'the sample metric {name}', [value], 'value')
     logging.info('ckpt-%d --- %s', ckpt, _format_terms(metrics))
-    _save_npz(os.path.join(ctx.eval_dir, f'report_{ckpt}.npz'), **metrics)
+    _save_npz(os.path.join(ev.eval_dir, f'report_{ckpt}.npz'), **metrics)
 
 
-def _evaluate_fp_residual(ctx, ckpt):
+def _first_eval_batches(ev, count):
+  batches = []
+  for _, batch in ev.data.eval_batches('test'):
+    if len(batches) == count:
+      break
+    batches.append(batch)
+  if len(batches) < count:
+    logging.warning('eval.fp_residual_num_batches=%d, but the eval split has only %d batches.', count, len(batches))
+  return torch.cat(batches)
+
+
+def _evaluate_fp_residual(ev, ckpt):
   """The score-FPE residual and/or the conservativity as functions of t on `eval.fp_residual_num_batches` eval
   batches (rank 0).
 
   Writes `ckpt_{ckpt}_fp_residual.npz` with `t` and, if `eval.enable_fp_residual`, the arrays of
   `score_fpe.residual_vs_time` over the t grid (`residual`, `residual_weighted`, `scalar`, `time_derivative`),
   and, if `eval.enable_conservativity`, `conservativity` (`score_fpe.conservativity_vs_time`), which also goes
-  to TensorBoard.
+  to TensorBoard: the mean over the t grid (`eval_conservativity`) and the value at each t
+  (`eval_conservativity/t=...`), at the checkpoint's training step.
   """
-  if not ctx.is_main:
+  if not distributed.context().is_main:
     return
-  s = ctx.settings
-  batches = []
-  for _, batch in ctx.data.eval_batches('test'):
-    if len(batches) == s['fp_residual_num_batches']:
-      break
-    batches.append(batch)
-  if len(batches) < s['fp_residual_num_batches']:
-    logging.warning('eval.fp_residual_num_batches=%d, but the eval split has only %d batches.',
-                    s['fp_residual_num_batches'], len(batches))
-  score_fn = mutils.get_score_fn(ctx.sde, ctx.state['model'], train=False, continuous=ctx.continuous)
-  ts = np.linspace(ctx.sde.sampling_eps, ctx.sde.T, s['fp_residual_num_times'])
+  s = ev.settings
+  x0 = _first_eval_batches(ev, s['fp_residual_num_batches'])
+  score_fn = mutils.get_score_fn(ev.sde, ev.state['model'], train=False, continuous=ev.continuous)
+  ts = np.linspace(ev.sde.sampling_eps, ev.sde.T, s['fp_residual_num_times'])
   curves = {'t': ts}
   if s['enable_fp_residual']:
-    _seeded(ctx.config, 'fp_residual')
+    _seeded(ev.config, 'fp_residual')
     # The training run's estimators (`training.fp_*`), so the diagnostic measures what the loss penalizes.
-    curves.update(score_fpe.residual_vs_time(score_fn, ctx.sde, torch.cat(batches), ts, fpe=ctx.fpe,
-                                             fp_wgt_type=ctx.config.training.fp_wgt_type, m=ctx.config.training.m,
+    curves.update(score_fpe.residual_vs_time(score_fn, ev.sde, x0, ts, fpe=ev.fpe,
+                                             fp_wgt_type=ev.config.training.fp_wgt_type, m=ev.config.training.m,
                                              batch_size=s['batch_size']))
   if s['enable_conservativity']:
     # A seed of its own: the same x_t whether or not the residual ran before it.
-    _seeded(ctx.config, 'conservativity')
+    _seeded(ev.config, 'conservativity')
     curves['conservativity'] = score_fpe.conservativity_vs_time(
-        score_fn, ctx.sde, torch.cat(batches), ts, num_probes=s['conservativity_num_probes'],
-        batch_size=s['batch_size'])
+        score_fn, ev.sde, x0, ts, num_probes=s['conservativity_num_probes'], batch_size=s['batch_size'])
   for name, values in curves.items():
     _check_finite(ckpt, f'the score-FPE {name}', values, 't')
-  _save_npz(os.path.join(ctx.eval_dir, f'ckpt_{ckpt}_fp_residual.npz'), **curves)
+  _save_npz(os.path.join(ev.eval_dir, f'ckpt_{ckpt}_fp_residual.npz'), **curves)
   for name, what in (('residual', 'score-FPE residual'), ('conservativity', 'score conservativity')):
     if name in curves:
       logging.info('ckpt: %d, %s vs t: %s', ckpt, what,
                    ', '.join(f't={t:.3g}: {r:.4e}' for t, r in zip(curves['t'], curves[name])))
   if 'conservativity' in curves:
-    _write_conservativity_summaries(ctx, curves)
-
-
-def _eval_summary_writer(tb_dir):
-  # Lazy, as in training: torch.utils.tensorboard imports TensorFlow when it is installed (seconds).
-  from torch.utils import tensorboard  # pylint: disable=g-import-not-at-top
-  return tensorboard.SummaryWriter(tb_dir)
-
-
-def _write_conservativity_summaries(ctx, curves):
-  """TensorBoard scalars at the checkpoint's training step, in `<eval_dir>/tensorboard`: the mean over the t
-  grid (`eval_conservativity`) and the value at each t (`eval_conservativity/t=...`)."""
-  if ctx.writer is None:
-    ctx.writer = _eval_summary_writer(os.path.join(ctx.eval_dir, 'tensorboard'))
-  step = int(ctx.state['step'])
-  ctx.writer.add_scalar('eval_conservativity', float(np.mean(curves['conservativity'])), step)
-  for t, value in zip(curves['t'], curves['conservativity']):
-    ctx.writer.add_scalar(f'eval_conservativity/t={t:.4g}', float(value), step)
-  ctx.writer.flush()
+    writer, step = ev.summaries.get(), int(ev.state['step'])
+    writer.add_scalar('eval_conservativity', float(np.mean(curves['conservativity'])), step)
+    for t, value in zip(curves['t'], curves['conservativity']):
+      writer.add_scalar(f'eval_conservativity/t={t:.4g}', float(value), step)
+    writer.flush()
 
 
 def _check_eval_batch_fits(data, settings):
   """Refuses an `eval.batch_size` larger than a split that an enabled pass reads in whole batches (it would
   yield no batch: Score SDE drops the last partial one)."""
   readers = {}
-  if settings['enable_loss']:
-    readers.setdefault('test', []).append('eval.enable_loss')
-  if settings['enable_fp_residual']:
-    readers.setdefault('test', []).append('eval.enable_fp_residual')
-  if settings['enable_conservativity']:
-    readers.setdefault('test', []).append('eval.enable_conservativity')
-  if settings['enable_bpd']:
-    readers.setdefault(settings['bpd_dataset'], []).append('eval.enable_bpd')
+  for field, split in (('enable_loss', 'test'), ('enable_fp_residual', 'test'), ('enable_conservativity', 'test'),
+                       ('enable_bpd', settings['bpd_dataset'])):
+    if settings[field]:
+      readers.setdefault(split, []).append(f'eval.{field}')
   batch_size = settings['batch_size']
   for split, fields in readers.items():
     size = data.split_size(split)
@@ -865,42 +634,6 @@ def _check_eval_batch_fits(data, settings):
       raise ValueError(f'config.eval.batch_size={batch_size} is larger than the {split!r} split, which holds {size} '
                        f'examples: {" and ".join(fields)} read it in whole batches and would get none. Use at '
                        f'most {size}.')
-
-
-def _check_finite(ckpt, what, values, unit):
-  """Raises `FloatingPointError` if `values` (a sequence of numbers) are not all finite: a result computed from
-  a checkpoint is written only if it is a number."""
-  values = np.asarray(values, dtype=np.float64).reshape(-1)
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    raise FloatingPointError(f'Checkpoint {ckpt}: {what} is not finite (NaN or inf) for {bad.size} of {values.size} '
-                             f'{unit}(s) (first: {unit} {bad[0]}); nothing more is written for it. Its weights '
-                             'are finite, but the model diverges on these inputs.')
-
-
-def _await_checkpoint(ctx, workdir, path):
-  """Waits for checkpoint `path` (rank 0 decides, every rank follows): True to evaluate it, False to skip it.
-
-  Raises:
-    MissingCheckpointError: no trainer will write it, and `eval.skip_missing_ckpts` is False.
-    TimeoutError: it did not appear within `eval.wait_limit_seconds`.
-  """
-  s = ctx.settings
-  limit = s['wait_limit_seconds']
-  if CHECKPOINT_WAIT_LIMIT_SECONDS is not None:
-    limit = min(limit, CHECKPOINT_WAIT_LIMIT_SECONDS)
-
-  def wait():
-    try:
-      wait_for_checkpoint(path, limit_seconds=limit, trainer_status=lambda: preemption.trainer_status(workdir))
-    except MissingCheckpointError as e:
-      if not s['skip_missing_ckpts']:
-        raise
-      logging.warning('Skipping checkpoint %s (eval.skip_missing_ckpts=True): %s', path, e)
-      return False
-    return True
-
-  return distributed.broadcast_object(_on_main_rank(wait))
 
 
 CONSERVATIVITY_MAX_EXACT_DIM = 64
@@ -917,47 +650,46 @@ def _check_conservativity_dim(settings, dim):
                      'e.g. 4.')
 
 
-def _setup_evaluation(config, workdir, eval_folder):
-  """Builds and validates everything evaluation needs; writes nothing."""
-  dist_ctx = distributed.context()
+def setup_evaluation(config, workdir, eval_folder):
+  """Builds and validates everything evaluation needs (an `Evaluation`); writes nothing."""
   settings = _eval_settings(config)
   utils.check_number('seed', config.seed, low=0, integer=True)
   sde = sde_lib.sde_from_config(config)
-  state = _build_state(config)
+  state = build_state(config)
   continuous = utils.check_bool('training.continuous', config.training.continuous)
   data = datasets.get_data(config)
   _check_eval_batch_fits(data, settings)
   trainer = make_trainer(config, sde, state)
-  ctx = types.SimpleNamespace(
-      config=config, settings=settings, sde=sde, state=state, continuous=continuous, data=data, trainer=trainer,
-      is_main=dist_ctx.is_main, likelihood_fn=None, sampling_fn=None, writer=None,
-      sampling_model=_sampling_model(trainer, state), fpe=None,
-      checkpoint_dir=os.path.join(workdir, 'checkpoints'), eval_dir=os.path.join(workdir, eval_folder))
+  eval_dir = os.path.join(workdir, eval_folder)
+  parts = {}
   if settings['enable_bpd']:
     # The data set says which bits/dim apply: Score SDE's (dequantized 8-bit images, Rademacher trace
     # estimator) or a continuous density's (exact trace); the config says which ODE solver.
-    ctx.likelihood_fn = likelihood.likelihood_fn_from_config(config, sde, data.inverse_scaler,
-                                                             **data.likelihood_options)
+    parts['likelihood_fn'] = likelihood.likelihood_fn_from_config(config, sde, data.inverse_scaler,
+                                                                  **data.likelihood_options)
   if settings['enable_fp_residual']:
     if not continuous:
       # A discrete-time model sees t only through its rounded noise-level index: d_t s is zero or a jump.
       raise ValueError('eval.enable_fp_residual=True needs a continuous-time model (training.continuous=True); '
                        'the score of a discrete-time model is not differentiable in t.')
-    ctx.fpe = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)
+    parts['fpe'] = score_fpe.fpe_from_config(config, sde, eps=sde.sampling_eps)
   if settings['enable_conservativity']:
     _check_conservativity_dim(settings, math.prod(data.sample_shape(1)[1:]))
   if settings['enable_sampling']:
     shape = data.sample_shape(settings['batch_size'])
-    ctx.sampling_fn = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
+    parts['sampling_fn'] = sampling.get_sampling_fn(config, sde, shape, data.inverse_scaler, sde.sampling_eps)
     data.prepare_sample_quality()
-  return ctx
+  return Evaluation(
+      config=config, settings=settings, sde=sde, state=state, continuous=continuous, data=data, trainer=trainer,
+      sampling_model=_sampling_model(trainer, state), checkpoint_dir=os.path.join(workdir, 'checkpoints'),
+      eval_dir=eval_dir, summaries=_LazySummaryWriter(os.path.join(eval_dir, 'tensorboard')), **parts)
 
 
 def evaluate(config, workdir, eval_folder='eval'):
   """Evaluates checkpoints `eval.begin_ckpt..eval.end_ckpt` of `workdir/checkpoints/`.
 
-  For each checkpoint (waiting for it if training has not written it yet; see `wait_for_checkpoint`), with
-  the EMA weights, and as enabled in `config.eval`, writes to `workdir/<eval_folder>/`:
+  For each checkpoint (waiting for it if training has not written it yet; see `checkpoints.await_checkpoint`),
+  with the EMA weights, and as enabled in `config.eval`, writes to `workdir/<eval_folder>/`:
     - `ckpt_{ckpt}_loss.npz`: `all_losses`, `mean_loss` over the eval split (Score SDE), plus `all_dsm`,
       `all_fp_vector`, `all_fp_scalar` and their means when the FP regularizer is on;
     - `{bpd_dataset}_ckpt_{ckpt}_bpd_{round}.npz`: bits/dim per batch and repeat (Score SDE's round id
@@ -986,57 +718,56 @@ def evaluate(config, workdir, eval_folder='eval'):
   Raises:
     ValueError: a config value does not fit (e.g. `eval.batch_size` larger than a split an enabled pass reads);
       nothing was written.
-    FileNotFoundError: the workdir does not exist; `MissingCheckpointError` (a FileNotFoundError): a
-      checkpoint is missing and no trainer will write it.
+    FileNotFoundError: the workdir does not exist; `checkpoints.MissingCheckpointError` (a FileNotFoundError):
+      a checkpoint is missing and no trainer will write it.
     TimeoutError: a checkpoint did not appear within `eval.wait_limit_seconds`.
-    utils.CheckpointError: a checkpoint cannot be read, does not fit the model or holds non-finite weights.
+    checkpoints.CheckpointError: a checkpoint cannot be read, does not fit the model or holds non-finite
+      weights.
     FloatingPointError: a result of a checkpoint (loss, bits/dim, samples, metrics, residual) is not finite;
       it is not written.
   """
-  ctx = _setup_evaluation(config, workdir, eval_folder)
+  ev = setup_evaluation(config, workdir, eval_folder)
   if not os.path.isdir(workdir):
     # Not created: a mistyped --workdir would otherwise wait for checkpoints that nothing writes.
     raise FileNotFoundError(f'The workdir {workdir!r} does not exist: evaluation reads checkpoints from '
-                            f'{os.path.join(workdir, "checkpoints")} and creates nothing but its results folder. '
-                            'Check --workdir.')
+                            f'{ev.checkpoint_dir} and creates nothing but its results folder. Check --workdir.')
 
   def make_eval_dir():
-    utils.check_writable(ctx.eval_dir, 'the evaluation results')
+    checkpoints.check_writable(ev.eval_dir, 'the evaluation results')
     # Another evaluation may write into the same folder: only temporary files no write has touched for an hour.
-    utils.remove_stale_temp_files(ctx.eval_dir, min_age_seconds=3600.)
+    checkpoints.remove_stale_temp_files(ev.eval_dir, min_age_seconds=3600.)
 
-  _on_main_rank(make_eval_dir)
-  s = ctx.settings
-  logging.info('Evaluating checkpoints %d..%d into %s.', s['begin_ckpt'], s['end_ckpt'], ctx.eval_dir)
+  distributed.on_main_rank(make_eval_dir)
+  s = ev.settings
+  logging.info('Evaluating checkpoints %d..%d into %s.', s['begin_ckpt'], s['end_ckpt'], ev.eval_dir)
   evaluated, skipped = [], []
   try:
     for ckpt in range(s['begin_ckpt'], s['end_ckpt'] + 1):
-      ckpt_path = os.path.join(ctx.checkpoint_dir, f'checkpoint_{ckpt}.pth')
-      if not _await_checkpoint(ctx, workdir, ckpt_path):
+      ckpt_path = os.path.join(ev.checkpoint_dir, f'checkpoint_{ckpt}.pth')
+      if not checkpoints.await_checkpoint(ckpt_path, workdir, s['wait_limit_seconds'], s['skip_missing_ckpts']):
         skipped.append(ckpt)
         continue
       evaluated.append(ckpt)
-      # Checkpoints are written atomically (utils.save_checkpoint), so a file that exists is complete: Score
-      # SDE's retries after a failed read are not needed, and a checkpoint that does not fit raises.
-      ctx.state = utils.restore_checkpoint(ckpt_path, ctx.state, config.device)
-      ctx.state['ema'].copy_to(ctx.state['model'].parameters())
-      logging.info('ckpt: %d (step %d) loaded from %s', ckpt, int(ctx.state['step']), ckpt_path)
+      # Checkpoints are written atomically, so a file that exists is complete: Score SDE's retries after a failed
+      # read are not needed, and a checkpoint that does not fit raises.
+      checkpoints.restore_checkpoint(ckpt_path, ev.state, config.device)
+      ev.state['ema'].copy_to(ev.state['model'].parameters())
+      logging.info('ckpt: %d (step %d) loaded from %s', ckpt, int(ev.state['step']), ckpt_path)
       if s['enable_loss']:
-        _evaluate_loss(ctx, ckpt)
+        _evaluate_loss(ev, ckpt)
       if s['enable_bpd']:
-        _evaluate_bpd(ctx, ckpt)
+        _evaluate_bpd(ev, ckpt)
       if s['enable_sampling']:
-        _evaluate_samples(ctx, ckpt)
+        _evaluate_samples(ev, ckpt)
       if s['enable_fp_residual'] or s['enable_conservativity']:
-        _evaluate_fp_residual(ctx, ckpt)
+        _evaluate_fp_residual(ev, ckpt)
       distributed.barrier()
   finally:
     # Closed on errors too (a non-finite result raises mid-range): the TensorBoard file is flushed and released.
-    if ctx.writer is not None:
-      ctx.writer.close()
+    ev.summaries.close()
   if skipped:
     logging.warning('Skipped %d missing checkpoint(s) that no trainer will write: %s.', len(skipped),
                     ', '.join(map(str, skipped)))
     if not evaluated:
-      raise MissingCheckpointError(f'None of checkpoints {s["begin_ckpt"]}..{s["end_ckpt"]} exists in '
-                                   f'{ctx.checkpoint_dir}, and no trainer will write them.')
+      raise checkpoints.MissingCheckpointError(f'None of checkpoints {s["begin_ckpt"]}..{s["end_ckpt"]} exists in '
+                                               f'{ev.checkpoint_dir}, and no trainer will write them.')

@@ -56,7 +56,7 @@ def worker(args):
     config = build_config(args, ctx.device)
     torch.manual_seed(0)
     sde = sde_lib.sde_from_config(config)
-    state = run_lib._build_state(config)
+    state = run_lib.build_state(config)
     trainer = run_lib.make_trainer(config, sde, state)
     local = args.batch // ctx.world_size
     batch = torch.rand((local, 3, config.data.image_size, config.data.image_size), device=ctx.device) * 2 - 1

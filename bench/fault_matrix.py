@@ -37,6 +37,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import preemption  # noqa: E402
 import run_lib  # noqa: E402
 import utils  # noqa: E402
@@ -81,7 +82,7 @@ def _config(overrides):
 
 
 def _step(path):
-  return int(utils.load_checkpoint_file(path)['step'])
+  return int(checkpoints.load_checkpoint_file(path)['step'])
 
 
 def _meta(workdir):
@@ -207,7 +208,7 @@ def fault_double_sigint(workdir, rng):
   proc = _popen(_worker(workdir, FOREVER, '--slow_stop_save', '60'))
   _wait_for(lambda: _logged_step(workdir, 10) or proc.poll() is not None)
   proc.send_signal(signal.SIGINT)
-  _wait_for(lambda: 'fault_worker: stopping on signal' in _log(workdir), timeout=60)
+  _wait_for(lambda: 'fault_worker: stopping on a signal' in _log(workdir), timeout=60)
   time.sleep(1.5)
   start = time.time()
   proc.send_signal(signal.SIGINT)
@@ -332,11 +333,11 @@ def fault_eval_wait_bounded(workdir, rng):
 def fault_lr_explosion(workdir, rng):
   """The issue's reproduction: resume a good run with optim.lr=1e6 and a resume point every step."""
   run_lib.train(_config(QUICK), workdir)
-  good = max(float(v.abs().max()) for v in utils.load_checkpoint_file(_meta(workdir))['model'].values())
+  good = max(float(v.abs().max()) for v in checkpoints.load_checkpoint_file(_meta(workdir))['model'].values())
   bad = dict(QUICK, **{'optim.lr': 1e6, 'training.snapshot_freq_for_preemption': 1, 'training.n_iters': 60})
   message = _expect_error(lambda: run_lib.train(_config(bad), workdir), 'Not saving at step 41.*exploded.*last '
                                                                         'good checkpoint.*step 40')
-  after = max(float(v.abs().max()) for v in utils.load_checkpoint_file(_meta(workdir))['model'].values())
+  after = max(float(v.abs().max()) for v in checkpoints.load_checkpoint_file(_meta(workdir))['model'].values())
   assert _step(_meta(workdir)) == 40 and after == good, (after, good)
   return f'largest weight stays {after:.3g}; {message[:60]}...'
 
@@ -354,7 +355,7 @@ def _train_then_damage_ema(workdir, damage):
   """Trains the quick config, then applies `damage` in place to every EMA weight of checkpoint_1."""
   run_lib.train(_config(QUICK), workdir)
   path = os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')
-  loaded = utils.load_checkpoint_file(path)
+  loaded = checkpoints.load_checkpoint_file(path)
   for value in loaded['ema']['shadow_params']:
     damage(value)
   torch.save(loaded, path)

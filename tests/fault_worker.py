@@ -26,15 +26,15 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import main  # noqa: E402
 import preemption  # noqa: E402
 import run_lib  # noqa: E402
-import utils  # noqa: E402
 from tests import torchrun_worker  # noqa: E402
 
 
 def _inject(args):
-  real_save = utils.save_checkpoint
+  real_save = checkpoints.save_checkpoint
 
   def save_checkpoint(path, state):
     meta = os.path.basename(os.path.dirname(path)) == 'checkpoints-meta'
@@ -56,15 +56,15 @@ def _inject(args):
     return real_save(path, state)
 
   run_lib_stopping = [False]
-  real_stop = run_lib._stop_on_signal
+  real_stop = checkpoints.Checkpointer.save_resume_point
 
-  def stop_on_signal(run, signum):
+  def save_resume_point(self, state):
     run_lib_stopping[0] = True
-    logging.warning('fault_worker: stopping on signal %d', signum)
-    return real_stop(run, signum)
+    logging.warning('fault_worker: stopping on a signal at step %d', int(state['step']))
+    return real_stop(self, state)
 
-  utils.save_checkpoint = save_checkpoint
-  run_lib._stop_on_signal = stop_on_signal
+  checkpoints.save_checkpoint = save_checkpoint
+  checkpoints.Checkpointer.save_resume_point = save_resume_point
 
   if args.nan_at is not None:
     import trainer as trainer_lib  # pylint: disable=g-import-not-at-top

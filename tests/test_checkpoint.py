@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import utils
 from models.ema import ExponentialMovingAverage as EMA
 
@@ -84,8 +85,8 @@ def test_round_trip_restores_identical_state(tmp_path):
   lr = restored['optimizer'].param_groups[0]['lr']
   assert isinstance(lr, np.float64) and lr == 2e-4 * 7 / 5000
   # Score SDE's format: exactly the four entries, the model's keys carrying DataParallel's prefix.
-  raw = utils.load_checkpoint_file(path)
-  assert sorted(raw) == sorted(utils.CHECKPOINT_KEYS)
+  raw = checkpoints.load_checkpoint_file(path)
+  assert sorted(raw) == sorted(checkpoints.CHECKPOINT_KEYS)
   assert all(k.startswith('module.') for k in raw['model'])
 
 
@@ -100,7 +101,7 @@ def test_checkpoint_needs_only_the_allow_listed_globals(tmp_path):
 
 def test_allow_list_is_minimal_and_covers_both_numpy_names():
   names = set()
-  for entry in utils.checkpoint_safe_globals():
+  for entry in checkpoints.checkpoint_safe_globals():
     obj, name = entry if isinstance(entry, tuple) else (entry, f'{entry.__module__}.{entry.__name__}')
     names.add(name)
   expected = {'numpy.dtype', f'{type(np.dtype(np.float64)).__module__}.{type(np.dtype(np.float64)).__name__}',
@@ -151,7 +152,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
               'ema': good['ema'].state_dict(), 'step': _RunsCode(marker)}, path)
   fresh = _state(1, trained=False)
   before = _params(fresh)
-  with pytest.raises(utils.CheckpointError, match='Refusing to load checkpoint') as info:
+  with pytest.raises(checkpoints.CheckpointError, match='Refusing to load checkpoint') as info:
     utils.restore_checkpoint(str(path), fresh, 'cpu')
   assert str(path) in str(info.value)
   assert 'system' in str(info.value)  # torch's reason names the refused global
@@ -203,7 +204,7 @@ def test_strict_load_lists_missing_unexpected_and_mismatched_keys(tmp_path):
   # Wider first layers (shape mismatches) and an extra final layer (missing keys).
   other = _state(1, width=6, extra=True, trained=False)
   before = _params(other)
-  with pytest.raises(utils.CheckpointError) as info:
+  with pytest.raises(checkpoints.CheckpointError) as info:
     utils.restore_checkpoint(str(path), other, 'cpu')
   msg = str(info.value)
   assert str(path) in msg
@@ -216,7 +217,7 @@ def test_strict_load_lists_missing_unexpected_and_mismatched_keys(tmp_path):
   # The reverse: the checkpoint has a layer the model lacks.
   path2 = tmp_path / 'ckpt2.pth'
   utils.save_checkpoint(str(path2), _state(0, extra=True))
-  with pytest.raises(utils.CheckpointError, match=r'2 unexpected keys: module\.3\.weight, module\.3\.bias'):
+  with pytest.raises(checkpoints.CheckpointError, match=r'2 unexpected keys: module\.3\.weight, module\.3\.bias'):
     utils.restore_checkpoint(str(path2), _state(1, trained=False), 'cpu')
 
 
@@ -225,11 +226,11 @@ def test_strict_load_explains_dataparallel_prefix(tmp_path):
   state = _state(0)
   state['model'] = state['model'].module  # saved without nn.DataParallel
   utils.save_checkpoint(str(path), state)
-  with pytest.raises(utils.CheckpointError, match="'module.' prefix"):
+  with pytest.raises(checkpoints.CheckpointError, match="'module.' prefix"):
     utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
 
 
-@pytest.mark.parametrize('entry', utils.CHECKPOINT_KEYS)
+@pytest.mark.parametrize('entry', checkpoints.CHECKPOINT_KEYS)
 def test_missing_entry_is_named(tmp_path, entry):
   path = tmp_path / 'ckpt.pth'
   good = _state(0)
@@ -237,7 +238,7 @@ def test_missing_entry_is_named(tmp_path, entry):
            'ema': good['ema'].state_dict(), 'step': good['step']}
   del saved[entry]
   torch.save(saved, path)
-  with pytest.raises(utils.CheckpointError, match=f"lacks the entry '{entry}'"):
+  with pytest.raises(checkpoints.CheckpointError, match=f"lacks the entry '{entry}'"):
     utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
 
 
@@ -249,12 +250,12 @@ def test_ema_must_fit_the_model(tmp_path):
   fewer = dict(base, ema=dict(ema, shadow_params=ema['shadow_params'][:-1]))
   torch.save(fewer, tmp_path / 'fewer.pth')
   n = len(ema['shadow_params'])
-  with pytest.raises(utils.CheckpointError, match=f'{n - 1} shadow parameters, the model {n} trainable'):
+  with pytest.raises(checkpoints.CheckpointError, match=f'{n - 1} shadow parameters, the model {n} trainable'):
     utils.restore_checkpoint(str(tmp_path / 'fewer.pth'), _state(1, trained=False), 'cpu')
 
   reshaped = [p.reshape(-1) if p.dim() > 1 else p for p in ema['shadow_params']]
   torch.save(dict(base, ema=dict(ema, shadow_params=reshaped)), tmp_path / 'shape.pth')
-  with pytest.raises(utils.CheckpointError, match=r'#0: checkpoint \(108,\) vs model \(4, 3, 3, 3\)'):
+  with pytest.raises(checkpoints.CheckpointError, match=r'#0: checkpoint \(108,\) vs model \(4, 3, 3, 3\)'):
     utils.restore_checkpoint(str(tmp_path / 'shape.pth'), _state(1, trained=False), 'cpu')
 
 
@@ -267,7 +268,7 @@ def test_optimizer_must_fit(tmp_path):
   torch.save(saved, path)
   fresh = _state(1, trained=False)
   before = _params(fresh)
-  with pytest.raises(utils.CheckpointError, match="'optimizer' has parameter groups of sizes"):
+  with pytest.raises(checkpoints.CheckpointError, match="'optimizer' has parameter groups of sizes"):
     utils.restore_checkpoint(str(path), fresh, 'cpu')
   assert all(torch.equal(a, b) for a, b in zip(before, _params(fresh)))
 
@@ -297,7 +298,7 @@ def test_malformed_entry_is_refused_and_state_unchanged(tmp_path, entry, corrupt
   torch.save(saved, path)
   fresh = _state(1)
   reference = _state(1)
-  with pytest.raises(utils.CheckpointError, match=message):
+  with pytest.raises(checkpoints.CheckpointError, match=message):
     utils.restore_checkpoint(str(path), fresh, 'cpu')
   # Nothing was loaded: not the model, the EMA, the optimizer or the step.
   _assert_same_state(fresh, reference)
@@ -361,7 +362,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file_and_the_problem(tmp_path
   path = _damaged(tmp_path, kind)
   fresh = _state(1)
   reference = _state(1)
-  with pytest.raises(utils.CheckpointError) as info:
+  with pytest.raises(checkpoints.CheckpointError) as info:
     utils.restore_checkpoint(str(path), fresh, 'cpu')
   message = str(info.value)
   assert '\n' not in message and message.startswith(f'Checkpoint {str(path)!r} ')
@@ -379,13 +380,13 @@ def test_non_finite_weights_are_refused_naming_the_file_and_tensors(tmp_path):
   utils.save_checkpoint(str(path), state)
   fresh = _state(1)
   reference = _state(1)
-  with pytest.raises(utils.CheckpointError, match=rf"Checkpoint '{path}' holds non-finite values \(NaN or inf\) in "
+  with pytest.raises(checkpoints.CheckpointError, match=rf"Checkpoint '{path}' holds non-finite values \(NaN or inf\) in "
                                                   r'2 tensor\(s\): model module.0.weight, ema shadow #2') as info:
     utils.restore_checkpoint(str(path), fresh, 'cpu')
   assert '\n' not in str(info.value)
   _assert_same_state(fresh, reference)
   # The raw loader still reads it (tools that inspect a diverged run).
-  assert utils.non_finite_entries(utils.load_checkpoint_file(path)) == ['model module.0.weight', 'ema shadow #2']
+  assert checkpoints.non_finite_entries(checkpoints.load_checkpoint_file(path)) == ['model module.0.weight', 'ema shadow #2']
 
 
 def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
@@ -396,8 +397,8 @@ def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
   stale.write_bytes(b'12345')
   fresh = tmp_path / f'.ckpt_1_loss.npz.{"cd" * 16}.tmp'
   fresh.write_bytes(b'1')
-  assert utils.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == []
+  assert checkpoints.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == []
   os.utime(stale, (0, 0))
-  assert utils.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == [(str(stale), 5)]
-  assert utils.remove_stale_temp_files(str(tmp_path)) == [(str(fresh), 1)]
+  assert checkpoints.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == [(str(stale), 5)]
+  assert checkpoints.remove_stale_temp_files(str(tmp_path)) == [(str(fresh), 1)]
   assert sorted(os.listdir(tmp_path)) == sorted(keep)

@@ -71,7 +71,7 @@ def test_workdir_pretrained_for_other_steps_is_refused(tmp_path):
   import run_lib
   import utils
   config = demo.get_demo_config('ve', 'dsm', 'checkerboard', quick=True)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   state['step'] = 3  # --quick pretrains for n_iters // 2 = 5 steps
   meta = tmp_path / 'checkerboard_ve_pretrain_quick' / 'checkpoints-meta' / 'checkpoint.pth'
   utils.save_checkpoint(str(meta), state)
@@ -85,7 +85,7 @@ def test_pretraining_steps_default_to_each_sdes_config(tmp_path, sde, default_st
   import utils
   config = demo.get_demo_config(sde, 'dsm', 'gmm', quick=False)
   assert config.training.n_iters - demo.FINE_TUNE_ITERS == default_steps
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   state['step'] = 100
   utils.save_checkpoint(str(tmp_path / f'gmm_{sde}_pretrain' / 'checkpoints-meta' / 'checkpoint.pth'), state)
   # The workdir check runs before any training step: the message names the default this SDE would use.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import distributed
 import run_lib
 import utils
@@ -46,7 +47,7 @@ def _files(root):
 
 
 def _weights(path):
-  return utils.load_checkpoint_file(path)['model']
+  return checkpoints.load_checkpoint_file(path)['model']
 
 
 def _single_process_run(workdir, overrides):
@@ -71,7 +72,7 @@ def test_two_ranks_train_and_resume_like_one_process(tmp_path):
   assert list(got) == list(expected)  # Score SDE's key layout ('module.' prefix) whatever the launcher
   for key in expected:
     torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
-  initial = run_lib._build_state(torchrun_worker.config_with(OVERRIDES))['model'].state_dict()
+  initial = run_lib.build_state(torchrun_worker.config_with(OVERRIDES))['model'].state_dict()
   assert any((got[k] - initial[k]).abs().max() > 1e-3 for k in got)  # training did move the weights
   # Rank 0 alone wrote: the same files as the single process (one TensorBoard event file).
   assert _files(multi) == _files(single)

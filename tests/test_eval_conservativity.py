@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import run_lib
+import score_fpe
 import utils
 from models.ema import ExponentialMovingAverage
 from tests import configs_tiny
@@ -34,7 +35,7 @@ def toy_workdir(tmp_path_factory):
   (workdir / 'checkpoints').mkdir(parents=True)
   config = configs_tiny.get_toy_config()
   torch.manual_seed(0)
-  state = run_lib._build_state(config)  # pylint: disable=protected-access
+  state = run_lib.build_state(config)  # pylint: disable=protected-access
   with torch.no_grad():
     for p in state['model'].parameters():
       p.add_(0.3 * torch.randn_like(p))  # away from the zero-output initialization
@@ -69,7 +70,7 @@ WRITERS = []
 @pytest.fixture(autouse=True)
 def recording_writer(monkeypatch):
   WRITERS.clear()
-  monkeypatch.setattr(run_lib, '_eval_summary_writer', RecordingWriter)
+  monkeypatch.setattr(run_lib, 'summary_writer', RecordingWriter)
 
 
 def test_conservativity_alone_writes_t_and_conservativity(toy_workdir, caplog):
@@ -145,14 +146,16 @@ def test_writer_closed_when_a_later_result_raises(toy_workdir, monkeypatch):
   config.eval.end_ckpt = 2
   shutil.copy(os.path.join(toy_workdir, 'checkpoints', 'checkpoint_1.pth'),
               os.path.join(toy_workdir, 'checkpoints', 'checkpoint_2.pth'))
-  real = run_lib._evaluate_fp_residual  # pylint: disable=protected-access
+  real = score_fpe.conservativity_vs_time
+  calls = []
 
-  def fail_on_second(ctx, ckpt):
-    if ckpt == 2:
+  def fail_on_second(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 2:
       raise FloatingPointError('injected')
-    real(ctx, ckpt)
+    return real(*args, **kwargs)
 
-  monkeypatch.setattr(run_lib, '_evaluate_fp_residual', fail_on_second)
+  monkeypatch.setattr(score_fpe, 'conservativity_vs_time', fail_on_second)
   try:
     with pytest.raises(FloatingPointError, match='injected'):
       run_lib.evaluate(config, toy_workdir, 'eval_closed')

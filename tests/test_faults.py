@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import preemption
 import run_lib
 import trainer as trainer_lib
@@ -37,7 +38,7 @@ def _config(**overrides):
 
 
 def _step(path):
-  return int(utils.load_checkpoint_file(path)['step'])
+  return int(checkpoints.load_checkpoint_file(path)['step'])
 
 
 def _env():
@@ -108,7 +109,7 @@ def test_sigterm_saves_and_exits_75_while_the_lock_refuses_a_second_trainer_and_
 
   # No trainer any more: evaluation stops at once on the missing checkpoint, naming it.
   start = time.time()
-  with pytest.raises(run_lib.MissingCheckpointError, match='checkpoint_1.pth does not exist, and no trainer will '
+  with pytest.raises(checkpoints.MissingCheckpointError, match='checkpoint_1.pth does not exist, and no trainer will '
                                                            'write it: no trainer holds'):
     run_lib.evaluate(_eval_config(_config(), 1, 1), workdir)
   assert time.time() - start < 60
@@ -149,7 +150,7 @@ def test_a_second_sigint_exits_at_once_without_saving(tmp_path):
   try:
     _wait_for(lambda: _log_has(workdir, 'step: 10, training_loss'), 'training to run')
     worker.send_signal(signal.SIGINT)
-    _wait_for(lambda: _log_has(workdir, 'fault_worker: stopping on signal'), 'the stop to begin', timeout=60)
+    _wait_for(lambda: _log_has(workdir, 'fault_worker: stopping on a signal'), 'the stop to begin', timeout=60)
     time.sleep(1.5)  # a second signal, not the same one delivered twice
     worker.send_signal(signal.SIGINT)
     _, stderr = worker.communicate(timeout=20)  # at once: not after the 30 s save
@@ -265,7 +266,7 @@ def test_non_finite_or_exploded_weights_never_replace_the_resume_point(tmp_path,
   meta = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
   assert f'The last good checkpoint is {meta} (step 2)' in str(info.value)
   assert _step(meta) == 2
-  weights = utils.load_checkpoint_file(meta)['model']
+  weights = checkpoints.load_checkpoint_file(meta)['model']
   assert max(float(v.abs().max()) for v in weights.values() if v.is_floating_point()) < 100
   assert not os.path.exists(os.path.join(workdir, preemption.LOCK_NAME))
 
@@ -284,13 +285,13 @@ def test_eval_stops_on_a_missing_workdir_or_checkpoint_and_can_skip(tmp_path, mo
   workdir = str(tmp_path / 'w')
   run_lib.train(_config(training__n_iters=4, training__snapshot_freq=4), workdir)  # checkpoint_1 only
   # The range has checkpoint 0, which training never wrote (no trainer runs): an error at once, naming it.
-  with pytest.raises(run_lib.MissingCheckpointError, match='checkpoint_0.pth does not exist, and no trainer'):
+  with pytest.raises(checkpoints.MissingCheckpointError, match='checkpoint_0.pth does not exist, and no trainer'):
     run_lib.evaluate(_eval_config(_config(), 0, 1), workdir)
   assert not os.path.exists(os.path.join(workdir, 'eval', 'ckpt_1_loss.npz'))
   # ... or, with eval.skip_missing_ckpts, skipped.
   run_lib.evaluate(_eval_config(_config(), 0, 2, skip_missing_ckpts=True), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == ['ckpt_1_loss.npz']
-  with pytest.raises(run_lib.MissingCheckpointError, match='None of checkpoints 2..3 exists'):
+  with pytest.raises(checkpoints.MissingCheckpointError, match='None of checkpoints 2..3 exists'):
     run_lib.evaluate(_eval_config(_config(), 2, 3, skip_missing_ckpts=True), workdir)
 
   # A checkpoint whose results are not finite: an error, and no result file for it.
@@ -307,13 +308,13 @@ def test_a_broken_resume_point_or_checkpoint_folder_stops_before_the_first_step(
   meta = workdir / 'checkpoints-meta' / 'checkpoint.pth'
   meta.parent.mkdir(parents=True)
   meta.symlink_to(tmp_path / 'gone.pth')
-  with pytest.raises(utils.CheckpointError, match=f"Checkpoint '{meta}' is a symbolic link to .*gone.pth"):
+  with pytest.raises(checkpoints.CheckpointError, match=f"Checkpoint '{meta}' is a symbolic link to .*gone.pth"):
     run_lib.train(_config(), str(workdir))
   assert meta.is_symlink()  # not replaced
 
   meta.unlink()
   meta.write_bytes(b'')
-  with pytest.raises(utils.CheckpointError, match='is empty'):
+  with pytest.raises(checkpoints.CheckpointError, match='is empty'):
     run_lib.train(_config(), str(workdir))
 
   # A folder training cannot write into (here: a file where the folder should be): found before the first step.

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+import checkpoints
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,7 @@ def test_main_train_then_eval(tmp_path):
   assert 'step: 2, training_loss:' in log and 'fp_vector' in log
   # The override reached the config.
   assert 'alpha: 0.02' in log
-  ckpt = utils.load_checkpoint_file(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'))
+  ckpt = checkpoints.load_checkpoint_file(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'))
   assert int(ckpt['step']) == 2
 
   # Eval mode (loss only; bits/dim, samples and the residual are tested in-process in test_run_lib.py).

@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+import checkpoints
 import evaluation
 import images_to_npz
 import likelihood
@@ -301,7 +302,7 @@ def _stand_ins(tmp_path):
   config.data.path = data
   config.eval.inception_model = inception
   # The released checkpoint: Score SDE's format at a step of its own (its weights do not matter here).
-  state = run_lib._build_state(config)  # pylint: disable=protected-access
+  state = run_lib.build_state(config)  # pylint: disable=protected-access
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('checkpoint_26.pth', state)
   evaluation.compute_dataset_stats(config, 'cifar10_stats.npz')
@@ -321,7 +322,7 @@ def _eval_files(folder, ckpt):
 
 def test_readme_recipes_run_at_tiny_size(tmp_path, monkeypatch, capsys, caplog):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(run_lib, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.)
+  monkeypatch.setattr(checkpoints, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.)
   # The probability-flow ODE of bits/dim to 1e-2 instead of Score SDE's 1e-5: tens of network passes fewer. The
   # recipes' plumbing is under test here, the NLL's accuracy in tests/test_likelihood.py.
   monkeypatch.setattr(likelihood, 'get_likelihood_fn',
@@ -341,7 +342,7 @@ def test_readme_recipes_run_at_tiny_size(tmp_path, monkeypatch, capsys, caplog):
   # Fine-tuning resumed from the released checkpoint and wrote the fine-tuned snapshots.
   assert f'Resuming from W/checkpoints-meta/checkpoint.pth at step {configs_readme.PRETRAIN_STEPS}' in caplog.text
   for k in range(first, last + 1):
-    assert int(utils.load_checkpoint_file(f'W/checkpoints/checkpoint_{k}.pth')['step']) == k
+    assert int(checkpoints.load_checkpoint_file(f'W/checkpoints/checkpoint_{k}.pth')['step']) == k
   # The baseline and the fine-tuned snapshots went through the same evaluation: the same result files.
   baseline = _eval_files('B/eval', 26)
   assert baseline == ['ckpt_K_fp_residual.npz', 'ckpt_K_loss.npz', 'test_ckpt_K_bpd_0.npz']
@@ -357,7 +358,7 @@ def test_readme_recipes_run_at_tiny_size(tmp_path, monkeypatch, capsys, caplog):
   # Own data: converted, trained on, and its statistics written beside it.
   with np.load('my_data.npz') as f:
     assert f['train'].shape == (18, 8, 8, 3) and f['test'].shape == (2, 8, 8, 3)
-  assert int(utils.load_checkpoint_file(f'OWN/checkpoints/checkpoint_{configs_readme.PRETRAIN_STEPS}.pth')[
+  assert int(checkpoints.load_checkpoint_file(f'OWN/checkpoints/checkpoint_{configs_readme.PRETRAIN_STEPS}.pth')[
       'step']) == configs_readme.PRETRAIN_STEPS
   with np.load('my_data_stats.npz') as f:
     assert f['pool_3'].shape == (18, 4)
@@ -373,7 +374,7 @@ def test_n_iters_at_the_checkpoint_step_trains_nothing(tmp_path, monkeypatch, ca
   """The README's rule: training.n_iters must exceed the checkpoint's step."""
   monkeypatch.chdir(tmp_path)
   caplog.set_level(logging.INFO)
-  state = run_lib._build_state(configs_readme.get_config('pretrain'))  # pylint: disable=protected-access
+  state = run_lib.build_state(configs_readme.get_config('pretrain'))  # pylint: disable=protected-access
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('W/checkpoints-meta/checkpoint.pth', state)
   config = configs_readme.get_config()

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+import checkpoints
 import run_lib
 import utils
 from configs.fp import fp_finetuning
@@ -70,7 +71,7 @@ def test_recipe_followed_at_tiny_size_trains_and_evaluates_the_fine_tuned_checkp
   monkeypatch.setattr(recipe, 'get_base_config', _tiny_base_config)
   monkeypatch.setattr(fp_finetuning, 'FINE_TUNING_STEPS', TINY_FINE_TUNING_STEPS)
   monkeypatch.setattr(fp_finetuning, 'SNAPSHOT_FREQ', TINY_FINE_TUNING_SNAPSHOT)
-  monkeypatch.setattr(run_lib, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0)  # a missing checkpoint fails, never hangs
+  monkeypatch.setattr(checkpoints, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0)  # a missing checkpoint fails, never hangs
   rng = np.random.default_rng(0)
   data = str(tmp_path / 'data.npz')
   np.savez(data, train=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
@@ -82,7 +83,7 @@ def test_recipe_followed_at_tiny_size_trains_and_evaluates_the_fine_tuned_checkp
   pretraining = recipe.get_config()
   pretraining.update_from_flattened_dict(recipe.pretraining_overrides())
   run_lib.train(_tiny_sizes(pretraining, data), workdir)
-  assert int(utils.load_checkpoint_file(meta)['step']) == TINY_PRETRAINING_ITERS
+  assert int(checkpoints.load_checkpoint_file(meta)['step']) == TINY_PRETRAINING_ITERS
   assert 'fp_vector' not in caplog.text
 
   # Step 2: the config unchanged. It resumes, fine-tunes with both FP terms, then evaluates.
@@ -92,12 +93,12 @@ def test_recipe_followed_at_tiny_size_trains_and_evaluates_the_fine_tuned_checkp
   assert f'at step {TINY_PRETRAINING_ITERS}' in caplog.text and 'nothing to train' not in caplog.text
   assert 'fp_vector' in caplog.text and 'fp_scalar' in caplog.text
   final = TINY_PRETRAINING_ITERS + TINY_FINE_TUNING_STEPS
-  assert int(utils.load_checkpoint_file(meta)['step']) == final
+  assert int(checkpoints.load_checkpoint_file(meta)['step']) == final
   ckpts = range(config.eval.begin_ckpt, config.eval.end_ckpt + 1)
   assert list(ckpts) == [4, 5]
   for ckpt in ckpts:  # each is a fine-tuned checkpoint, not one of pretraining's
     path = os.path.join(workdir, 'checkpoints', f'checkpoint_{ckpt}.pth')
-    assert int(utils.load_checkpoint_file(path)['step']) > TINY_PRETRAINING_ITERS
+    assert int(checkpoints.load_checkpoint_file(path)['step']) > TINY_PRETRAINING_ITERS
 
   run_lib.evaluate(config, workdir, 'eval')
   for ckpt in ckpts:

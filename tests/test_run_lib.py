@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import datasets
 import losses
 import preemption
@@ -38,7 +39,7 @@ def npz_config(tmp_path):
 
 
 def _step(path):
-  return int(utils.load_checkpoint_file(path)['step'])
+  return int(checkpoints.load_checkpoint_file(path)['step'])
 
 
 def _snapshot(root):
@@ -154,7 +155,7 @@ def test_eval_loss_matches_the_eval_step_on_the_ema_weights(tmp_path):
   assert saved.shape == (2,)
 
   import sde_lib
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   state = utils.restore_checkpoint(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth'), state, 'cpu')
   ema_weights = [p.clone() for p in state['ema'].shadow_params]
   sde = sde_lib.sde_from_config(config)
@@ -193,7 +194,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(npz_config, tmp
   meta = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
   assert _step(meta) == 2
   assert _step(os.path.join(workdir, 'checkpoints', 'checkpoint_1.pth')) == 2
-  weights = utils.load_checkpoint_file(meta)['model']
+  weights = checkpoints.load_checkpoint_file(meta)['model']
   assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
@@ -220,7 +221,7 @@ def test_bad_config_stops_before_writing(npz_config, tmp_path, field, value, mes
 
 def test_fp_residual_of_a_discrete_model_stops_before_writing(npz_config, tmp_path, monkeypatch):
   # Bounded, so that without the check the test fails on the missing checkpoint instead of waiting forever.
-  monkeypatch.setattr(run_lib, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.1)
+  monkeypatch.setattr(checkpoints, 'CHECKPOINT_WAIT_LIMIT_SECONDS', 0.1)
   npz_config.training.continuous = False
   npz_config.model.embedding_type = 'positional'
   npz_config.training.alpha = npz_config.training.beta = 0.
@@ -236,9 +237,9 @@ def test_checkpoint_that_does_not_fit_stops_before_training(npz_config, tmp_path
   other.model.nf = 16  # another network: its weights do not fit the config's model
   meta = workdir / 'checkpoints-meta' / 'checkpoint.pth'
   meta.parent.mkdir(parents=True)
-  utils.save_checkpoint(str(meta), run_lib._build_state(other))
+  utils.save_checkpoint(str(meta), run_lib.build_state(other))
   before = _snapshot(workdir)
-  with pytest.raises(utils.CheckpointError, match='does not fit the model'):
+  with pytest.raises(checkpoints.CheckpointError, match='does not fit the model'):
     run_lib.train(npz_config, str(workdir))
   assert _snapshot(workdir) == before
   assert sorted(os.listdir(workdir)) == ['checkpoints-meta']
@@ -248,19 +249,19 @@ def test_wait_for_checkpoint_logs_and_is_bounded(tmp_path, caplog):
   path = str(tmp_path / 'checkpoint_1.pth')
   start = time.time()
   with pytest.raises(TimeoutError, match='checkpoint_1.pth'):
-    run_lib.wait_for_checkpoint(path, poll_seconds=0.05, limit_seconds=0.2)
+    checkpoints.wait_for_checkpoint(path, poll_seconds=0.05, limit_seconds=0.2)
   assert 0.2 <= time.time() - start < 5
   assert 'Waiting for' in caplog.text and 'training has not written it yet' in caplog.text
 
   timer = threading.Timer(0.2, lambda: open(path, 'wb').close())
   timer.start()
-  run_lib.wait_for_checkpoint(path, poll_seconds=0.05, limit_seconds=10)
+  checkpoints.wait_for_checkpoint(path, poll_seconds=0.05, limit_seconds=10)
   timer.join()
   assert os.path.exists(path)
 
 
 def test_evaluate_waits_for_a_live_trainer_at_most_wait_limit_seconds(npz_config, tmp_path, monkeypatch):
-  monkeypatch.setattr(run_lib, 'CHECKPOINT_POLL_SECONDS', 0.05)
+  monkeypatch.setattr(checkpoints, 'CHECKPOINT_POLL_SECONDS', 0.05)
   workdir = str(tmp_path / 'w')
   lock = preemption.WorkdirLock(workdir).acquire()  # this process holds it: a live trainer
   try:

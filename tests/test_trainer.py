@@ -42,7 +42,7 @@ def _run_steps(config, num_steps, batches):
   """Trains `num_steps` steps; returns the state, the logged terms and the gradients each update used."""
   torch.manual_seed(0)
   sde = sde_lib.sde_from_config(config)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   trainer = run_lib.make_trainer(config, sde, state)
   grads = []
   optimize_fn = trainer.optimize_fn
@@ -83,7 +83,7 @@ def test_accumulation_equals_the_big_batch(k):
 def test_accumulation_must_divide_the_batch():
   config = _toy_config(grad_accum_steps=3)
   with pytest.raises(ValueError, match='training.grad_accum_steps=3'):
-    run_lib._setup_training(config, '/nonexistent-workdir')
+    run_lib.setup_training(config, '/nonexistent-workdir')
 
 
 def test_step_noise_depends_on_seed_and_step_only():
@@ -104,7 +104,7 @@ def test_bf16_trains_float32_weights_and_keeps_the_fp_term_in_float32():
   batch = _batch(config, 8)
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   noise = run_lib.losses.loss_from_config(config, sde).draw_noise(batch.shape, 'cpu', batch.dtype,
                                                                  torch.Generator().manual_seed(3))
   values = {}
@@ -130,7 +130,7 @@ def test_fp16_uses_the_grad_scaler_and_skips_an_overflowing_step():
   config.optim.warmup = 0  # Score SDE's warmup gives step 0 a learning rate of 0
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   trainer = run_lib.make_trainer(config, sde, state)
   scaler = trainer.precision.scaler
   assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 2. ** 16
@@ -167,7 +167,7 @@ def test_compile_runs_the_dsm_forward_compiled_and_the_fp_term_eager(monkeypatch
   config = _toy_config(compile=True, fp_batch_fraction=0.5)
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   trainer = run_lib.make_trainer(config, sde, state)
   assert trainer.forward_model is not None and trainer.forward_model is not state['model']
   calls = {'compiled': 0, 'eager': 0}
@@ -233,7 +233,7 @@ def test_score_sde_wrappers_are_the_objects():
   config = _toy_config(beta=0.1, scalar_fp='both')
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   batch = _batch(config, 8)
   kwargs = dict(reduce_mean=False, likelihood_weighting=False, alpha=0.5, beta=0.1, fp_divergence='hutchinson',
                 fp_time_derivative='forward_ad')
@@ -262,7 +262,7 @@ def test_eval_step_restores_training_weights_and_flags():
   config = _toy_config()
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
-  state = run_lib._build_state(config)
+  state = run_lib.build_state(config)
   trainer = run_lib.make_trainer(config, sde, state)
   trainer.train_step(state, _batch(config, 8))
   before = _params(state).clone()

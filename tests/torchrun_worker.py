@@ -33,9 +33,9 @@ def main():
   config = config_with(overrides)
   ctx = distributed.init_from_env(config.device)
   runs = []
-  setup = run_lib._setup_training
+  setup = run_lib.setup_training
   # Keep the run that train() builds, to read its final parameters.
-  run_lib._setup_training = lambda c, w: runs.append(setup(c, w)) or runs[-1]
+  run_lib.setup_training = lambda *args, **kwargs: runs.append(setup(*args, **kwargs)) or runs[-1]
   try:
     run_lib.train(config, workdir)
     state = runs[0].state

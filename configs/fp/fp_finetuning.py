@@ -55,7 +55,7 @@ def fine_tune(config):
   n_iters = training.get_ref('n_iters')
   snapshot_freq = training.get_ref('snapshot_freq')
   evaluate.begin_ckpt = pretrained_iters // snapshot_freq + 1
-  # Training's last save, at step n_iters, is checkpoint_{n_iters // snapshot_freq} (run_lib._save_checkpoints).
+  # Training's last save, at step n_iters, is checkpoint_{n_iters // snapshot_freq} (checkpoints.Checkpointer.save_due).
   evaluate.end_ckpt = n_iters // snapshot_freq
   evaluate.enable_bpd = True  # the paper's headline metric is NLL (bits/dim)
   evaluate.enable_fp_residual = True

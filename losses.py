@@ -398,13 +398,13 @@ def apply_update(state, optimize_fn, **kwargs):
     `optimize_fn`'s gradient norm (None when clipping is disabled).
   """
   model = state['model']
-  grad_norm = check_optimize_fn(optimize_fn)(state['optimizer'], model.parameters(), step=state['step'], **kwargs)
+  grad_norm = optimize_fn(state['optimizer'], model.parameters(), step=state['step'], **kwargs)
   state['step'] += 1
   state['ema'].update(model.parameters())
   return grad_norm
 
 
-def detached(terms):
+def _detached(terms):
   """A dict of tensors, detached."""
   return {name: value.detach() for name, value in terms.items()}
 
@@ -413,7 +413,7 @@ def eval_terms(state, terms_fn):
   """Score SDE's evaluation: `terms_fn(model)` (a dict of tensors, e.g. `Loss.terms`) with the EMA weights in
   `state['model']` and no parameter gradients (`models.ema.ema_weights`); returned detached."""
   with ema_lib.ema_weights(state), torch.no_grad():
-    return detached(terms_fn(state['model']))
+    return _detached(terms_fn(state['model']))
 
 
 def _legacy_terms(terms):
@@ -434,11 +434,12 @@ def _score_sde_step_fn(loss, train, optimize_fn, return_terms):
 
   def step_fn(state, batch):
     if train:
+      check_optimize_fn(optimize_fn)  # before the state is touched
       state['optimizer'].zero_grad(set_to_none=True)
       terms = batch_terms(state['model'], batch, True)
       terms['loss'].backward()
       apply_update(state, optimize_fn)
-      terms = detached(terms)
+      terms = _detached(terms)
     else:
       terms = eval_terms(state, lambda model: batch_terms(model, batch, False))
     return _legacy_terms(terms) if return_terms else terms['loss']

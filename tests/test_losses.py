@@ -520,3 +520,12 @@ def test_losses_sits_below_the_trainer():
     elif isinstance(node, ast.ImportFrom):
       imported.add((node.module or '').split('.')[0])
   assert not imported & {'trainer', 'run_lib', 'main', 'distributed', 'demo', 'study', 'digits_study'}
+
+
+def test_train_step_without_optimize_fn_refuses_before_touching_the_state():
+  model = _mlp(4, dtype=torch.float32)
+  state = _state(model)
+  step = losses.get_step_fn(SDES['vp'](), train=True)
+  with pytest.raises(ValueError, match='optimize_fn'):
+    step(state, torch.rand(4, 4))
+  assert state['step'] == 0 and all(p.grad is None for p in model.parameters())

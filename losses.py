@@ -14,8 +14,12 @@ Losses are small objects built once from the config (`loss_from_config`), valida
 reports its terms per sample, by name (`'dsm'`, and each regularizer's, e.g. `'fp_vector'`, `'fp_scalar'`),
 and knows how to reduce them and the weighted sum that is the training objective. Score SDE's functions
 (`get_sde_loss_fn`, `get_smld_loss_fn`, `get_ddpm_loss_fn`, `get_step_fn`) keep their names, signatures and
-behaviour as thin wrappers over these objects. A new regularizer is a class with the interface of
-`score_fpe.ScoreFPERegularizer` (its own module and config block) added to `REGULARIZERS`.
+behaviour as thin wrappers over these objects; the regularizer's options they take are `score_fpe.FP_OPTIONS`.
+A new regularizer is a class with the interface of `score_fpe.ScoreFPERegularizer` (its own module and config
+block) added to `REGULARIZERS`.
+
+The step primitives (`apply_update`, `eval_terms`, `check_optimize_fn`) are shared by Score SDE's one-process
+`get_step_fn` here and by `trainer.Trainer`, which sits above this module.
 """
 
 import abc
@@ -27,8 +31,8 @@ import torch
 import torch.optim as optim
 
 import score_fpe
-import trainer as trainer_lib
 import utils
+from models import ema as ema_lib
 from models import utils as mutils
 from sde_lib import VESDE, VPSDE
 
@@ -37,7 +41,7 @@ OPTIMIZERS = ('Adam',)
 SCALAR_FP = score_fpe.SCALAR_FP
 FP_DISTS = score_fpe.FP_DISTS
 
-# The regularizers `loss_from_config` builds: classes with `from_config(config, sde, eps)` (see
+# The regularizers `loss_from_config` builds: classes with `from_config(config, sde, *, continuous)` (see
 # `score_fpe.ScoreFPERegularizer` for the interface). One that is off reports no terms and costs nothing.
 REGULARIZERS = (score_fpe.ScoreFPERegularizer,)
 
@@ -191,6 +195,11 @@ class Loss(abc.ABC):
   def total(self, reduced):
     """The objective: the weighted sum of the reduced terms."""
     return sum(self.weights[name] * value for name, value in reduced.items())
+
+  def terms(self, per_sample, batch_size, sum_over_ranks=None, world_size=1):
+    """`{'loss': the objective, **the reduced terms}` from `__call__`'s per-sample terms (see `reduce`)."""
+    reduced = self.reduce(per_sample, batch_size, sum_over_ranks, world_size)
+    return {'loss': self.total(reduced), **reduced}
 
   def describe(self):
     """One line for the log."""
@@ -364,23 +373,47 @@ def build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers=
 
 
 def loss_from_config(config, sde):
-  """The training objective `config.training` describes, every field it uses validated once, here."""
+  """The training objective `config.training` describes, every field it uses validated once, here or by the
+  constructor that consumes it (`training.continuous` here, and passed on to the regularizers)."""
   training = config.training
   continuous = utils.check_bool('training.continuous', training.continuous)
   reduce_mean = utils.check_bool('training.reduce_mean', training.reduce_mean)
   likelihood_weighting = utils.check_bool('training.likelihood_weighting', training.likelihood_weighting)
-  regularizers = [cls.from_config(config, sde) for cls in REGULARIZERS]
+  regularizers = [cls.from_config(config, sde, continuous=continuous) for cls in REGULARIZERS]
   return build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers)
 
 
-def _fp_regularizer(sde, continuous, eps, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m, fp_time_derivative,
-                    fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type, fp_num_probes, fp_batch_fraction):
-  """The score-FPE regularizer of the keyword arguments of Score SDE-style functions below."""
-  fpe = score_fpe.ScoreFPE(sde, eps=eps, time_derivative=fp_time_derivative, fd_hs=fp_fd_hs, fd_hd=fp_fd_hd,
-                           divergence=fp_divergence, hutchinson_type=fp_hutchinson_type, num_probes=fp_num_probes)
-  return score_fpe.ScoreFPERegularizer(sde, fpe, scalar_fp=scalar_fp, fp_dist=fp_dist, fp_wgt_type=fp_wgt_type,
-                                       alpha=alpha, beta=beta, m=m, fp_batch_fraction=fp_batch_fraction,
-                                       continuous=continuous)
+def check_optimize_fn(optimize_fn):
+  """`optimize_fn`, or a ValueError if a training step was built without one."""
+  if optimize_fn is None:
+    raise ValueError('A training step needs optimize_fn (losses.optimization_manager(config)).')
+  return optimize_fn
+
+
+def apply_update(state, optimize_fn, **kwargs):
+  """The update after the backward pass, on Score SDE's `state`: `optimize_fn` (learning rate, clipping,
+  optimizer step; `kwargs` e.g. its `scaler`), then `state['step'] += 1` and the EMA update.
+
+  Returns:
+    `optimize_fn`'s gradient norm (None when clipping is disabled).
+  """
+  model = state['model']
+  grad_norm = optimize_fn(state['optimizer'], model.parameters(), step=state['step'], **kwargs)
+  state['step'] += 1
+  state['ema'].update(model.parameters())
+  return grad_norm
+
+
+def _detached(terms):
+  """A dict of tensors, detached."""
+  return {name: value.detach() for name, value in terms.items()}
+
+
+def eval_terms(state, terms_fn):
+  """Score SDE's evaluation: `terms_fn(model)` (a dict of tensors, e.g. `Loss.terms`) with the EMA weights in
+  `state['model']` and no parameter gradients (`models.ema.ema_weights`); returned detached."""
+  with ema_lib.ema_weights(state), torch.no_grad():
+    return _detached(terms_fn(state['model']))
 
 
 def _legacy_terms(terms):
@@ -392,21 +425,30 @@ def _legacy_terms(terms):
   return {name: out[name] for name in ('loss', 'dsm', 'fp_vector', 'fp_scalar', *out)}
 
 
-def _legacy_step_fn(trainer, train, return_terms):
-  step_fn = trainer.step_fn(train, return_terms=True)
+def _score_sde_step_fn(loss, train, optimize_fn, return_terms):
+  """Score SDE's `step_fn(state, batch)` for `loss`: float32, the whole batch at once, one process, the noise
+  drawn from torch's global generator. `trainer.Trainer` is the same step with the scale-out options."""
 
-  def legacy_step_fn(state, batch):
-    terms = step_fn(state, batch)
+  def batch_terms(model, batch, train):
+    return loss.terms(loss(model, batch, train), batch.shape[0])
+
+  def step_fn(state, batch):
+    if train:
+      check_optimize_fn(optimize_fn)  # before the state is touched
+      state['optimizer'].zero_grad(set_to_none=True)
+      terms = batch_terms(state['model'], batch, True)
+      terms['loss'].backward()
+      apply_update(state, optimize_fn)
+      terms = _detached(terms)
+    else:
+      terms = eval_terms(state, lambda model: batch_terms(model, batch, False))
     return _legacy_terms(terms) if return_terms else terms['loss']
 
-  return legacy_step_fn
+  return step_fn
 
 
 def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_weighting=True, eps=1e-5,
-                    scalar_fp='both', fp_dist='pert', fp_wgt_type='ll', alpha=0., beta=0., m=2,
-                    fp_time_derivative='finite_difference', fp_fd_hs=1e-3, fp_fd_hd=5e-4,
-                    fp_divergence='hutchinson', fp_hutchinson_type='gaussian', fp_num_probes=1,
-                    fp_batch_fraction=1., return_terms=False):
+                    return_terms=False, **fp_options):
   """Create a loss function for training with arbitrary SDEs: DSM, plus the score-FPE regularizer.
 
   A wrapper over `SDELoss` with Score SDE's signature (and FP-Diffusion's keyword arguments).
@@ -420,26 +462,19 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
     likelihood_weighting: If `True`, weight the mixture of score matching losses
       according to https://arxiv.org/abs/2101.09258; otherwise use the weighting recommended in our paper.
     eps: A `float` number. The smallest time step to sample from.
-    scalar_fp: which FP terms: 'False' (vector residual), 'True' (scalar term), 'both'.
-    fp_dist: where the FP residual is evaluated: 'pert' (the DSM's x_t and t, sharing its network
-      evaluation), 'x' (the clean data at the DSM's t), 'random' (uniform in [batch.min(), batch.max()]^D).
-    fp_wgt_type: lambda(t) of the vector term: 'constant' (1), 'convention' (g), 'll' (g^2).
-    alpha, beta: weights of the vector and scalar terms (0 = not computed).
-    m: power of the vector residual's norm.
-    fp_time_derivative: 'finite_difference' (steps `fp_fd_hs`, `fp_fd_hd`, kept in [eps, T]) or
-      'forward_ad' (exact).
-    fp_divergence: 'hutchinson' (`fp_hutchinson_type` 'gaussian'/'rademacher', `fp_num_probes`) or 'exact'.
-    fp_batch_fraction: the FP terms use the first ceil(fp_batch_fraction * B) samples.
     return_terms: if `True`, the loss function returns a dict: 'loss' (differentiable), 'dsm', 'fp_vector'
       (R_vec), 'fp_scalar' (R_sc); a term that is not computed is NaN.
+    **fp_options: the score-FPE regularizer's options, `score_fpe.FP_OPTIONS` (names of the `config.training`
+      fields, same defaults; validated by the constructors `ScoreFPERegularizer.from_options` calls), e.g.
+      `alpha`, `beta` (weights of the vector and scalar terms; 0, the default, = not computed), `scalar_fp`,
+      `fp_time_derivative`, `fp_divergence`, `fp_batch_fraction`, `fp_dropout_masks`. An unknown name raises
+      TypeError.
 
   Returns:
     A loss function `loss_fn(model, batch, t=None, z=None)`; `t` (B,) and `z` (shape of batch) optionally fix
     the DSM's times and noise (for tests and diagnostics).
   """
-  regularizer = _fp_regularizer(sde, continuous, eps, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m,
-                                fp_time_derivative, fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type,
-                                fp_num_probes, fp_batch_fraction)
+  regularizer = score_fpe.ScoreFPERegularizer.from_options(sde, continuous=continuous, eps=eps, **fp_options)
   loss = SDELoss(sde, reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting, eps=eps,
                  regularizers=(regularizer,))
 
@@ -459,16 +494,15 @@ def get_sde_loss_fn(sde, train, reduce_mean=True, continuous=True, likelihood_we
       noise['t'] = t
     if z is not None:
       noise['z'] = z
-    reduced = loss.reduce(loss(model, batch, train, noise), batch.shape[0])
-    total = loss.total(reduced)
-    return _legacy_terms({'loss': total, **reduced}) if return_terms else total
+    terms = loss.terms(loss(model, batch, train, noise), batch.shape[0])
+    return _legacy_terms(terms) if return_terms else terms['loss']
 
   return loss_fn
 
 
 def _scalar_loss_fn(loss, train):
   def loss_fn(model, batch):
-    return loss.total(loss.reduce(loss(model, batch, train), batch.shape[0]))
+    return loss.terms(loss(model, batch, train), batch.shape[0])['loss']
   return loss_fn
 
 
@@ -483,12 +517,11 @@ def get_ddpm_loss_fn(vpsde, train, reduce_mean=True):
 
 
 def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True, likelihood_weighting=False,
-                scalar_fp='both', fp_dist='pert', fp_wgt_type='ll', alpha=0., beta=0., m=2,
-                fp_time_derivative='finite_difference', fp_fd_hs=1e-3, fp_fd_hd=5e-4, fp_divergence='hutchinson',
-                fp_hutchinson_type='gaussian', fp_num_probes=1, fp_batch_fraction=1., return_terms=False):
+                return_terms=False, **fp_options):
   """Create a one-step training/evaluation function.
 
-  A wrapper over `trainer.Trainer` (Score SDE's numerics: float32, one batch, one process).
+  Score SDE's numerics: float32, one batch, one process, the noise from torch's global generator (for the
+  scale-out options, `trainer.Trainer`).
 
   Args:
     sde: An `sde_lib.SDE` object that represents the forward SDE.
@@ -497,18 +530,16 @@ def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True
     continuous: `True` indicates that the model is defined to take continuous time steps.
     likelihood_weighting: If `True`, weight the mixture of score matching losses according to
       https://arxiv.org/abs/2101.09258; otherwise use the weighting recommended by our paper.
-    scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m, fp_*: the score-FPE term, see `get_sde_loss_fn`.
     return_terms: if `True`, the step returns a dict of detached 0-dim tensors 'loss', 'dsm', 'fp_vector',
       'fp_scalar' (NaN for a term that is not computed) instead of the loss.
+    **fp_options: the score-FPE regularizer's options, `score_fpe.FP_OPTIONS`, as in `get_sde_loss_fn`.
 
   Returns:
     A one-step function `step_fn(state, batch)` for training or evaluation.
   """
-  regularizer = _fp_regularizer(sde, continuous, 1e-5, scalar_fp, fp_dist, fp_wgt_type, alpha, beta, m,
-                                fp_time_derivative, fp_fd_hs, fp_fd_hd, fp_divergence, fp_hutchinson_type,
-                                fp_num_probes, fp_batch_fraction)
+  regularizer = score_fpe.ScoreFPERegularizer.from_options(sde, continuous=continuous, **fp_options)
   loss = build_loss(sde, reduce_mean, continuous, likelihood_weighting, (regularizer,))
-  return _legacy_step_fn(trainer_lib.Trainer(loss, optimize_fn), train, return_terms)
+  return _score_sde_step_fn(loss, train, optimize_fn, return_terms)
 
 
 def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False):
@@ -524,6 +555,6 @@ def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False
   Returns:
     `step_fn(state, batch)`.
   """
-  if train and optimize_fn is None:
-    raise ValueError('A training step needs optimize_fn (losses.optimization_manager(config)).')
-  return _legacy_step_fn(trainer_lib.Trainer(loss_from_config(config, sde), optimize_fn), train, return_terms)
+  if train:
+    check_optimize_fn(optimize_fn)
+  return _score_sde_step_fn(loss_from_config(config, sde), train, optimize_fn, return_terms)

@@ -28,6 +28,7 @@ function's parameters.
 
 import collections
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -262,7 +263,8 @@ class ScoreFPE:
 
   def __init__(self, sde, eps=1e-5, time_derivative='finite_difference', fd_hs=1e-3, fd_hd=5e-4,
                divergence='hutchinson', hutchinson_type='gaussian', num_probes=1, dropout_masks='shared'):
-    """Builds the estimator; arguments are validated (errors name the matching `config.training` field).
+    """Builds the estimator; arguments are validated here, once (errors name the matching `config.training`
+    field, the `FP_OPTIONS` name of the keyword with 'fp_' in front).
 
     Args:
       sde: an `sde_lib.SDE`.
@@ -580,13 +582,61 @@ def conservativity_vs_time(score_fn, sde, x0, ts, num_probes=0, batch_size=None,
   return out
 
 
+# The score-FPE regularizer's options, defined here once: name -> default. A name is at the same time the
+# `config.training` field (`ScoreFPERegularizer.from_config` reads exactly these) and the keyword of the Score
+# SDE-style wrappers (`losses.get_sde_loss_fn`, `losses.get_step_fn`). The estimator's options set the `ScoreFPE`
+# keyword of their name without 'fp_'; the others set the `ScoreFPERegularizer` keyword of their name. Each is
+# validated once, by the constructor that consumes it. A new option: one entry here, one keyword there.
+ESTIMATOR_OPTIONS = collections.OrderedDict([
+    ('fp_time_derivative', 'finite_difference'),
+    ('fp_fd_hs', 1e-3),
+    ('fp_fd_hd', 5e-4),
+    ('fp_divergence', 'hutchinson'),
+    ('fp_hutchinson_type', 'gaussian'),
+    ('fp_num_probes', 1),
+    ('fp_dropout_masks', 'shared'),
+])
+REGULARIZER_OPTIONS = collections.OrderedDict([
+    ('scalar_fp', 'both'),
+    ('fp_dist', 'pert'),
+    ('fp_wgt_type', 'll'),
+    ('alpha', 0.),
+    ('beta', 0.),
+    ('m', 2),
+    ('fp_batch_fraction', 1.),
+])
+FP_OPTIONS = collections.OrderedDict([*REGULARIZER_OPTIONS.items(), *ESTIMATOR_OPTIONS.items()])
+
+
+def check_fp_option_names(options):
+  """Raises TypeError for a name of `options` that is not in `FP_OPTIONS`, with the closest one if any."""
+  for name in options:
+    if name not in FP_OPTIONS:
+      close = difflib.get_close_matches(name, FP_OPTIONS, n=1)
+      hint = f' Did you mean {close[0]!r}?' if close else ''
+      raise TypeError(f'Unknown score-FPE option {name!r}.{hint} The options (config.training fields of the same '
+                      f'names) are: {", ".join(FP_OPTIONS)}.')
+
+
+def fp_options_from_config(config):
+  """The `FP_OPTIONS` fields of `config.training`, by name (not validated: their constructors do that)."""
+  return {name: getattr(config.training, name) for name in FP_OPTIONS}
+
+
+def fpe_from_options(sde, eps=1e-5, **options):
+  """The `ScoreFPE` estimator of FP options (names and defaults: `FP_OPTIONS`; the regularizer's are ignored).
+
+  Raises:
+    TypeError: for a name not in `FP_OPTIONS`. The values are validated by `ScoreFPE`.
+  """
+  check_fp_option_names(options)
+  return ScoreFPE(sde, eps=eps, **{name[len('fp_'):]: options.get(name, default)
+                                   for name, default in ESTIMATOR_OPTIONS.items()})
+
+
 def fpe_from_config(config, sde, eps=1e-5):
-  """The `ScoreFPE` estimator that `config.training`'s fields describe (validated)."""
-  training = config.training
-  return ScoreFPE(sde, eps=eps, time_derivative=training.fp_time_derivative, fd_hs=training.fp_fd_hs,
-                  fd_hd=training.fp_fd_hd, divergence=training.fp_divergence,
-                  hutchinson_type=training.fp_hutchinson_type, num_probes=training.fp_num_probes,
-                  dropout_masks=training.fp_dropout_masks)
+  """The `ScoreFPE` estimator that `config.training`'s fields describe (validated by `ScoreFPE`)."""
+  return fpe_from_options(sde, eps=eps, **fp_options_from_config(config))
 
 
 SCALAR_FP = ('False', 'True', 'both')
@@ -620,11 +670,11 @@ class ScoreFPERegularizer:
 
   def __init__(self, sde, fpe, *, scalar_fp='both', fp_dist='pert', fp_wgt_type='ll', alpha=0., beta=0., m=2,
                fp_batch_fraction=1., continuous=True):
-    """Validates the options; errors name the `config.training` field.
+    """Validates the options (here only: `from_options` passes them on); errors name the `config.training` field.
 
     Args:
       sde: the forward SDE.
-      fpe: the `ScoreFPE` estimator (`fpe_from_config`).
+      fpe: the `ScoreFPE` estimator (`fpe_from_options`).
       scalar_fp: which terms: 'False' (vector), 'True' (scalar), 'both'.
       fp_dist: where the residual is evaluated: 'pert' (the DSM's x_t and t, sharing its network evaluation),
         'x' (the clean data at the DSM's t), 'random' (uniform in [batch.min(), batch.max()]^D).
@@ -657,14 +707,31 @@ class ScoreFPERegularizer:
       self.weights['fp_scalar'] = beta
 
   @classmethod
-  def from_config(cls, config, sde, eps=1e-5):
-    """The regularizer `config.training` describes; the estimator fields are validated even while it is off,
-    so that a typo does not wait for alpha > 0."""
-    t = config.training
-    return cls(sde, fpe_from_config(config, sde, eps=eps), scalar_fp=t.scalar_fp, fp_dist=t.fp_dist,
-               fp_wgt_type=t.fp_wgt_type, alpha=t.alpha, beta=t.beta, m=t.m,
-               fp_batch_fraction=t.fp_batch_fraction,
-               continuous=utils.check_bool('training.continuous', t.continuous))
+  def from_options(cls, sde, *, continuous, eps=1e-5, **options):
+    """The regularizer (and its `ScoreFPE` estimator) of FP options: the one builder.
+
+    Args:
+      sde: the forward SDE.
+      continuous: whether the model takes continuous times (validated by the caller, `training.continuous`).
+      eps: the smallest time the score function is evaluated at.
+      **options: `FP_OPTIONS` by name; missing ones take their default there. Each is validated by the
+        constructor that consumes it (`ScoreFPE` or this class's), and nowhere else.
+
+    Raises:
+      TypeError: for a name not in `FP_OPTIONS`.
+    """
+    fpe = fpe_from_options(sde, eps=eps, **options)
+    return cls(sde, fpe, continuous=continuous,
+               **{name: options.get(name, default) for name, default in REGULARIZER_OPTIONS.items()})
+
+  @classmethod
+  def from_config(cls, config, sde, *, continuous, eps=1e-5):
+    """The regularizer that the `FP_OPTIONS` fields of `config.training` describe (`from_options`).
+
+    The estimator fields are validated even while the regularizer is off, so that a typo does not wait for
+    alpha > 0. `continuous` is `training.continuous`, validated by the caller (`losses.loss_from_config`).
+    """
+    return cls.from_options(sde, continuous=continuous, eps=eps, **fp_options_from_config(config))
 
   @property
   def active(self):

@@ -2,9 +2,9 @@
 
 `Trainer.train_step(state, batch)` does, in order: draw the step's noise, forward and backward pass of each
 micro-batch under the precision policy, average the gradients over ranks (torch.distributed), unscale (float16),
-clip, optimizer step, EMA update. `state` is Score SDE's dict `{'optimizer', 'model', 'ema', 'step'}`, and
-`losses.get_step_fn` is a thin wrapper over a `Trainer` with Score SDE's numerics (float32, one batch, the
-global random generator).
+clip, optimizer step, EMA update. `state` is Score SDE's dict `{'optimizer', 'model', 'ema', 'step'}`.
+`losses.get_step_fn` is the same step with Score SDE's numerics (float32, one batch, one process, the global
+random generator): both use the update and evaluation primitives of `losses` (`apply_update`, `eval_terms`).
 
 Noise. With `noise_seed` set (run_lib does), everything random in a step (t, z, Hutchinson probes, ...) is
 drawn for the *global* batch from a generator seeded by (noise_seed, step), and each rank and micro-batch
@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 import distributed
+import losses
 import utils
 
 MIXED_PRECISIONS = ('no', 'bf16', 'fp16')
@@ -63,26 +64,6 @@ def step_generator(seed, step, device):
   return generator
 
 
-@contextlib.contextmanager
-def ema_weights(state):
-  """Runs the body with the EMA weights in the model, without parameter gradients, then puts back the
-  training weights and their `requires_grad` flags."""
-  model, ema = state['model'], state['ema']
-  params = list(model.parameters())
-  flags = [p.requires_grad for p in params]
-  ema.store(params)
-  ema.copy_to(params)
-  # No parameter graph; the score-FPE term enables autograd in x by itself.
-  for p in params:
-    p.requires_grad_(False)
-  try:
-    yield
-  finally:
-    for p, flag in zip(params, flags):
-      p.requires_grad_(flag)
-    ema.restore(params)
-
-
 class Trainer:
   """One optimizer step (and the evaluation step) of a loss on Score SDE's training state."""
 
@@ -111,13 +92,11 @@ class Trainer:
     self.last_grad_norm = None
 
   def _loss_terms(self, model, batch, train, noise, sum_over_ranks=None, world_size=1):
-    """The reduced terms and their total on `batch`, under the precision policy."""
+    """`Loss.terms` on `batch` (the objective 'loss' and the reduced terms), under the precision policy."""
     with self.precision.autocast():
       forward_model = model if self.forward_model is None else self.forward_model
       per_sample = self.loss(forward_model, batch, train, noise=noise, eager_model=model)
-    reduced = self.loss.reduce(per_sample, batch.shape[0], sum_over_ranks=sum_over_ranks,
-                               world_size=world_size)
-    return reduced, self.loss.total(reduced)
+    return self.loss.terms(per_sample, batch.shape[0], sum_over_ranks=sum_over_ranks, world_size=world_size)
 
   def _step_noise(self, batch, step):
     """This rank's slice of the step's global noise, or None (drawn by the loss, per micro-batch)."""
@@ -137,8 +116,7 @@ class Trainer:
       A dict of detached 0-dim tensors: 'loss' (the objective) and every term the loss reports, each the
       mean over the micro-batches of this rank's values (for logging; no host sync happens here).
     """
-    if self.optimize_fn is None:
-      raise ValueError('A training step needs optimize_fn (losses.optimization_manager(config)).')
+    losses.check_optimize_fn(self.optimize_fn)
     model, optimizer = state['model'], state['optimizer']
     b, k = batch.shape[0], self.grad_accum_steps
     if b % k:
@@ -152,18 +130,16 @@ class Trainer:
     logged = {}
     for j in range(k):
       part = slice(j * micro, (j + 1) * micro)
-      reduced, total = self._loss_terms(model, batch[part], True,
-                                        None if noise is None else slice_noise(noise, j * micro, micro),
-                                        sum_over_ranks, ctx.world_size)
+      terms = self._loss_terms(model, batch[part], True,
+                               None if noise is None else slice_noise(noise, j * micro, micro),
+                               sum_over_ranks, ctx.world_size)
       # Each micro-batch's mean weighs 1/k: the gradient of the mean over the whole batch.
-      self.precision.backward(total / k)
-      for name, value in {'loss': total, **reduced}.items():
+      self.precision.backward(terms['loss'] / k)
+      for name, value in terms.items():
         logged[name] = logged.get(name, 0.) + value.detach() / k
     distributed.all_reduce_gradients(model.parameters())
     kwargs = {} if self.precision.scaler is None else {'scaler': self.precision.scaler}
-    self.last_grad_norm = self.optimize_fn(optimizer, model.parameters(), step=state['step'], **kwargs)
-    state['step'] += 1
-    state['ema'].update(model.parameters())
+    self.last_grad_norm = losses.apply_update(state, self.optimize_fn, **kwargs)
     return logged
 
   def eval_step(self, state, batch, noise=None):
@@ -172,15 +148,4 @@ class Trainer:
     Returns:
       A dict of detached 0-dim tensors: 'loss' and every term the loss reports.
     """
-    with ema_weights(state), torch.no_grad():
-      reduced, total = self._loss_terms(state['model'], batch, False, noise)
-    return {'loss': total.detach(), **{name: value.detach() for name, value in reduced.items()}}
-
-  def step_fn(self, train, return_terms=False):
-    """Score SDE's `step_fn(state, batch)`: the loss (0-dim tensor), or with `return_terms` the dict of terms."""
-
-    def step_fn(state, batch):
-      terms = self.train_step(state, batch) if train else self.eval_step(state, batch)
-      return terms if return_terms else terms['loss']
-
-    return step_fn
+    return losses.eval_terms(state, lambda model: self._loss_terms(model, batch, False, noise))

@@ -2,7 +2,10 @@
 
 Partially based on TensorFlow's `moving_averages.py` and https://github.com/fadel/pytorch_ema. The state
 dict format is Score SDE's (`decay`, `num_updates`, `shadow_params`), so its checkpoints load unchanged.
+`ema_weights` runs code (the evaluation step) with the averaged weights swapped into the model.
 """
+
+import contextlib
 
 import torch
 
@@ -125,3 +128,28 @@ class ExponentialMovingAverage:
     # Keep each average on the device and dtype of the model's parameter it follows.
     self.shadow_params = [s.detach().to(device=m.device, dtype=m.dtype).clone()
                           for s, m in zip(shadow, self.shadow_params)]
+
+
+@contextlib.contextmanager
+def ema_weights(state):
+  """Runs the body with the EMA weights in the model, without parameter gradients, then puts back the
+  training weights and their `requires_grad` flags.
+
+  Args:
+    state: Score SDE's training state, a dict with 'model' (a `torch.nn.Module`) and 'ema' (its
+      `ExponentialMovingAverage`).
+  """
+  model, ema = state['model'], state['ema']
+  params = list(model.parameters())
+  flags = [p.requires_grad for p in params]
+  ema.store(params)
+  ema.copy_to(params)
+  # No parameter graph; the score-FPE term enables autograd in x by itself.
+  for p in params:
+    p.requires_grad_(False)
+  try:
+    yield
+  finally:
+    for p, flag in zip(params, flags):
+      p.requires_grad_(flag)
+    ema.restore(params)

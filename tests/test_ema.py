@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.ema import ExponentialMovingAverage
+from models.ema import ExponentialMovingAverage, ema_weights
 
 
 def _model():
@@ -106,3 +106,25 @@ def test_bad_decay_and_wrong_parameters():
   ema = ExponentialMovingAverage(_model().parameters(), decay=0.9)
   with pytest.raises(ValueError, match='trainable parameters'):
     ema.update(torch.nn.Linear(3, 3).parameters())
+
+
+def test_ema_weights_swaps_in_the_average_and_puts_back_the_training_weights():
+  model = _model()
+  ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
+  _perturb(model, 1.)
+  training = [p.detach().clone() for p in model.parameters()]
+  flags = [p.requires_grad for p in model.parameters()]
+  with ema_weights({'model': model, 'ema': ema}):
+    for p, s in zip(_trainable(model), ema.shadow_params):
+      assert torch.equal(p, s)
+    assert not any(p.requires_grad for p in model.parameters())
+  for p, q in zip(model.parameters(), training):
+    assert torch.equal(p, q)
+  assert [p.requires_grad for p in model.parameters()] == flags
+  # Also when the body raises.
+  with pytest.raises(RuntimeError):
+    with ema_weights({'model': model, 'ema': ema}):
+      raise RuntimeError('body failed')
+  assert [p.requires_grad for p in model.parameters()] == flags
+  for p, q in zip(model.parameters(), training):
+    assert torch.equal(p, q)

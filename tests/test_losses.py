@@ -1,6 +1,8 @@
 """Tests of losses.py: Score SDE's losses and step functions, and the FP-Diffusion term through them."""
 
+import ast
 import copy
+import inspect
 import math
 
 import ml_collections
@@ -457,3 +459,73 @@ def _fine_tune_and_measure(sde, model, data, fit, eps):
                                      generator=torch.Generator().manual_seed(3))
     results[alpha] = out['residual'].mean()
   return results
+
+
+# ----- The FP options through the Score SDE-style wrappers -----
+
+def _dropout_terms(fp_dropout_masks, wrapper):
+  """The train-mode terms of an MLP with dropout, the finite difference's masks shared or independent."""
+  sde = SDES['vp']()
+  model = _mlp(4, dtype=torch.float32, dropout=0.5)
+  batch = torch.rand(6, 4)
+  kwargs = dict(alpha=1., scalar_fp='False', fp_divergence='exact', fp_dropout_masks=fp_dropout_masks,
+                return_terms=True)
+  torch.manual_seed(3)
+  if wrapper == 'loss_fn':
+    return losses.get_sde_loss_fn(sde, True, **kwargs)(model, batch)
+  return losses.get_step_fn(sde, True, _optimize_fn, **kwargs)(_state(model), batch)
+
+
+@pytest.mark.parametrize('wrapper', ['loss_fn', 'step_fn'])
+def test_fp_dropout_masks_reaches_both_wrappers(wrapper):
+  shared, independent = _dropout_terms('shared', wrapper), _dropout_terms('independent', wrapper)
+  # Same draws of t, z and the DSM's masks; the finite difference of independent masks divides the difference
+  # of two dropout draws by a step of ~1e-3.
+  torch.testing.assert_close(shared['dsm'], independent['dsm'], rtol=0, atol=0)
+  assert independent['fp_vector'] > 100 * shared['fp_vector']
+  with pytest.raises(ValueError, match='config.training.fp_dropout_masks'):
+    _dropout_terms('same', wrapper)
+
+
+def test_wrappers_refuse_an_unknown_fp_option():
+  sde = SDES['vp']()
+  with pytest.raises(TypeError, match="'fp_num_probe'.*Did you mean 'fp_num_probes'"):
+    losses.get_sde_loss_fn(sde, True, fp_num_probe=2)
+  with pytest.raises(TypeError, match="'alhpa'.*Did you mean 'alpha'"):
+    losses.get_step_fn(sde, True, _optimize_fn, alhpa=0.1)
+
+
+def test_score_sde_positional_parameters():
+  sde = SDES['vp']()
+  params = list(inspect.signature(losses.get_sde_loss_fn).parameters)
+  assert params[:6] == ['sde', 'train', 'reduce_mean', 'continuous', 'likelihood_weighting', 'eps']
+  params = list(inspect.signature(losses.get_step_fn).parameters)
+  assert params[:6] == ['sde', 'train', 'optimize_fn', 'reduce_mean', 'continuous', 'likelihood_weighting']
+  model = _mlp(4, dtype=torch.float32)
+  batch = torch.rand(4, 4)
+  assert losses.get_sde_loss_fn(sde, True, False, True, False, 1e-3)(model, batch).dim() == 0
+  state = _state(model)
+  assert losses.get_step_fn(sde, True, _optimize_fn, True, True, False)(state, batch).dim() == 0
+  assert state['step'] == 1
+
+
+def test_losses_sits_below_the_trainer():
+  """losses.py imports nothing from the trainer or above it (not even inside a function)."""
+  with open(losses.__file__) as f:
+    tree = ast.parse(f.read())
+  imported = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name.split('.')[0] for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      imported.add((node.module or '').split('.')[0])
+  assert not imported & {'trainer', 'run_lib', 'main', 'distributed', 'demo', 'study', 'digits_study'}
+
+
+def test_train_step_without_optimize_fn_refuses_before_touching_the_state():
+  model = _mlp(4, dtype=torch.float32)
+  state = _state(model)
+  step = losses.get_step_fn(SDES['vp'](), train=True)
+  with pytest.raises(ValueError, match='optimize_fn'):
+    step(state, torch.rand(4, 4))
+  assert state['step'] == 0 and all(p.grad is None for p in model.parameters())

@@ -1,5 +1,6 @@
 """Tests of score_fpe.py: the score-FPE residuals and their estimators against exact answers."""
 
+import inspect
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 import score_fpe
 import sde_lib
+from configs.default_cifar10_configs import get_default_configs
 
 SDES = {
     've': lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=50., N=1000),
@@ -280,3 +282,60 @@ def test_invalid_estimator_options_raise():
                         (dict(dropout_masks='replayed'), 'fp_dropout_masks')]:
     with pytest.raises(ValueError, match=f'config.training.{field}'):
       score_fpe.ScoreFPE(sde, **kwargs)
+
+
+# ----- The regularizer's options: one definition -----
+
+def test_fp_options_are_the_config_fields_with_their_defaults():
+  config = get_default_configs()
+  assert score_fpe.fp_options_from_config(config) == dict(score_fpe.FP_OPTIONS)
+  fp_fields = {name for name in config.training if name in ('scalar_fp', 'alpha', 'beta', 'm') or
+               name.startswith('fp_')}
+  assert fp_fields == set(score_fpe.FP_OPTIONS)
+
+
+def _keyword_defaults(fn):
+  return {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+
+
+def test_each_option_sets_one_constructor_keyword_with_the_same_default():
+  assert set(score_fpe.FP_OPTIONS) == set(score_fpe.ESTIMATOR_OPTIONS) | set(score_fpe.REGULARIZER_OPTIONS)
+  assert not set(score_fpe.ESTIMATOR_OPTIONS) & set(score_fpe.REGULARIZER_OPTIONS)
+  estimator = _keyword_defaults(score_fpe.ScoreFPE.__init__)
+  for name, default in score_fpe.ESTIMATOR_OPTIONS.items():
+    assert estimator[name[len('fp_'):]] == default, name
+  regularizer = _keyword_defaults(score_fpe.ScoreFPERegularizer.__init__)
+  for name, default in score_fpe.REGULARIZER_OPTIONS.items():
+    assert regularizer[name] == default, name
+
+
+def test_from_options_sets_every_option():
+  sde = SDES['vp']()
+  values = dict(scalar_fp='False', fp_dist='x', fp_wgt_type='constant', alpha=0.3, beta=0.2, m=1,
+                fp_batch_fraction=0.5, fp_time_derivative='finite_difference', fp_fd_hs=2e-3, fp_fd_hd=1e-3,
+                fp_divergence='hutchinson', fp_hutchinson_type='rademacher', fp_num_probes=3,
+                fp_dropout_masks='independent')
+  assert set(values) == set(score_fpe.FP_OPTIONS)
+  reg = score_fpe.ScoreFPERegularizer.from_options(sde, continuous=True, eps=1e-3, **values)
+  for name in score_fpe.REGULARIZER_OPTIONS:
+    assert getattr(reg, name) == values[name], name
+  for name in score_fpe.ESTIMATOR_OPTIONS:
+    assert getattr(reg.fpe, name[len('fp_'):]) == values[name], name
+  assert reg.fpe.eps == 1e-3
+  # Missing options take FP_OPTIONS' defaults.
+  default = score_fpe.ScoreFPERegularizer.from_options(sde, continuous=True)
+  assert default.fpe.dropout_masks == 'shared' and default.alpha == 0. and not default.active
+
+
+def test_unknown_option_names_the_closest_and_all():
+  with pytest.raises(TypeError, match=r"'fp_dropout_mask'.*Did you mean 'fp_dropout_masks'\?.*fp_num_probes"):
+    score_fpe.ScoreFPERegularizer.from_options(SDES['vp'](), continuous=True, fp_dropout_mask='shared')
+  with pytest.raises(TypeError, match=r"'nonsense'\. The options"):
+    score_fpe.fpe_from_options(SDES['vp'](), nonsense=1)
+
+
+def test_an_option_is_validated_where_it_is_consumed():
+  with pytest.raises(ValueError, match='config.training.fp_dropout_masks'):
+    score_fpe.ScoreFPERegularizer.from_options(SDES['vp'](), continuous=True, fp_dropout_masks='same')
+  with pytest.raises(ValueError, match='training.continuous'):
+    score_fpe.ScoreFPERegularizer.from_options(SDES['vp'](), continuous=False, alpha=0.1)

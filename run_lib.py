@@ -262,8 +262,15 @@ def _save_sample_snapshot(run, step):
   """Snapshot samples with the EMA weights (rank 0 samples and writes; the other ranks go on)."""
   if not distributed.context().is_main:
     return
-  with trainer_lib.ema_weights(run.state):
+  # The EMA weights copied in, not `ema_weights`: flipping `requires_grad` would make a compiled sampling
+  # model recompile at every snapshot.
+  ema, params = run.state['ema'], run.state['model'].parameters
+  ema.store(params())
+  ema.copy_to(params())
+  try:
     sample, _ = run.sampling_fn(run.sampling_model)
+  finally:
+    ema.restore(params())
   this_sample_dir = os.path.join(run.sample_dir, f'iter_{step}')
   os.makedirs(this_sample_dir, exist_ok=True)
   run.data.save_snapshot(sample, this_sample_dir, step)

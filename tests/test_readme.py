@@ -318,7 +318,7 @@ def _stand_ins(tmp_path):
 
 def _eval_files(folder, ckpt):
   """The result files of one checkpoint's evaluation, with the checkpoint number replaced by K."""
-  names = os.listdir(folder)
+  names = [n for n in os.listdir(folder) if not n.startswith('compare_')]  # the comparison's, not evaluate's
   return sorted(re.sub(rf'(?<![0-9]){ckpt}(?![0-9])', 'K', n) for n in names
                 if re.search(rf'(?<![0-9]){ckpt}(?![0-9])', n))
 

@@ -13,7 +13,7 @@ their initialization, data and noise, and differ only by the FP term. Then print
   - the DSM part of the evaluation loss.
 and writes figures to the workdir: `residual_vs_t_{ve,vp}.png` and `samples_{ve,vp}.png`, plus `results.json`.
 
-Offline, on one CPU thread, in about a minute (docs/demo.md has the measured time):
+Offline, on one CPU thread, in about 3 minutes once .venv exists (docs/demo.md has the measured times):
   python demo.py --workdir demo_out [--toy checkerboard] [--quick]
 Training resumes from (or skips to the end of) the checkpoints already in the workdir; evaluation is redone.
 """

@@ -70,3 +70,50 @@ def test_main_requires_its_flags_and_reports_bad_values(tmp_path):
   assert result.returncode == 1
   assert f"The workdir '{typo}' does not exist" in result.stderr
   assert not os.path.exists(typo)
+
+
+def test_a_failure_is_one_line_with_the_traceback_in_the_log(tmp_path):
+  workdir = str(tmp_path / 'w')
+  args = [f'--config={TINY_CONFIG}', f'--workdir={workdir}', '--mode=train', '--config.training.sde=vesdee']
+  result = _main(*args)
+  assert result.returncode == 1
+  # The message once on the console, no traceback there; the traceback in the log.
+  assert result.stderr.count("config.training.sde='vesdee'") == 1
+  assert 'Traceback' not in result.stderr
+  assert f'(traceback in {os.path.join(workdir, "stdout.txt")}; --traceback prints it here)' in result.stderr
+  log = open(os.path.join(workdir, 'stdout.txt')).read()
+  assert 'train failed: ValueError: config.training.sde=' in log and 'Traceback (most recent call last)' in log
+  # --traceback: the traceback on the console too, once.
+  result = _main(*args, '--traceback')
+  assert result.returncode == 1
+  assert result.stderr.count('Traceback (most recent call last)') == 1
+
+
+def test_config_path_and_override_typos_are_one_line_each():
+  result = _main('--config=configs/fp/nope.py', '--workdir=unused', '--mode=train')
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[0] == ("FATAL Flags parsing error: --config=configs/fp/nope.py: the config file "
+                                           f"'configs/fp/nope.py' does not exist (relative to the current directory "
+                                           f'{ROOT}).')
+  assert 'Traceback' not in result.stderr and len(result.stderr.splitlines()) == 2
+  result = _main(f'--config={TINY_CONFIG}', '--workdir=unused', '--mode=train', '--config.training.alpah=0.1')
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[0] == (f"FATAL Flags parsing error: --config.training.alpah: config.training "
+                                           f"({TINY_CONFIG}) has no field 'alpah'; nearest: training.alpha.")
+  assert 'Traceback' not in result.stderr and len(result.stderr.splitlines()) == 2
+  result = _main(f'--config={TINY_CONFIG}', '--workdir=unused', '--mode=compare')
+  assert result.returncode == 1 and '--mode=compare needs --baseline_workdir' in result.stderr
+
+
+def test_missing_field_message_walks_the_path():
+  import main  # pylint: disable=g-import-not-at-top
+  from tests import configs_tiny  # pylint: disable=g-import-not-at-top
+  config = configs_tiny.get_config()
+  assert main.missing_field_message(config, 'training.alpha', 'c.py') is None
+  assert main.missing_field_message(config, 'trainin.alpha', 'c.py') == (
+      "--config.trainin.alpha: the config (c.py) has no field 'trainin'; nearest: training.")
+  message = main.missing_field_message(config, 'eval.zzzz', 'c.py')
+  assert message.startswith("--config.eval.zzzz: config.eval (c.py) has no field 'zzzz'; the fields there: ")
+  assert 'eval.bpd_num_repeats' in message
+  assert main._config_argument(['--mode=x', '--config', 'a.py:toy']) == 'a.py:toy'  # pylint: disable=protected-access
+  assert main._override_fields(['--config=a.py', '--config.a.b=1', '--noconfig.c']) == ['a.b', 'c']  # pylint: disable=protected-access

@@ -7,7 +7,7 @@ parses with the script's own flags, so every `--flag` exists, the `--config` fil
 README's links point at files and headings that exist. LICENSE and CITATION.cff are checked too.
 
 Run (in-process, in a temporary folder): every command of the sections `RUN_SECTIONS` (fine-tuning, the step
-one-liner, baseline, evaluation, FID, own data), in order, through `main.main` and `images_to_npz.convert`,
+one-liner, baseline, evaluation, the comparison, FID, own data), in order, through `main.main` and `images_to_npz.convert`,
 with `tests/configs_readme.py` (the tiny stand-in of the CIFAR-10 configs) for the CIFAR-10 configs, a tiny NPZ
 data set for CIFAR-10, a tiny Inception SavedModel for TF-Hub's, and stand-ins for the downloaded files
 (`checkpoint_26.pth`: a tiny checkpoint at step 2; `cifar10_stats.npz`: the tiny data's statistics). Only
@@ -99,14 +99,18 @@ def readme_commands(sections=None):
 
 def _main_flag_values(argv):
   """A registry with main.py's flags, to parse `argv` as main.py does (config overrides read from `argv`)."""
-  assert {f.name for f in flags.FLAGS.get_flags_for_module('main')} == {'config', 'workdir', 'mode',
-                                                                        'eval_folder'}
+  assert {f.name for f in flags.FLAGS.get_flags_for_module('main')} == {
+      'config', 'workdir', 'mode', 'eval_folder', 'baseline_workdir', 'ckpt', 'baseline_ckpt', 'traceback'}
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', flag_values=fv, lock_config=True,
                                   sys_argv=argv)
   flags.DEFINE_string('workdir', None, '', flag_values=fv)
   flags.DEFINE_enum('mode', None, flags.FLAGS['mode'].parser.enum_values, '', flag_values=fv)
   flags.DEFINE_string('eval_folder', flags.FLAGS['eval_folder'].default, '', flag_values=fv)
+  flags.DEFINE_string('baseline_workdir', None, '', flag_values=fv)
+  flags.DEFINE_integer('ckpt', None, '', flag_values=fv)
+  flags.DEFINE_integer('baseline_ckpt', None, '', flag_values=fv)
+  flags.DEFINE_bool('traceback', False, '', flag_values=fv)
   flags.mark_flags_as_required(['workdir', 'config', 'mode'], flag_values=fv)
   return fv
 
@@ -315,7 +319,7 @@ def _stand_ins(tmp_path):
 
 def _eval_files(folder, ckpt):
   """The result files of one checkpoint's evaluation, with the checkpoint number replaced by K."""
-  names = os.listdir(folder)
+  names = [n for n in os.listdir(folder) if not n.startswith('compare_')]  # the comparison's, not evaluate's
   return sorted(re.sub(rf'(?<![0-9]){ckpt}(?![0-9])', 'K', n) for n in names
                 if re.search(rf'(?<![0-9]){ckpt}(?![0-9])', n))
 
@@ -349,6 +353,11 @@ def test_readme_recipes_run_at_tiny_size(tmp_path, monkeypatch, capsys, caplog):
   for k in range(first, last + 1):
     assert _eval_files('W/eval', k) == baseline
   assert 'ckpt: 26 (step 2) loaded from B/checkpoints/checkpoint_26.pth' in caplog.text
+  # The comparison of W's last evaluated snapshot with the baseline, paired batch by batch.
+  with open(f'W/eval/compare_{last}_vs_26.txt') as f:
+    table = f.read()
+  assert 'test bits/dim' in table and '(paired, ' in table and 'residual (mean over t)' in table
+  assert os.path.exists(f'W/eval/compare_{last}_vs_26.png')
   with np.load('B/eval/test_ckpt_26_bpd_0.npz') as f:
     assert np.all(np.isfinite(f['arr_0']))
   # FID of the last snapshot, against the statistics file copied into assets/stats/.

@@ -202,6 +202,11 @@ def setup_training(config, workdir, lock=None):
       preemption_freq=settings['preemption_freq'], max_param_growth=settings['max_param_growth'],
       device=config.device, lock=lock)
   state = checkpointer.restore(state, config.device)
+  if checkpointer.resume_step is None and getattr(trainer.loss, 'regularizers', ()):
+    # FP-Diffusion fine-tunes a DSM-trained checkpoint; a misplaced checkpoint would otherwise go unnoticed.
+    logging.warning('The loss has a regularizer on (%s), but there is no checkpoint at %s: training starts from a '
+                    'fresh initialization, not fine-tuning. To fine-tune, copy the pre-trained checkpoint there '
+                    '(docs/score_fpe.md).', trainer.loss.describe(), checkpointer.meta_path)
   step = int(state['step'])
   # Dropout and samplers draw from the global generator: a different stream per rank, and a resumed run does
   # not replay the run it resumes. (The loss's noise comes from the trainer's per-step generator.)
@@ -509,8 +514,10 @@ def _evaluate_bpd(ev, ckpt):
   split = s['bpd_dataset']
   bpds = []
   num_batches = ev.data.num_eval_batches(split)
+  # Adaptive ODE solves cost more function evaluations as they go (and per checkpoint), so the ETA says so.
   progress = utils.Progress(None if num_batches is None else num_batches * s['bpd_num_repeats'],
-                            f'ckpt {ckpt} bits/dim', unit='batch', show_bar=is_main)
+                            f'ckpt {ckpt} bits/dim', unit='batch', show_bar=is_main,
+                            eta_basis='at the rate so far; adaptive ODE solves may slow down')
   # Score SDE's round id, batch_id + len(ds_bpd) * repeat, is the running count of batches.
   bpd_round_id = 0
   for repeat in range(s['bpd_num_repeats']):

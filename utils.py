@@ -120,7 +120,7 @@ class Progress:
   """Progress of a long loop: rate and ETA for log lines (the record), and a tqdm bar on an interactive
   terminal (never in a log file or a batch job's output)."""
 
-  def __init__(self, total, desc, unit='it', done=0, show_bar=True):
+  def __init__(self, total, desc, unit='it', done=0, show_bar=True, eta_basis=None):
     """Starts the clock.
 
     Args:
@@ -129,11 +129,14 @@ class Progress:
       unit: the unit's name, e.g. 'step', 'batch'.
       done: units already done before this start (a resumed run's steps), not counted in the rate.
       show_bar: allow the tqdm bar (rank 0 only, under torchrun).
+      eta_basis: what the ETA assumes, shown beside it where the rate is known to change (None: nothing).
     """
     import sys  # pylint: disable=g-import-not-at-top
     import time  # pylint: disable=g-import-not-at-top
     self._time = time.time
-    self.total, self.unit, self.first = total, unit, done
+    self.total, self.unit, self.first, self.eta_basis = total, unit, done, eta_basis
+    # 'batch' -> 'batches', 'step' -> 'steps'.
+    self.units = unit + ('es' if unit.endswith(('s', 'sh', 'ch', 'x')) else 's')
     self.start = self._time()
     self.bar = None
     if show_bar and sys.stderr.isatty():
@@ -146,9 +149,11 @@ class Progress:
       self.bar.update(done - self.bar.n)
     elapsed = max(self._time() - self.start, 1e-9)
     rate = (done - self.first) / elapsed
-    text = f'{done}/{self.total if self.total is not None else "?"} {self.unit}s, {rate:.3g} {self.unit}s/s'
+    text = f'{done}/{self.total if self.total is not None else "?"} {self.units}, {rate:.3g} {self.units}/s'
     if self.total is not None and rate > 0:
       text += f', ETA {_format_seconds((self.total - done) / rate)}'
+      if self.eta_basis:
+        text += f' ({self.eta_basis})'
     return text
 
   def close(self):

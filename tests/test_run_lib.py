@@ -400,3 +400,40 @@ def test_image_samples_fid_stats_and_report(npz_config, tmp_path):
     np.testing.assert_allclose(report['IS'], expected['is'], rtol=1e-6)
     np.testing.assert_allclose(report['fid'], expected['fid'], rtol=1e-6)
     np.testing.assert_allclose(report['kid'], expected['kid'], rtol=1e-6)
+
+
+def test_progress_names_its_unit_and_what_the_eta_assumes():
+  progress = utils.Progress(10, 'bits/dim', unit='batch', show_bar=False, eta_basis='at the rate so far')
+  text = progress.status(5)
+  assert '5/10 batches' in text and 'batches/s' in text and 'batchs' not in text
+  assert text.endswith('(at the rate so far)')
+
+
+def test_an_empty_eval_range_says_where_checkpoints_come_from(tmp_path):
+  config = configs_tiny.get_toy_config()
+  config.eval.begin_ckpt, config.eval.end_ckpt = 5, 3
+  with pytest.raises(ValueError, match=r'config.eval.end_ckpt=3 is smaller than config.eval.begin_ckpt=5.*'
+                                       r'training.snapshot_freq.*training.n_iters.*--config.eval.begin_ckpt'):
+    run_lib.evaluate(config, str(tmp_path))
+
+
+def test_regularizer_without_a_checkpoint_warns(tmp_path, caplog):
+  config = configs_tiny.get_toy_config()
+  assert config.training.alpha > 0
+  with caplog.at_level(logging.WARNING):
+    run_lib.setup_training(config, str(tmp_path / 'w'))
+  assert 'but there is no checkpoint at' in caplog.text and 'not fine-tuning' in caplog.text
+
+
+def test_skipped_checkpoint_warning_does_not_advise_the_setting_in_force(tmp_path, caplog):
+  config = configs_tiny.get_toy_config()
+  config.training.n_iters, config.training.snapshot_freq = 2, 2
+  workdir = str(tmp_path / 'w')
+  run_lib.train(config, workdir)  # checkpoint_1 only
+  config.eval.begin_ckpt, config.eval.end_ckpt, config.eval.skip_missing_ckpts = 0, 1, True
+  config.eval.enable_bpd = config.eval.enable_sampling = False
+  config.eval.enable_fp_residual = config.eval.enable_conservativity = False
+  with caplog.at_level(logging.WARNING):
+    run_lib.evaluate(config, workdir)
+  assert 'Skipping checkpoint' in caplog.text and 'no trainer will write it' in caplog.text
+  assert 'set eval.skip_missing_ckpts=True' not in caplog.text

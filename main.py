@@ -59,10 +59,11 @@ def compute_fid_stats(config):
 
   The file is `config.eval.stats_path`, or by default Score SDE's name under `assets/stats/`.
   """
+  import datasets  # pylint: disable=g-import-not-at-top
   import evaluation  # pylint: disable=g-import-not-at-top
   path = evaluation.stats_path_from_config(config)
   logging.info('Computing dataset statistics for %s into %s.', config.data.dataset, path)
-  evaluation.compute_dataset_stats(config, path)
+  datasets.compute_dataset_stats(config, path)
   logging.info('Wrote %s.', path)
 
 

@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+import datasets
 import evaluation
 import images_to_npz
 import likelihood
@@ -304,7 +305,7 @@ def _stand_ins(tmp_path):
   state = run_lib._build_state(config)  # pylint: disable=protected-access
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('checkpoint_26.pth', state)
-  evaluation.compute_dataset_stats(config, 'cifar10_stats.npz')
+  datasets.compute_dataset_stats(config, 'cifar10_stats.npz')
   rng = np.random.default_rng(0)
   os.makedirs('my_images')
   for i in range(20):

@@ -1,4 +1,4 @@
-"""Tests of the regularizer study (`demo.py --study`, study.py): the interval math against known answers, the
+"""Tests of the regularizer study (`python study.py`): the interval math against known answers, the
 plan of runs, and the quick study end to end (study.json's schema, the table, the plot, resuming)."""
 
 import json

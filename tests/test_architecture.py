@@ -154,15 +154,15 @@ def private_uses(root=ROOT):
         continue
       if attribute is not None:
         if _is_private(attribute):
-          found.append(f'{rel}:{node.lineno}: from {target} import {attribute}')
+          found.append((rel, node.lineno, f'from {target} import {attribute}'))
       else:
         bound[name] = target
     for node in ast.walk(tree):
       if isinstance(node, ast.Attribute) and _is_private(node.attr):
         owner = _module_of(node.value, bound, modules)
         if owner is not None and modules[owner] != path:
-          found.append(f'{rel}:{node.lineno}: {owner}.{node.attr}')
-  return found
+          found.append((rel, node.lineno, f'{owner}.{node.attr}'))
+  return [f'{rel}:{line}: {use}' for rel, line, use in sorted(found)]
 
 
 def _is_private(name):

@@ -39,7 +39,7 @@ import main
 import run_lib
 import utils
 from tests import configs_readme
-from tests import test_run_lib
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
@@ -296,8 +296,8 @@ def _run(argv, extra, monkeypatch, capsys):
 def _stand_ins(tmp_path):
   """The downloads, at tiny size: CIFAR-10 (an NPZ file), the Inception module, a released checkpoint (the tiny
   base config's state, saved at step 2), Score SDE's statistics file, and a folder of the user's images."""
-  data = test_run_lib._write_npz(tmp_path / 'tiny_cifar10.npz')  # pylint: disable=protected-access
-  inception = test_run_lib._save_tiny_inception(str(tmp_path / 'inception'))  # pylint: disable=protected-access
+  data = helpers.write_npz(tmp_path / 'tiny_cifar10.npz')
+  inception = helpers.save_tiny_inception(str(tmp_path / 'inception'))
   config = configs_readme.get_config('pretrain')
   config.data.path = data
   config.eval.inception_model = inception
@@ -378,7 +378,7 @@ def test_n_iters_at_the_checkpoint_step_trains_nothing(tmp_path, monkeypatch, ca
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('W/checkpoints-meta/checkpoint.pth', state)
   config = configs_readme.get_config()
-  config.data.path = test_run_lib._write_npz(tmp_path / 'd.npz')  # pylint: disable=protected-access
+  config.data.path = helpers.write_npz(tmp_path / 'd.npz')
   config.training.n_iters = configs_readme.PRETRAIN_STEPS
   run_lib.train(config, 'W')
   assert 'at or past training.n_iters=2: nothing to train' in caplog.text

@@ -5,9 +5,10 @@ and CelebAHQ), plus ImageNet 32x32 (`downsampled_imagenet/32x32`, FP-Diffusion's
 `.npz` file (`data.dataset = 'NPZ'`), scikit-learn's handwritten digits (`'DIGITS'`: 8x8 grey images with 17
 levels, offline) and the 2-D toy data of `toy.py`.
 
-TensorFlow is imported lazily (`import_tensorflow`), so that modules that only need the scalers import
-without it, and it is always kept off the GPUs: the data pipeline and the Inception network run on the CPU and
-leave every byte of GPU memory to PyTorch.
+TensorFlow is imported lazily (`import_tensorflow`, from `tf_cpu`), so that modules that only need the scalers
+import without it, and it is always kept off the GPUs: the data pipeline and the Inception network run on the
+CPU and leave every byte of GPU memory to PyTorch. Image samples are scored with `evaluation.py`'s Inception
+metrics, and `compute_dataset_stats` writes the statistics file they are measured against.
 """
 
 import functools
@@ -21,6 +22,8 @@ import torch
 
 import checkpoints
 import distributed
+import evaluation
+import tf_cpu
 import utils
 
 # Every value `config.data.dataset` may take.
@@ -40,29 +43,8 @@ DIGITS_IMAGE_SIZE = 8
 DIGITS_SPLIT_SIZES = {'train': 1437, 'test': 360}
 DIGITS_SPLIT_SEED = 0
 
-_TF_GPUS_HIDDEN = False
-
-
-def import_tensorflow():
-  """Imports TensorFlow with every GPU hidden from it, and returns the module.
-
-  TensorFlow grabs (nearly) all GPU memory when it first touches a GPU; hiding the GPUs before any TF op runs
-  keeps the tf.data pipeline and the Inception network on the CPU and the GPU memory for PyTorch. Used by
-  `datasets.py` and `evaluation.py`; the first call does the hiding, later calls only return the module.
-
-  Returns:
-    The `tensorflow` module.
-  """
-  global _TF_GPUS_HIDDEN
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not _TF_GPUS_HIDDEN:
-    try:
-      tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError as e:
-      # TF raises once its devices are initialized (someone ran a TF op before us); nothing can be hidden now.
-      logging.warning('Could not hide GPUs from TensorFlow (already initialized): %s', e)
-    _TF_GPUS_HIDDEN = True
-  return tf
+# The name scripts and tests call; the definition (and the GPU hiding) lives in `tf_cpu`.
+import_tensorflow = tf_cpu.import_tensorflow
 
 
 def get_data_scaler(config):
@@ -814,7 +796,6 @@ class ImageData:
 
   def prepare_sample_quality(self):
     """Loads the Inception network and checks the statistics file, before any sampling."""
-    import evaluation  # pylint: disable=g-import-not-at-top
     self._inceptionv3 = evaluation.inceptionv3_from_config(self.config)
     self._inception = evaluation.get_inception_model(inceptionv3=self._inceptionv3, config=self.config)
     # The statistics file must exist before hours of sampling, not after.
@@ -822,7 +803,6 @@ class ImageData:
 
   def sample_statistics(self, arrays):
     """Inception features of a round of samples (`statistics_{r}.npz`): `pool_3`, and `logits` (not for v3)."""
-    import evaluation  # pylint: disable=g-import-not-at-top
     # Garbage-collect before and after TensorFlow's Inception network, as Score SDE does.
     gc.collect()
     latents = evaluation.run_inception_distributed(arrays, self._inception, inceptionv3=self._inceptionv3)
@@ -842,7 +822,6 @@ class ImageData:
     Returns:
       A dict of floats `{'IS', 'fid', 'kid'}` (Score SDE's `report_{ckpt}.npz` names).
     """
-    import evaluation  # pylint: disable=g-import-not-at-top
     pools = np.concatenate([stats['pool_3'] for _, stats in rounds], axis=0)[:num_samples]
     logits = None
     if not self._inceptionv3:
@@ -850,6 +829,60 @@ class ImageData:
     data_pools = evaluation.load_dataset_stats(self.config)['pool_3']
     metrics = evaluation.sample_quality_metrics(data_pools, pools, logits)
     return {'IS': metrics['is'], 'fid': metrics['fid'], 'kid': metrics['kid']}
+
+
+def compute_dataset_stats(config, output_path, inception_model=None, max_images=None, overwrite=False):
+  """Computes a dataset's Inception statistics file (Score SDE's format) from its training split.
+
+  Images come from `get_dataset(config, evaluation=True, drop_remainder=False)` (one epoch, every image, no
+  flips, batches of `eval.batch_size`), are mapped to uint8 as Score SDE feeds samples, and go through the
+  Inception network (`evaluation.py`). `evaluation.load_dataset_stats` reads the file back.
+
+  Args:
+    config: the config (data fields, `eval.batch_size`, `eval.inception_model`).
+    output_path: the `.npz` file to write: `pool_3` (N, D) as Score SDE's files, plus `mu` and `sigma` (mean
+      and unbiased covariance of `pool_3`).
+    inception_model: an already loaded module, or None to load it from `config.eval.inception_model`.
+    max_images: stop after at least this many images (None: the whole split).
+    overwrite: replace an existing `output_path`. By default an existing file (e.g. Score SDE's published
+      CIFAR-10 statistics) is never replaced: `FileExistsError`, before any work.
+
+  Returns:
+    The pool_3 features, (N, D).
+  """
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f'The statistics file {output_path} exists; delete it to recompute it, or write '
+                          'elsewhere with config.eval.stats_path.')
+  inceptionv3 = evaluation.inceptionv3_from_config(config)
+  if inception_model is None:
+    inception_model = evaluation.get_inception_model(inceptionv3=inceptionv3, config=config)
+  train_ds, _, _ = get_dataset(config, uniform_dequantization=False, evaluation=True, drop_remainder=False)
+  pools = []
+  num_images = 0
+  num_batches = int(train_ds.cardinality())  # negative where tf.data cannot tell
+  progress = utils.Progress(num_batches if num_batches >= 0 else None, 'Inception statistics', unit='batch')
+  for batch_index, batch in enumerate(train_ds):
+    images = evaluation.images_to_uint8(batch['image'])
+    if images.shape[-1] != 3:
+      raise ValueError(f'The Inception network needs RGB images; config.data.num_channels='
+                       f'{config.data.num_channels}.')
+    pools.append(evaluation.run_inception_distributed(images, inception_model, inceptionv3=inceptionv3)
+                 [evaluation.INCEPTION_FINAL_POOL])
+    num_images += images.shape[0]
+    logging.info('Inception statistics: %d images (%s).', num_images, progress.status(batch_index + 1))
+    if max_images is not None and num_images >= max_images:
+      break
+  progress.close()
+  if num_images < 2:
+    raise ValueError(f'The training split of config.data.dataset={config.data.dataset!r} gave {num_images} images; '
+                     'statistics need at least 2.')
+  pool_3 = np.concatenate(pools, axis=0)
+  mu, sigma = evaluation.activation_statistics(pool_3)
+  # Atomic: a failure never leaves a truncated stats file behind.
+  with checkpoints.atomic_write(output_path) as f:
+    np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
+  logging.info('Wrote the Inception statistics of %d images to %s.', pool_3.shape[0], output_path)
+  return pool_3
 
 
 def pixel_mmd(a, b, bandwidth):

@@ -45,11 +45,6 @@ def define_flags():
   flags.DEFINE_string('workdir', 'demo_out', 'Folder for checkpoints, evaluation files, figures and results.json.')
   flags.DEFINE_enum('toy', 'gmm', list(toy.TOY_DENSITIES), 'The 2-D density.')
   flags.DEFINE_bool('quick', False, 'Tiny sizes (seconds, meaningless numbers): to test the pipeline.')
-  flags.DEFINE_bool('study', False, 'Run the regularizer study (study.py: alpha grid, seeds, ablations) instead '
-                    'of the demo; writes study.json, study.md and study.png to --workdir.')
-  flags.DEFINE_list('study_ablation_sdes', list(SDES), 'With --study: the SDEs the ablations run for.')
-  flags.DEFINE_string('study_shard', '0/1', 'With --study: i/n runs every n-th run from the i-th, to share the '
-                      'study between n processes started after pretraining.')
   flags.DEFINE_integer('pretrain_iters', None, 'DSM steps of the checkpoint both variants are fine-tuned from, '
                        'for both SDEs; the configs\' training.n_iters is the total. Default: each SDE config\'s '
                        f'training.n_iters minus {FINE_TUNE_ITERS} (VE 3000, VP 6000).')
@@ -285,22 +280,18 @@ def nan_to_none(value):
   return value
 
 
-def main(argv):
-  del argv
+def configure_process():
+  """The process settings of the demo and of the study (study.py): INFO logs, one torch thread."""
   logging.getLogger().setLevel(logging.INFO)
   # The MLP's ops are small: a second thread buys little and, next to other processes, costs a lot (measured
   # 5-10x slower steps with 2 threads on 2 busy cores).
   torch.set_num_threads(1)
-  if FLAGS.study:
-    shard = FLAGS.study_shard.split('/')
-    if len(shard) != 2 or not all(part.isdigit() for part in shard):
-      raise ValueError(f'--study_shard={FLAGS.study_shard!r} is not of the form i/n (e.g. 0/2).')
-    import study  # pylint: disable=import-outside-toplevel  (study imports this module)
-    study.run_study(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters,
-                    ablation_sdes=tuple(FLAGS.study_ablation_sdes),
-                    shard=tuple(int(part) for part in shard))
-  else:
-    run_demo(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters)
+
+
+def main(argv):
+  del argv
+  configure_process()
+  run_demo(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters)
 
 
 if __name__ == '__main__':

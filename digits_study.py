@@ -34,6 +34,9 @@ import time
 
 import numpy as np
 
+import datasets
+import study
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {'ve': 'configs/digits/ve_ncsnpp_continuous.py', 'vp': 'configs/digits/vp_ddpmpp_continuous.py'}
 FINE_TUNING_CONFIGS = {'ve': 'configs/digits/fp_ve_ncsnpp_continuous.py',
@@ -127,7 +130,6 @@ def balanced_weights(fine_tuning_config, checkpoint):
   sys.path.insert(0, ROOT)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
-  import datasets  # pylint: disable=g-import-not-at-top
   import distributed  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
   import run_lib  # pylint: disable=g-import-not-at-top
@@ -142,7 +144,7 @@ def balanced_weights(fine_tuning_config, checkpoint):
   config.seed = 0
   config.training.alpha = config.training.beta = 1.
   sde = sde_lib.sde_from_config(config)
-  state = utils.restore_checkpoint(checkpoint, run_lib._build_state(config), config.device)  # pylint: disable=protected-access
+  state = utils.restore_checkpoint(checkpoint, run_lib.build_state(config), config.device)
   loss = losses.loss_from_config(config, sde)
   batches = datasets.get_data(config).train_batches(0, distributed.context())
   generator = torch.Generator().manual_seed(0)
@@ -159,8 +161,6 @@ def balanced_weights(fine_tuning_config, checkpoint):
 
 def summarize(runs):
   """Mean and 95% interval (Student's t over seeds, `study.t_interval`) per (sde, variant) and metric."""
-  sys.path.insert(0, ROOT)
-  from study import t_interval  # pylint: disable=g-import-not-at-top
   groups = {}
   for run in runs:
     groups.setdefault((run['sde'], run['variant']), []).append(run)
@@ -172,7 +172,7 @@ def summarize(runs):
       values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
       if not values.size:
         continue
-      mean, half = t_interval(values)
+      mean, half = study.t_interval(values)
       row[metric] = {'mean': mean, 'ci95': half}
     summary.append(row)
   return summary
@@ -182,7 +182,6 @@ def real_image_metrics(num_images=120):
   """The sample metrics of `num_images` real training images (a fixed draw), as a reference for the models'."""
   sys.path.insert(0, ROOT)
   import torch  # pylint: disable=g-import-not-at-top
-  import datasets  # pylint: disable=g-import-not-at-top
   from configs.digits.ve_ncsnpp_continuous import get_config  # pylint: disable=g-import-not-at-top
   config = get_config()
   config.device = torch.device('cpu')
@@ -301,8 +300,6 @@ def _failures_logged(task):
 def paired_differences(runs):
   """Per SDE and metric: DSM + FP minus DSM alone, seed by seed (same data order, loss noise, dequantization and
   probes), with the mean and 95% interval over the seeds both variants finished."""
-  sys.path.insert(0, ROOT)
-  from study import t_interval  # pylint: disable=g-import-not-at-top
   by_key = {(r['sde'], r['variant'], r['seed']): r for r in runs}
   out = {}
   for sde in sorted({r['sde'] for r in runs}):
@@ -312,7 +309,7 @@ def paired_differences(runs):
       values = [by_key[(sde, 'fp', s)][metric] - by_key[(sde, 'dsm', s)][metric] for s in seeds
                 if by_key[(sde, 'fp', s)].get(metric) is not None and by_key[(sde, 'dsm', s)].get(metric) is not None]
       if values:
-        mean, half = t_interval(values)
+        mean, half = study.t_interval(values)
         rows[metric] = {'per_seed': values, 'mean': mean, 'ci95': half}
     out[sde] = {'seeds': seeds, 'metrics': rows}
   return out
@@ -384,14 +381,14 @@ def _curve_table(record, sde, curve, label):
 
 
 def _write(workdir, record):
-  """Writes `W/digits_study.json` and `W/digits_study.md`, each atomically (`utils.atomic_write`)."""
+  """Writes `W/digits_study.json` and `W/digits_study.md`, each atomically (`checkpoints.atomic_write`)."""
   sys.path.insert(0, ROOT)
-  import utils  # pylint: disable=g-import-not-at-top
+  import checkpoints  # pylint: disable=g-import-not-at-top
   record['summary'] = summarize(record['runs'])
   record['paired'] = paired_differences(record['runs'])
-  with utils.atomic_write(os.path.join(workdir, 'digits_study.json')) as f:
+  with checkpoints.atomic_write(os.path.join(workdir, 'digits_study.json')) as f:
     f.write(json.dumps(record, indent=1).encode())
-  with utils.atomic_write(os.path.join(workdir, 'digits_study.md')) as f:
+  with checkpoints.atomic_write(os.path.join(workdir, 'digits_study.md')) as f:
     f.write(format_report(record).encode())
 
 

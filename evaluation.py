@@ -5,8 +5,9 @@ FID, KID and IS are computed with TF-GAN's functions on the TF-GAN Inception mod
 module's location is `config.eval.inception_model`: the TF-Hub handle by default, or a local directory holding
 the SavedModel (e.g. a copy of the TF-Hub cache) on machines without network.
 
-TensorFlow runs on the CPU only (`datasets.import_tensorflow` hides the GPUs from it) and is imported lazily,
-inside the functions that need it.
+TensorFlow runs on the CPU only (`tf_cpu.import_tensorflow` hides the GPUs from it) and is imported lazily,
+inside the functions that need it. This module reads no data set: the data objects of `datasets.py` score their
+samples with it, and `datasets.compute_dataset_stats` writes the statistics files it reads.
 """
 
 import logging
@@ -15,7 +16,7 @@ import os
 import numpy as np
 from scipy import linalg
 
-import datasets
+import tf_cpu
 import utils
 
 INCEPTION_TFHUB = 'https://tfhub.dev/tensorflow/tfgan/eval/inception/1'
@@ -67,7 +68,7 @@ def get_inception_model(inceptionv3=False, *, config=None):
                        'holding the Inception SavedModel.')
   if inceptionv3 and handle == INCEPTION_TFHUB:
     handle = INCEPTION_V3_TFHUB
-  datasets.import_tensorflow()
+  tf_cpu.import_tensorflow()
   import tensorflow_hub as tfhub  # pylint: disable=g-import-not-at-top
   try:
     model = tfhub.load(handle)
@@ -95,7 +96,7 @@ def default_stats_path(config):
   Returns:
     The path of the statistics file.
   """
-  dataset = utils.check_choice('data.dataset', config.data.dataset, datasets.DATASETS)
+  dataset = config.data.dataset
   if dataset in ('CIFAR10', 'CELEBA', 'SVHN', 'IMAGENET32'):
     return os.path.join(STATS_DIR, f'{dataset.lower()}_stats.npz')
   if dataset == 'LSUN':
@@ -109,8 +110,8 @@ def default_stats_path(config):
       raise ValueError("config.data.path='' is empty; an NPZ dataset's statistics file is named after it (or set "
                        'config.eval.stats_path).')
     return os.path.splitext(config.data.path)[0] + '_stats.npz'
-  raise ValueError(f'config.data.dataset={dataset!r} has no Inception statistics (FID is for image datasets); '
-                   "allowed: every dataset but 'TOY'.")
+  raise ValueError(f'config.data.dataset={dataset!r} has no Inception statistics file (FID is for RGB image data '
+                   "sets); allowed: 'CIFAR10', 'CELEBA', 'SVHN', 'IMAGENET32', 'LSUN', 'FFHQ', 'CelebAHQ', 'NPZ'.")
 
 
 def stats_path_from_config(config):
@@ -139,19 +140,19 @@ def load_dataset_stats(config):
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'Inception statistics file {path!r} does not exist (config.eval.stats_path='
-        f'{config.eval.get("stats_path", "")!r}). Compute it with evaluation.compute_dataset_stats(config, '
+        f'{config.eval.get("stats_path", "")!r}). Compute it with datasets.compute_dataset_stats(config, '
         f'{path!r}) (the stats mode of main.py), or copy Score SDE\'s file there (only cifar10_stats.npz is '
         'published).')
   stats = np.load(path)
   if INCEPTION_FINAL_POOL not in stats.files:
     raise ValueError(f'{path}: no {INCEPTION_FINAL_POOL!r} array (it holds {sorted(stats.files)!r}); expected '
-                     'the pool_3 features of the dataset, as written by evaluation.compute_dataset_stats.')
+                     'the pool_3 features of the dataset, as written by datasets.compute_dataset_stats.')
   return stats
 
 
 def _flatten_batch(x):
   """(B, ...) -> (B, prod(...)): TF-GAN's module returns pool_3 of shape (B, 1, 1, 2048) in some versions."""
-  tf = datasets.import_tensorflow()
+  tf = tf_cpu.import_tensorflow()
   return tf.reshape(x, [tf.shape(x)[0], -1])
 
 
@@ -173,7 +174,7 @@ def classifier_fn_from_tfhub(output_fields, inception_model, return_tensor=False
     output_fields = [output_fields]
 
   def _classifier_fn(images):
-    tf = datasets.import_tensorflow()
+    tf = tf_cpu.import_tensorflow()
     output = inception_model(images)
     if output_fields is not None:
       output = {x: output[x] for x in output_fields}
@@ -188,7 +189,7 @@ def classifier_fn_from_tfhub(output_fields, inception_model, return_tensor=False
 
 def _run_inception(inputs, inception_model, num_batches, inceptionv3):
   """The body of `run_inception_jit` (traced by tf.function)."""
-  tf = datasets.import_tensorflow()
+  tf = tf_cpu.import_tensorflow()
   import tensorflow_gan as tfgan  # pylint: disable=g-import-not-at-top
   if not inceptionv3:
     # TF-GAN's module expects images in [-1, 1] (it resizes them to 299 x 299 itself).
@@ -215,7 +216,7 @@ def run_inception_jit(inputs, inception_model, num_batches=1, inceptionv3=False)
     features (B, 2048).
   """
   if 'run_inception' not in _TF_FUNCTIONS:
-    tf = datasets.import_tensorflow()
+    tf = tf_cpu.import_tensorflow()
     _TF_FUNCTIONS['run_inception'] = tf.function(_run_inception)
   return _TF_FUNCTIONS['run_inception'](inputs, inception_model, num_batches, inceptionv3)
 
@@ -330,7 +331,7 @@ def fid_from_activations(data_pools, sample_pools):
   Returns:
     The FID, a float. TF-GAN computes in float64 and casts the result to the features' dtype.
   """
-  datasets.import_tensorflow()
+  tf_cpu.import_tensorflow()
   import tensorflow_gan as tfgan  # pylint: disable=g-import-not-at-top
   data_pools, sample_pools = _same_float_dtype(data_pools, sample_pools)
   return float(tfgan.eval.frechet_classifier_distance_from_activations(data_pools, sample_pools))
@@ -345,7 +346,7 @@ def kid_from_activations(data_pools, sample_pools):
   Returns:
     The KID (unbiased MMD^2 with the cubic polynomial kernel, averaged over blocks of <= 1024), a float.
   """
-  tf = datasets.import_tensorflow()
+  tf = tf_cpu.import_tensorflow()
   import tensorflow_gan as tfgan  # pylint: disable=g-import-not-at-top
   data_pools, sample_pools = _same_float_dtype(data_pools, sample_pools)
   # TF-GAN's KID reads `.shape.assert_has_rank`, which numpy arrays lack (Score SDE converts too).
@@ -355,7 +356,7 @@ def kid_from_activations(data_pools, sample_pools):
 
 def inception_score_from_logits(logits):
   """Inception Score with TF-GAN's `classifier_score_from_logits` (Score SDE's computation), a float."""
-  datasets.import_tensorflow()
+  tf_cpu.import_tensorflow()
   import tensorflow_gan as tfgan  # pylint: disable=g-import-not-at-top
   return float(tfgan.eval.classifier_score_from_logits(logits))
 
@@ -375,58 +376,3 @@ def sample_quality_metrics(data_pools, sample_pools, sample_logits=None):
   fid = fid_from_activations(data_pools, sample_pools)
   kid = kid_from_activations(data_pools, sample_pools)
   return {'fid': fid, 'is': inception_score, 'kid': kid}
-
-
-def compute_dataset_stats(config, output_path, inception_model=None, max_images=None, overwrite=False):
-  """Computes a dataset's Inception statistics file (Score SDE's format) from its training split.
-
-  Images come from `datasets.get_dataset(config, evaluation=True, drop_remainder=False)` (one epoch, every
-  image, no flips, batches of `eval.batch_size`), are mapped to uint8 as Score SDE feeds samples, and go
-  through the Inception network.
-
-  Args:
-    config: the config (data fields, `eval.batch_size`, `eval.inception_model`).
-    output_path: the `.npz` file to write: `pool_3` (N, D) as Score SDE's files, plus `mu` and `sigma` (mean
-      and unbiased covariance of `pool_3`).
-    inception_model: an already loaded module, or None to load it from `config.eval.inception_model`.
-    max_images: stop after at least this many images (None: the whole split).
-    overwrite: replace an existing `output_path`. By default an existing file (e.g. Score SDE's published
-      CIFAR-10 statistics) is never replaced: `FileExistsError`, before any work.
-
-  Returns:
-    The pool_3 features, (N, D).
-  """
-  if os.path.exists(output_path) and not overwrite:
-    raise FileExistsError(f'The statistics file {output_path} exists; delete it to recompute it, or write '
-                          'elsewhere with config.eval.stats_path.')
-  inceptionv3 = inceptionv3_from_config(config)
-  if inception_model is None:
-    inception_model = get_inception_model(inceptionv3=inceptionv3, config=config)
-  train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False, evaluation=True,
-                                        drop_remainder=False)
-  pools = []
-  num_images = 0
-  num_batches = int(train_ds.cardinality())  # negative where tf.data cannot tell
-  progress = utils.Progress(num_batches if num_batches >= 0 else None, 'Inception statistics', unit='batch')
-  for batch_index, batch in enumerate(train_ds):
-    images = images_to_uint8(batch['image'])
-    if images.shape[-1] != 3:
-      raise ValueError(f'The Inception network needs RGB images; config.data.num_channels='
-                       f'{config.data.num_channels}.')
-    pools.append(run_inception_distributed(images, inception_model, inceptionv3=inceptionv3)
-                 [INCEPTION_FINAL_POOL])
-    num_images += images.shape[0]
-    logging.info('Inception statistics: %d images (%s).', num_images, progress.status(batch_index + 1))
-    if max_images is not None and num_images >= max_images:
-      break
-  progress.close()
-  if num_images < 2:
-    raise ValueError(f'The training split of config.data.dataset={config.data.dataset!r} gave {num_images} images; '
-                     'statistics need at least 2.')
-  pool_3 = np.concatenate(pools, axis=0)
-  mu, sigma = activation_statistics(pool_3)
-  # Atomic: a failure never leaves a truncated stats file behind.
-  with utils.atomic_write(output_path) as f:
-    np.savez_compressed(f, pool_3=pool_3, mu=mu, sigma=sigma)
-  logging.info('Wrote the Inception statistics of %d images to %s.', pool_3.shape[0], output_path)
-  return pool_3

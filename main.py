@@ -79,10 +79,11 @@ def compute_fid_stats(config):
 
   The file is `config.eval.stats_path`, or by default Score SDE's name under `assets/stats/`.
   """
+  import datasets  # pylint: disable=g-import-not-at-top
   import evaluation  # pylint: disable=g-import-not-at-top
   path = evaluation.stats_path_from_config(config)
   logging.info('Computing dataset statistics for %s into %s.', config.data.dataset, path)
-  evaluation.compute_dataset_stats(config, path)
+  datasets.compute_dataset_stats(config, path)
   logging.info('Wrote %s.', path)
 
 
@@ -98,7 +99,7 @@ class ConfigArgumentError(Exception):
   """A `--config` argument that cannot be used: the file does not exist, or an override names no field."""
 
 
-def _config_argument(argv):
+def config_argument(argv):
   """The value of `--config` in `argv` (`--config=X` or `--config X`), or None if absent."""
   for i, arg in enumerate(argv):
     if arg in ('--config', '-config') and i + 1 < len(argv):
@@ -109,7 +110,7 @@ def _config_argument(argv):
   return None
 
 
-def _override_fields(argv):
+def override_fields(argv):
   """The field paths of the `--config.X.Y=V` overrides in `argv` (`X.Y`), in order."""
   fields = []
   for arg in argv:
@@ -154,7 +155,7 @@ def parse_flags(argv):
   override of a field that does not exist as three chained exceptions; both become a ConfigArgumentError line
   here. Other flag errors keep absl's own one-line report.
   """
-  path = _config_argument(argv[1:])
+  path = config_argument(argv[1:])
   try:
     if path is not None:
       check_config_file(path)
@@ -162,7 +163,7 @@ def parse_flags(argv):
       return FLAGS(argv)
     except (KeyError, AttributeError) as error:
       config = FLAGS['config'].parser.parse(path) if path is not None else None
-      for field in _override_fields(argv[1:]) if config is not None else []:
+      for field in override_fields(argv[1:]) if config is not None else []:
         message = missing_field_message(config, field, path)
         if message:
           raise ConfigArgumentError(message) from error

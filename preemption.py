@@ -74,7 +74,7 @@ def signal_name(signum):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _process_start_time(pid):
+def process_start_time(pid):
   """When process `pid` started, in clock ticks since boot (Linux /proc), or None where this cannot be read.
 
   Stored in the lock with the PID: a PID that the system has given to a newer process since does not keep a
@@ -120,7 +120,7 @@ class Holder:
     except OSError:
       return None
     if self.start_time is not None:
-      start_time = _process_start_time(self.pid)
+      start_time = process_start_time(self.pid)
       if start_time is not None and start_time != self.start_time:
         return False  # the PID now belongs to a newer process
     return True
@@ -177,7 +177,7 @@ def _own_record():
       'pid': os.getpid(),
       'host': socket.gethostname(),
       'token': uuid.uuid4().hex,
-      'start_time': _process_start_time(os.getpid()),
+      'start_time': process_start_time(os.getpid()),
       'since': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
       'command': ' '.join(sys.argv)[:500],
   }

@@ -1,4 +1,4 @@
-"""The regularizer study on the demo's 2-D density (`python demo.py --study --workdir W [--quick]`).
+"""The regularizer study on the demo's 2-D density (`python study.py --workdir W [--quick]`).
 
 FP-Diffusion fine-tunes a converged DSM checkpoint with DSM + alpha * (score-FPE residual). This module
 fine-tunes the demo's converged checkpoint (`demo.pretrain`, once per SDE, reused by every run) over a grid of
@@ -19,16 +19,21 @@ import math
 import os
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 from scipy import stats
 import torch
 
+import checkpoints
 import datasets
 import demo
 import run_lib
 import sde_lib
 import toy
 import utils
+
+FLAGS = flags.FLAGS
 
 ALPHAS = (0., 1e-4, 1e-3, 1e-2, 1e-1, 1.)
 SEEDS = (0, 1, 2)
@@ -137,7 +142,7 @@ def execute_run(run, workdir, pretrain_dir, toy_name, quick):
   config = run_config(run, toy_name, quick)
   numbers = demo.fine_tune_and_evaluate(config, pretrain_dir, model_dir)
   result = dict(run, **{key: numbers[key] for key in RUN_METRICS}, seconds=time.time() - start)
-  with utils.atomic_write(result_path) as f:  # a crash never leaves a half-written result to skip over
+  with checkpoints.atomic_write(result_path) as f:  # a crash never leaves a half-written result to skip over
     f.write(json.dumps(demo.nan_to_none(result), indent=1).encode())
   return result
 
@@ -152,7 +157,7 @@ def start_terms(config, pretrain_dir, num_draws=START_TERM_DRAWS):
     dict: term name ('dsm', 'fp_vector', 'fp_scalar' where computed) -> {'mean', 'min', 'max'} over the draws.
   """
   sde = sde_lib.sde_from_config(config)
-  state = run_lib._build_state(config)  # pylint: disable=protected-access
+  state = run_lib.build_state(config)
   utils.restore_checkpoint(os.path.join(pretrain_dir, 'checkpoints-meta', 'checkpoint.pth'), state, config.device)
   trainer = run_lib.make_trainer(config, sde, state)
   data = datasets.get_data(config)
@@ -251,7 +256,7 @@ def plot_study(rows, path, true_nll=None):
   """NLL, the mean residual and conservativity against alpha (log x; alpha = 0 drawn a decade left of the
   smallest alpha, past a dotted break), one column per SDE, with 95% intervals over seeds: the alpha grid's runs
   only."""
-  plt = toy._pyplot()  # pylint: disable=protected-access
+  plt = toy.pyplot()
   grid = [r for r in rows if r['ablation'] is None]
   sdes = sorted({r['sde'] for r in grid})
   fig, axes = plt.subplots(3, len(sdes), figsize=(5 * len(sdes), 10), squeeze=False)
@@ -292,7 +297,7 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=None, ablation_sdes
     workdir: output folder; runs in `workdir/{run_name}`, pretraining as in the demo.
     toy_name: one of `toy.TOY_DENSITIES`.
     quick: tiny sizes and a small grid (seconds): to test the pipeline.
-    pretrain_iters: DSM steps of the shared checkpoints (as `demo.py --pretrain_iters`; None: each SDE's own).
+    pretrain_iters: DSM steps of the shared checkpoints (`--pretrain_iters`, as the demo's; None: each SDE's own).
     ablation_sdes: the SDEs the ablations run for.
     shard: (i, n): this process runs the planned runs whose index is i modulo n, so that n processes (started
       once pretraining is done) share the study; whichever finds every run finished writes the outputs.
@@ -336,7 +341,7 @@ def run_study(workdir, toy_name, quick=False, pretrain_iters=None, ablation_sdes
                                      for sde in demo.SDES},
                          'ablation_alpha': ABLATION_ALPHA,
                          'true_nll_bpd': true_nll, 'seconds': time.time() - start}}
-  with utils.atomic_write(os.path.join(workdir, 'study.json')) as f:  # shards may finish together
+  with checkpoints.atomic_write(os.path.join(workdir, 'study.json')) as f:  # shards may finish together
     f.write(json.dumps(demo.nan_to_none(result), indent=1).encode())
   table = format_table(rows, true_nll)
   term_lines = format_start_terms(terms)
@@ -357,3 +362,26 @@ def format_start_terms(terms):
       parts = [f'{name} {v["mean"]:.3g} [{v["min"]:.3g}, {v["max"]:.3g}]' for name, v in values.items()]
       lines.append(f'- {sde.upper()}, {setting}: ' + ', '.join(parts))
   return '\n'.join(lines)
+
+
+def define_flags():
+  """The demo's flags (`demo.define_flags`: --workdir, --toy, --quick, --pretrain_iters) and the study's own."""
+  demo.define_flags()
+  flags.DEFINE_list('study_ablation_sdes', list(demo.SDES), 'The SDEs the ablations run for.')
+  flags.DEFINE_string('study_shard', '0/1', 'i/n runs every n-th run from the i-th, to share the study between n '
+                      'processes started after pretraining.')
+
+
+def main(argv):
+  del argv
+  demo.configure_process()
+  shard = FLAGS.study_shard.split('/')
+  if len(shard) != 2 or not all(part.isdigit() for part in shard):
+    raise ValueError(f'--study_shard={FLAGS.study_shard!r} is not of the form i/n (e.g. 0/2).')
+  run_study(FLAGS.workdir, FLAGS.toy, FLAGS.quick, FLAGS.pretrain_iters,
+            ablation_sdes=tuple(FLAGS.study_ablation_sdes), shard=tuple(int(part) for part in shard))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

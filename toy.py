@@ -317,8 +317,10 @@ def _on_black_square(x):
   return inside
 
 
-def _pyplot():
-  # Imported lazily: only the figure helpers need matplotlib, and Agg renders without a display.
+def pyplot():
+  """matplotlib's `pyplot` with the Agg backend (figures to files, no display needed), for every figure of the
+  demo and the study."""
+  # Imported lazily: only the figure helpers need matplotlib.
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -333,7 +335,7 @@ def plot_residual_vs_time(curves, path, title=None):
     path: PNG file to write.
     title: optional figure title.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for label, (t, residual) in curves.items():
     ax.plot(np.asarray(t), np.asarray(residual), marker='o', markersize=3, label=label)
@@ -359,7 +361,7 @@ def plot_samples(data, samples, path, title=None, lim=3.):
     title: optional figure title.
     lim: the panels show [-lim, lim]^2.
   """
-  plt = _pyplot()
+  plt = pyplot()
   panels = [('data', _as_points(data))] + [(label, _as_points(s)) for label, s in samples.items()]
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
   for ax, (label, points) in zip(axes[0], panels):

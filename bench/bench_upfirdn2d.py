@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from op.upfirdn2d import upfirdn2d, upfirdn2d_per_channel  # noqa: E402
 
-# NCSN++'s FIR kernel (1, 3, 3, 1), normalized as up_or_down_sampling._setup_kernel does.
+# NCSN++'s FIR kernel (1, 3, 3, 1), normalized as up_or_down_sampling.setup_kernel does.
 _K1 = torch.tensor([1., 3., 3., 1.])
 FIR = torch.outer(_K1, _K1) / 64.
 

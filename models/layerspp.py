@@ -18,8 +18,8 @@ default_init = layers.default_init
 COMBINE_METHODS = ('cat', 'sum')
 
 
-def _group_norm(channels):
-  # NCSN++ uses up to 32 groups of at least 4 channels.
+def group_norm(channels):
+  """NCSN++'s group normalization of `channels` channels: up to 32 groups of at least 4 channels, eps 1e-6."""
   return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
 
 
@@ -64,7 +64,7 @@ class AttnBlockpp(nn.Module):
 
   def __init__(self, channels, skip_rescale=False, init_scale=0.):
     super().__init__()
-    self.GroupNorm_0 = _group_norm(channels)
+    self.GroupNorm_0 = group_norm(channels)
     self.NIN_0 = NIN(channels, channels)
     self.NIN_1 = NIN(channels, channels)
     self.NIN_2 = NIN(channels, channels)
@@ -144,11 +144,11 @@ class ResnetBlockDDPMpp(nn.Module):
                skip_rescale=False, init_scale=0.):
     super().__init__()
     out_ch = out_ch if out_ch else in_ch
-    self.GroupNorm_0 = _group_norm(in_ch)
+    self.GroupNorm_0 = group_norm(in_ch)
     self.Conv_0 = conv3x3(in_ch, out_ch)
     if temb_dim is not None:
       self.Dense_0 = layers.ddpm_linear(temb_dim, out_ch)
-    self.GroupNorm_1 = _group_norm(out_ch)
+    self.GroupNorm_1 = group_norm(out_ch)
     self.Dropout_0 = nn.Dropout(dropout)
     self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
     if in_ch != out_ch:
@@ -174,7 +174,7 @@ class ResnetBlockBigGANpp(nn.Module):
                fir_kernel=(1, 3, 3, 1), skip_rescale=True, init_scale=0.):
     super().__init__()
     out_ch = out_ch if out_ch else in_ch
-    self.GroupNorm_0 = _group_norm(in_ch)
+    self.GroupNorm_0 = group_norm(in_ch)
     self.up = up
     self.down = down
     self.fir = fir
@@ -182,7 +182,7 @@ class ResnetBlockBigGANpp(nn.Module):
     self.Conv_0 = conv3x3(in_ch, out_ch)
     if temb_dim is not None:
       self.Dense_0 = layers.ddpm_linear(temb_dim, out_ch)
-    self.GroupNorm_1 = _group_norm(out_ch)
+    self.GroupNorm_1 = group_norm(out_ch)
     self.Dropout_0 = nn.Dropout(dropout)
     self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
     if in_ch != out_ch or up or down:

@@ -200,7 +200,7 @@ class NCSNpp(nn.Module):
 
       if progressive != 'none':
         if i_level == num_resolutions - 1:
-          modules.append(layerspp._group_norm(in_ch))  # pylint: disable=protected-access
+          modules.append(layerspp.group_norm(in_ch))
           if progressive == 'output_skip':
             modules.append(conv3x3(in_ch, channels, init_scale=init_scale))
             pyramid_ch = channels
@@ -209,7 +209,7 @@ class NCSNpp(nn.Module):
             pyramid_ch = in_ch
         else:
           if progressive == 'output_skip':
-            modules.append(layerspp._group_norm(in_ch))  # pylint: disable=protected-access
+            modules.append(layerspp.group_norm(in_ch))
             modules.append(conv3x3(in_ch, channels, bias=True, init_scale=init_scale))
             pyramid_ch = channels
           else:
@@ -225,7 +225,7 @@ class NCSNpp(nn.Module):
     assert not hs_c  # the skip connections are consumed exactly
 
     if progressive != 'output_skip':
-      modules.append(layerspp._group_norm(in_ch))  # pylint: disable=protected-access
+      modules.append(layerspp.group_norm(in_ch))
       modules.append(conv3x3(in_ch, channels, init_scale=init_scale))
 
     self.all_modules = nn.ModuleList(modules)

@@ -97,7 +97,7 @@ def upsample_conv_2d(x, w, k=None, factor=2, gain=1):
   outC, inC, convH, convW = w.shape
   if k is None:
     k = [1] * factor
-  k = _setup_kernel(k) * (gain * (factor ** 2))
+  k = setup_kernel(k) * (gain * (factor ** 2))
   p = (k.shape[0] - factor) - (convW - 1)
   num_groups = x.shape[1] // inC
 
@@ -133,14 +133,14 @@ def conv_downsample_2d(x, w, k=None, factor=2, gain=1):
     raise ValueError(f'conv_downsample_2d: w must be square, got {tuple(w.shape)}.')
   if k is None:
     k = [1] * factor
-  k = _setup_kernel(k) * gain
+  k = setup_kernel(k) * gain
   p = (k.shape[0] - factor) + (convW - 1)
   x = upfirdn2d(x, _kernel_tensor(k, x), pad=((p + 1) // 2, p // 2))
   return F.conv2d(x, w, stride=factor, padding=0)
 
 
-def _setup_kernel(k):
-  """FIR kernel as a normalized, square 2-D float32 numpy array (1-D kernels are made separable)."""
+def setup_kernel(k):
+  """The FIR kernel `k` as a normalized, square 2-D float32 numpy array (1-D kernels are made separable)."""
   k = np.asarray(k, dtype=np.float32)
   if k.ndim == 1:
     k = np.outer(k, k)
@@ -175,7 +175,7 @@ def upsample_2d(x, k=None, factor=2, gain=1):
   _check_factor(factor)
   if k is None:
     k = [1] * factor
-  k = _setup_kernel(k) * (gain * (factor ** 2))
+  k = setup_kernel(k) * (gain * (factor ** 2))
   p = k.shape[0] - factor
   return upfirdn2d(x, _kernel_tensor(k, x), up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
@@ -201,6 +201,6 @@ def downsample_2d(x, k=None, factor=2, gain=1):
   _check_factor(factor)
   if k is None:
     k = [1] * factor
-  k = _setup_kernel(k) * gain
+  k = setup_kernel(k) * gain
   p = k.shape[0] - factor
   return upfirdn2d(x, _kernel_tensor(k, x), down=factor, pad=((p + 1) // 2, p // 2))

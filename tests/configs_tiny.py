@@ -11,7 +11,8 @@ from configs.toy import ve_dsm
 from configs.ve import cifar10_ncsnpp_continuous
 
 
-def _tiny_schedule(config):
+def tiny_schedule(config):
+  """Shrinks `config`'s training to a few CPU steps, with FP-Diffusion on, checkpoints and snapshots; returns it."""
   training = config.training
   training.batch_size = 4
   training.n_iters = 4
@@ -47,7 +48,7 @@ def get_config(kind='image'):
   if kind == 'toy':
     return get_toy_config()
   utils.check_choice('kind', kind, ('image', 'toy'))
-  config = _tiny_schedule(cifar10_ncsnpp_continuous.get_config())
+  config = tiny_schedule(cifar10_ncsnpp_continuous.get_config())
   config.sampling.corrector = 'none'
   data = config.data
   data.dataset = 'NPZ'
@@ -65,7 +66,7 @@ def get_config(kind='image'):
 
 def get_toy_config():
   """The 2-D demo's MLP on checkerboard data, VE continuous, with a small network and evaluation sets."""
-  config = _tiny_schedule(ve_dsm.get_config())
+  config = tiny_schedule(ve_dsm.get_config())
   config.sampling.method = 'pc'
   config.model.nf = 16
   config.model.num_layers = 1

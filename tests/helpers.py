@@ -4,14 +4,17 @@ For data N(mu, diag(s0^2)) the marginal of every SDE here is p_t = N(a(t) mu, di
 with a(t) and sigma(t) the mean coefficient and std of `marginal_prob`, so its score and log-density are known
 at every t. The SDE, sampler, likelihood and controllable-generation tests check against these.
 
-`tiny_ncsnpp_config` is the one NCSN++ configuration the model and sampler tests shrink (CPU, seconds).
+`tiny_ncsnpp_config` is the one NCSN++ configuration the model and sampler tests shrink (CPU, seconds);
+`write_npz` and `save_tiny_inception` are the tiny stand-ins of a data set and of TF-GAN's Inception module.
 """
 
 import math
 
+import numpy as np
 import torch
 
 import sde_lib
+import tf_cpu
 from configs.default_cifar10_configs import get_default_configs
 
 SDE_KINDS = ('ve', 'vp', 'subvp')
@@ -174,3 +177,31 @@ def tiny_ncsnpp_with_sde(sde_name, continuous, image_size=8, num_scales=25):
     for p in net.parameters():
       p.add_(0.05 * torch.randn_like(p))
   return net, sde_lib.sde_from_config(config), config
+
+
+def write_npz(path, num_train=16, num_test=4, size=8, channels=3, seed=0):
+  """Writes an NPZ data set of random uint8 images (`num_train` and `num_test` of `size` x `size` x `channels`);
+  returns its path as a string."""
+  rng = np.random.default_rng(seed)
+  np.savez(path, train=rng.integers(0, 256, (num_train, size, size, channels), dtype=np.uint8),
+           test=rng.integers(0, 256, (num_test, size, size, channels), dtype=np.uint8))
+  return str(path)
+
+
+def _call_tiny_inception(module, images):
+  """Stand-in for TF-GAN's Inception module: images in [-1, 1] -> `pool_3` (B, 4) and `logits` (B, 5)."""
+  tf = tf_cpu.import_tensorflow()
+  feats = tf.concat([tf.reduce_mean(images, axis=[1, 2]), tf.math.reduce_std(images, axis=[1, 2])], axis=1)
+  logits = tf.matmul(feats, module.w)
+  return {'pool_3': tf.tanh(3. * logits[:, :4]), 'logits': logits}
+
+
+def save_tiny_inception(path):
+  """A SavedModel with the TF-GAN Inception module's interface, loadable from `config.eval.inception_model`."""
+  tf = tf_cpu.import_tensorflow()
+  module = tf.Module()
+  module.w = tf.Variable(np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32))
+  module.__call__ = tf.function(lambda images: _call_tiny_inception(module, images),
+                                input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+  tf.saved_model.save(module, path)
+  return path

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import datasets
+import tf_cpu
 from configs import default_cifar10_configs
 
 H = W = 4
@@ -306,7 +307,7 @@ def test_import_tensorflow_hides_gpus(monkeypatch):
   tf = datasets.import_tensorflow()
   calls = []
   monkeypatch.setattr(tf.config, 'set_visible_devices', lambda devices, kind: calls.append((devices, kind)))
-  monkeypatch.setattr(datasets, '_TF_GPUS_HIDDEN', False)
+  monkeypatch.setattr(tf_cpu, '_TF_GPUS_HIDDEN', False)
   datasets.import_tensorflow()
   datasets.import_tensorflow()
   assert calls == [([], 'GPU')]  # once, on first use

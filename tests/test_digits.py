@@ -129,7 +129,7 @@ def test_configs_validate_build_their_model_and_loss(name):
 
 def tiny_digits_config():
   """`ve_ncsnpp_continuous` shrunk as `configs_tiny`: nf 8, 4 noise scales, 1 step of a batch of 4."""
-  config = configs_tiny._tiny_schedule(load_digits_config('ve_ncsnpp_continuous'))  # pylint: disable=protected-access
+  config = configs_tiny.tiny_schedule(load_digits_config('ve_ncsnpp_continuous'))
   config.device = torch.device('cpu')
   # DSM alone, one step, one bits/dim batch: the FP terms and the other passes are tested on NPZ data.
   config.training.alpha = config.training.beta = 0.

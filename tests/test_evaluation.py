@@ -266,11 +266,11 @@ def test_dataset_stats_and_fid_end_to_end(tiny_inception_dir, tmp_path):
   config.data.dataset, config.data.path, config.data.image_size = 'NPZ', data_path, 6
   out = str(tmp_path / 'stats' / 'data_stats.npz')
 
-  evaluation.compute_dataset_stats(config, out)
+  datasets.compute_dataset_stats(config, out)
   # An existing statistics file is never replaced unless asked.
   before = open(out, 'rb').read()
   with pytest.raises(FileExistsError, match='data_stats.npz exists'):
-    evaluation.compute_dataset_stats(config, out)
+    datasets.compute_dataset_stats(config, out)
   assert open(out, 'rb').read() == before
   expected_train, _ = _expected_features(train)
   with np.load(out) as f:

@@ -224,7 +224,7 @@ def test_workdir_lock_takes_over_dead_holders_and_refuses_live_remote_or_unreada
   assert open(path).read() == 'not json'
 
   # The trainer itself: refused before anything is built or written.
-  _write_lock(workdir, pid=os.getpid(), start_time=preemption._process_start_time(os.getpid()))
+  _write_lock(workdir, pid=os.getpid(), start_time=preemption.process_start_time(os.getpid()))
   before = sorted(os.listdir(workdir))
   with pytest.raises(preemption.WorkdirLocked, match='Another trainer runs on this workdir'):
     run_lib.train(_config(), workdir)

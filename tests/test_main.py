@@ -115,5 +115,5 @@ def test_missing_field_message_walks_the_path():
   message = main.missing_field_message(config, 'eval.zzzz', 'c.py')
   assert message.startswith("--config.eval.zzzz: config.eval (c.py) has no field 'zzzz'; the fields there: ")
   assert 'eval.bpd_num_repeats' in message
-  assert main._config_argument(['--mode=x', '--config', 'a.py:toy']) == 'a.py:toy'  # pylint: disable=protected-access
-  assert main._override_fields(['--config=a.py', '--config.a.b=1', '--noconfig.c']) == ['a.b', 'c']  # pylint: disable=protected-access
+  assert main.config_argument(['--mode=x', '--config', 'a.py:toy']) == 'a.py:toy'
+  assert main.override_fields(['--config=a.py', '--config.a.b=1', '--noconfig.c']) == ['a.b', 'c']

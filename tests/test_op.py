@@ -80,7 +80,7 @@ def test_fused_conv_resampling_equals_unfused_in_the_interior(k):
   torch.testing.assert_close(layer(x), up + 0.5)
 
 
-FIR = uds._setup_kernel((1, 3, 3, 1))  # pylint: disable=protected-access
+FIR = uds.setup_kernel((1, 3, 3, 1))
 
 
 @pytest.mark.parametrize('up,down,pad', [(2, 1, (2, 1)), (1, 2, (1, 1)), (2, 2, (1, 2)), (1, 1, (-1, 2))])

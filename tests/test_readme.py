@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 import checkpoints
+import datasets
 import evaluation
 import images_to_npz
 import likelihood
@@ -39,7 +40,7 @@ import main
 import run_lib
 import utils
 from tests import configs_readme
-from tests import test_run_lib
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
@@ -55,18 +56,18 @@ TINY_VALUES = {'280': str(configs_readme.PRETRAIN_STEPS + configs_readme.FINE_TU
 REPO_DIRS = ('configs/', 'docs/', 'tests/', 'bench/', 'models/', 'op/')
 
 
-def _readme():
+def readme():
   with open(README) as f:
     return f.read()
 
 
-def _bash_blocks(text):
+def bash_blocks(text):
   """The bash code blocks of a markdown text (fences may be indented, inside list items)."""
   return [re.sub(r'^ {0,4}', '', body, flags=re.M)
           for body in re.findall(r'^ *```bash\n(.*?)^ *```', text, flags=re.M | re.S)]
 
 
-def _commands(block):
+def commands(block):
   """Each command of a bash block as an argv list: continuation lines joined, comments dropped."""
   commands = []
   for line in block.replace('\\\n', ' ').splitlines():
@@ -81,23 +82,23 @@ RUN_SECTIONS = ('Fine-tune a released Score SDE checkpoint, and compare it with 
                 'Your own data')
 
 
-def _sections(text):
+def sections(text):
   """{heading: body} of the `## ` sections of a markdown text."""
   return dict(re.findall(r'^## (.*)\n((?:(?!^## ).*\n?)*)', text, flags=re.M))
 
 
-def readme_commands(sections=None):
+def readme_commands(names=None):
   """The README's commands (of the given `## ` sections, in that order; of the whole README if None)."""
-  if sections is None:
-    texts = [_readme()]
+  if names is None:
+    texts = [readme()]
   else:
-    found = _sections(_readme())
-    assert set(sections) <= set(found), f'README sections missing: {set(sections) - set(found)}'
-    texts = [found[name] for name in sections]
-  return [argv for text in texts for block in _bash_blocks(text) for argv in _commands(block)]
+    found = sections(readme())
+    assert set(names) <= set(found), f'README sections missing: {set(names) - set(found)}'
+    texts = [found[name] for name in names]
+  return [argv for text in texts for block in bash_blocks(text) for argv in commands(block)]
 
 
-def _main_flag_values(argv):
+def main_flag_values(argv):
   """A registry with main.py's flags, to parse `argv` as main.py does (config overrides read from `argv`)."""
   assert {f.name for f in flags.FLAGS.get_flags_for_module('main')} == {
       'config', 'workdir', 'mode', 'eval_folder', 'baseline_workdir', 'ckpt', 'baseline_ckpt', 'traceback'}
@@ -115,7 +116,7 @@ def _main_flag_values(argv):
   return fv
 
 
-def _converter_flag_values():
+def converter_flag_values():
   fv = flags.FlagValues()
   images_to_npz.define_flags(fv)
   return fv
@@ -128,12 +129,12 @@ def parse_python_command(argv):
     return '-c', compile(argv[2], '<README>', 'exec')
   script, args = argv[1], argv[2:]
   assert os.path.isfile(os.path.join(ROOT, script)), f'{script} does not exist'
-  fv = {'main.py': _main_flag_values, 'images_to_npz.py': lambda argv: _converter_flag_values()}[script](argv)
+  fv = {'main.py': main_flag_values, 'images_to_npz.py': lambda argv: converter_flag_values()}[script](argv)
   fv([script] + args)
   return script, fv
 
 
-def _repo_paths(argv):
+def repo_paths(argv):
   """The arguments that name files of the repository (scripts, configs, docs)."""
   paths = []
   for arg in argv:
@@ -152,7 +153,7 @@ def test_readme_commands_are_known_and_parse():
   overrides = 0
   for argv in commands:
     assert argv[0] in ('make', 'mkdir', 'cp', 'python'), f'a README command this test does not check: {argv}'
-    for path in _repo_paths(argv):
+    for path in repo_paths(argv):
       assert os.path.exists(os.path.join(ROOT, path)), f'{path} (in {shlex.join(argv)}) does not exist'
     if argv[0] == 'make':
       assert set(argv[1:]) <= targets, argv
@@ -165,8 +166,8 @@ def test_readme_commands_are_known_and_parse():
 
 
 def test_quick_start_has_the_two_set_up_commands():
-  quick_start = _readme().split('## Quick start', 1)[1].split('\n## ', 1)[0]
-  assert [argv for block in _bash_blocks(quick_start) for argv in _commands(block)] == [
+  quick_start = readme().split('## Quick start', 1)[1].split('\n## ', 1)[0]
+  assert [argv for block in bash_blocks(quick_start) for argv in commands(block)] == [
       ['make', 'demo'], ['make', 'test']]
 
 
@@ -182,17 +183,17 @@ def test_the_checks_catch_mistakes():
                                      '--workdir W --mode eval --config.eval.begin_ckpt=last'))
   with pytest.raises(flags.Error, match='test_dir'):
     parse_python_command(shlex.split('python images_to_npz.py --images d --output o.npz --test_dir t'))
-  assert _repo_paths(['--config', 'configs/fp/nope.py', 'W/x.pth', '--config=tests/configs_tiny.py:toy']) == [
+  assert repo_paths(['--config', 'configs/fp/nope.py', 'W/x.pth', '--config=tests/configs_tiny.py:toy']) == [
       'configs/fp/nope.py', 'tests/configs_tiny.py']
 
 
-def _github_anchor(heading):
+def github_anchor(heading):
   """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces -> hyphens."""
   return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
 
 
 def test_readme_links_and_anchors_exist():
-  links = re.findall(r'\]\(([^)\s]+)\)', _readme())
+  links = re.findall(r'\]\(([^)\s]+)\)', readme())
   local = [link for link in links if not re.match(r'https?://', link)]
   assert 'docs/workflow.md#4-multi-gpu-torchrun-mixed-precision-gradient-accumulation-compile' in local
   for link in local:
@@ -201,8 +202,8 @@ def test_readme_links_and_anchors_exist():
     if anchor:
       with open(os.path.join(ROOT, path)) as f:
         headings = re.findall(r'^#+ (.*)$', f.read(), flags=re.M)
-      assert anchor in {_github_anchor(h) for h in headings}, link
-  assert _github_anchor('3. Evaluate: NLL (bits/dim), FID/IS/KID') == '3-evaluate-nll-bitsdim-fidiskid'
+      assert anchor in {github_anchor(h) for h in headings}, link
+  assert github_anchor('3. Evaluate: NLL (bits/dim), FID/IS/KID') == '3-evaluate-nll-bitsdim-fidiskid'
 
 
 def test_license_and_citation():
@@ -246,7 +247,7 @@ def _tiny_argv(argv, extra):
 
 
 @contextlib.contextmanager
-def _restored_logging():
+def restored_logging():
   """main.main adds a file handler to the root logger (W/stdout.txt) and never removes it (a process runs one
   command); remove it after each command, as the end of the process would."""
   logger = logging.getLogger()
@@ -284,15 +285,15 @@ def _run(argv, extra, monkeypatch, capsys):
     exec(compile(argv[2], '<README>', 'exec'), {})  # pylint: disable=exec-used
     return capsys.readouterr().out
   elif argv[1] == 'images_to_npz.py':
-    fv = _converter_flag_values()
+    fv = converter_flag_values()
     fv(['images_to_npz.py'] + _tiny_argv(argv[2:], {}))
     images_to_npz.convert(fv)
   else:
     tiny = _tiny_argv(argv, extra)
-    fv = _main_flag_values(tiny)
+    fv = main_flag_values(tiny)
     fv(['main.py'] + tiny[2:])
     monkeypatch.setattr(main, 'FLAGS', fv)
-    with _restored_logging():
+    with restored_logging():
       main.main(['main.py'])
   return None
 
@@ -300,8 +301,8 @@ def _run(argv, extra, monkeypatch, capsys):
 def _stand_ins(tmp_path):
   """The downloads, at tiny size: CIFAR-10 (an NPZ file), the Inception module, a released checkpoint (the tiny
   base config's state, saved at step 2), Score SDE's statistics file, and a folder of the user's images."""
-  data = test_run_lib._write_npz(tmp_path / 'tiny_cifar10.npz')  # pylint: disable=protected-access
-  inception = test_run_lib._save_tiny_inception(str(tmp_path / 'inception'))  # pylint: disable=protected-access
+  data = helpers.write_npz(tmp_path / 'tiny_cifar10.npz')
+  inception = helpers.save_tiny_inception(str(tmp_path / 'inception'))
   config = configs_readme.get_config('pretrain')
   config.data.path = data
   config.eval.inception_model = inception
@@ -309,7 +310,7 @@ def _stand_ins(tmp_path):
   state = run_lib.build_state(config)  # pylint: disable=protected-access
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('checkpoint_26.pth', state)
-  evaluation.compute_dataset_stats(config, 'cifar10_stats.npz')
+  datasets.compute_dataset_stats(config, 'cifar10_stats.npz')
   rng = np.random.default_rng(0)
   os.makedirs('my_images')
   for i in range(20):
@@ -387,7 +388,7 @@ def test_n_iters_at_the_checkpoint_step_trains_nothing(tmp_path, monkeypatch, ca
   state['step'] = configs_readme.PRETRAIN_STEPS
   utils.save_checkpoint('W/checkpoints-meta/checkpoint.pth', state)
   config = configs_readme.get_config()
-  config.data.path = test_run_lib._write_npz(tmp_path / 'd.npz')  # pylint: disable=protected-access
+  config.data.path = helpers.write_npz(tmp_path / 'd.npz')
   config.training.n_iters = configs_readme.PRETRAIN_STEPS
   run_lib.train(config, 'W')
   assert 'at or past training.n_iters=2: nothing to train' in caplog.text

@@ -22,19 +22,13 @@ import toy
 import trainer as trainer_lib
 import utils
 from tests import configs_tiny
-
-
-def _write_npz(path, num_train=16, num_test=4, size=8, channels=3, seed=0):
-  rng = np.random.default_rng(seed)
-  np.savez(path, train=rng.integers(0, 256, (num_train, size, size, channels), dtype=np.uint8),
-           test=rng.integers(0, 256, (num_test, size, size, channels), dtype=np.uint8))
-  return str(path)
+from tests import helpers
 
 
 @pytest.fixture
 def npz_config(tmp_path):
   config = configs_tiny.get_config()
-  config.data.path = _write_npz(tmp_path / 'data.npz')
+  config.data.path = helpers.write_npz(tmp_path / 'data.npz')
   return config
 
 
@@ -341,25 +335,6 @@ def test_cifar10_mock_data_trains(tmp_path):
   assert _step(os.path.join(workdir, 'checkpoints', 'checkpoint_0.pth')) == 1
 
 
-def _call_tiny_inception(module, images):
-  """Stand-in for TF-GAN's Inception module: images in [-1, 1] -> `pool_3` (B, 4) and `logits` (B, 5)."""
-  tf = datasets.import_tensorflow()
-  feats = tf.concat([tf.reduce_mean(images, axis=[1, 2]), tf.math.reduce_std(images, axis=[1, 2])], axis=1)
-  logits = tf.matmul(feats, module.w)
-  return {'pool_3': tf.tanh(3. * logits[:, :4]), 'logits': logits}
-
-
-def _save_tiny_inception(path):
-  """A SavedModel with the TF-GAN Inception module's interface, loadable from `config.eval.inception_model`."""
-  tf = datasets.import_tensorflow()
-  module = tf.Module()
-  module.w = tf.Variable(np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32))
-  module.__call__ = tf.function(lambda images: _call_tiny_inception(module, images),
-                                input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-  tf.saved_model.save(module, path)
-  return path
-
-
 def test_image_samples_fid_stats_and_report(npz_config, tmp_path):
   import evaluation
   import main
@@ -370,7 +345,7 @@ def test_image_samples_fid_stats_and_report(npz_config, tmp_path):
   config.training.snapshot_sampling = False
   run_lib.train(config, workdir)
 
-  config.eval.inception_model = _save_tiny_inception(str(tmp_path / 'inception'))
+  config.eval.inception_model = helpers.save_tiny_inception(str(tmp_path / 'inception'))
   main.compute_fid_stats(config)  # --mode fid_stats: the stats file beside the NPZ data
   with np.load(str(tmp_path / 'data_stats.npz')) as f:
     data_pools = f['pool_3']

@@ -1,4 +1,4 @@
-"""Tests of the regularizer study (`demo.py --study`, study.py): the interval math against known answers, the
+"""Tests of the regularizer study (`python study.py`): the interval math against known answers, the
 plan of runs, and the quick study end to end (study.json's schema, the table, the plot, resuming)."""
 
 import json
@@ -131,18 +131,19 @@ def test_bad_ablation_sde_is_refused(tmp_path):
 
 
 def test_ema_off_ablation_reaches_the_fine_tuning_checkpoint(tmp_path):
+  import checkpoints
   import run_lib
   import utils
   # A restored checkpoint's EMA decay overrides model.ema_rate, so the copy must carry the run's decay.
   config = study.run_config(dict(sde='ve', alpha=0.01, seed=0, ablation='no_ema'), 'gmm', quick=True)
-  state = run_lib._build_state(study.demo.get_demo_config('ve', 'dsm', 'gmm', quick=True))
+  state = run_lib.build_state(study.demo.get_demo_config('ve', 'dsm', 'gmm', quick=True))
   utils.save_checkpoint(str(tmp_path / 'pre' / 'checkpoints-meta' / 'checkpoint.pth'), state)
   study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'off'), config.model.ema_rate)
   study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'on'), 0.999)
-  off = utils.load_checkpoint_file(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'))
-  on = utils.load_checkpoint_file(str(tmp_path / 'on' / 'checkpoints-meta' / 'checkpoint.pth'))
+  off = checkpoints.load_checkpoint_file(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'))
+  on = checkpoints.load_checkpoint_file(str(tmp_path / 'on' / 'checkpoints-meta' / 'checkpoint.pth'))
   assert off['ema']['decay'] == 0. and on['ema']['decay'] == 0.999
-  restored = run_lib._build_state(config)
+  restored = run_lib.build_state(config)
   utils.restore_checkpoint(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'), restored, 'cpu')
   assert restored['ema'].decay == 0.
   for a, b in zip(off['model'].values(), state['model'].state_dict().values()):

@@ -17,7 +17,7 @@ def get_default_configs():
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 256
   # demo.py trains the first 3000 steps (DSM) once per SDE, then fine-tunes the DSM and DSM + FP variants to 3500
-  # (500 steps: the study, `demo.py --study`, runs about 50 of them on one CPU core). VP: 6000 + 500 (vp_dsm.py).
+  # (500 steps: the study, `study.py`, runs about 50 of them on one CPU core). VP: 6000 + 500 (vp_dsm.py).
   training.n_iters = 3500
   # One checkpoint, at the end of training: the demo evaluates checkpoint_1.
   training.snapshot_freq = 3500

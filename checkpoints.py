@@ -150,26 +150,54 @@ def load_checkpoint_file(path, device='cpu'):
     raise CheckpointError(_unreadable(path, e)) from e
 
 
+# The config fields that set a Score SDE model's parameter shapes (models/*.py): what to compare when a checkpoint
+# does not fit the model built from the config.
+MODEL_SHAPE_FIELDS = ('model.name', 'model.nf', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
+                      'model.conditional', 'model.resblock_type', 'model.progressive', 'model.progressive_input',
+                      'model.embedding_type', 'model.num_scales', 'data.image_size', 'data.num_channels')
+
+
+def _shown(items, limit=6):
+  """At most `limit` items, then how many more: a mismatch of a whole model stays one readable line."""
+  text = ', '.join(items[:limit])
+  return text + (f' and {len(items) - limit} more' if len(items) > limit else '')
+
+
+def _width_ratio(shape_pairs):
+  """The one ratio of checkpoint to model sizes over every differing dimension, or None if there is not one."""
+  ratios = set()
+  for ckpt_shape, model_shape in shape_pairs:
+    if len(ckpt_shape) != len(model_shape):
+      return None
+    ratios.update(round(a / b, 6) for a, b in zip(ckpt_shape, model_shape) if a != b and b)
+  return ratios.pop() if len(ratios) == 1 else None
+
+
 def _model_mismatch(model_state, loaded_state):
-  """Lists how a loaded model state dict differs from the model's: missing, unexpected and mismatched keys."""
+  """Lists how a loaded model state dict differs from the model's: missing, unexpected and mismatched keys (a few
+  of each), and which config fields to compare."""
   missing = [k for k in model_state if k not in loaded_state]
   unexpected = [k for k in loaded_state if k not in model_state]
-  mismatched = [
-      f'{k}: checkpoint {tuple(loaded_state[k].shape)} vs model {tuple(model_state[k].shape)}'
-      for k in model_state
-      if k in loaded_state and tuple(getattr(loaded_state[k], 'shape', ())) != tuple(model_state[k].shape)
-  ]
+  mismatched = [k for k in model_state
+                if k in loaded_state and tuple(getattr(loaded_state[k], 'shape', ())) != tuple(model_state[k].shape)]
+  shapes = [(tuple(loaded_state[k].shape), tuple(model_state[k].shape)) for k in mismatched]
   problems = []
   for name, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                     ('shape mismatches', mismatched)):
+                     ('shape mismatches', [f'{k}: checkpoint {c} vs model {m}' for k, (c, m) in zip(mismatched, shapes)])):
     if keys:
-      problems.append(f'{len(keys)} {name}: {", ".join(keys)}')
-  if missing and unexpected:
+      problems.append(f'{len(keys)} {name}: {_shown(keys)}')
+  ckpt_prefixed = all(k.startswith('module.') for k in loaded_state)
+  model_prefixed = all(k.startswith('module.') for k in model_state)
+  ratio = _width_ratio(shapes) if mismatched and not missing and not unexpected else None
+  if missing and unexpected and ckpt_prefixed != model_prefixed:
     # The usual cause: a checkpoint saved without nn.DataParallel restored into a wrapped model, or the reverse.
-    ckpt_prefixed = all(k.startswith('module.') for k in loaded_state)
-    model_prefixed = all(k.startswith('module.') for k in model_state)
-    if ckpt_prefixed != model_prefixed:
-      problems.append("(the checkpoint's keys and the model's differ in nn.DataParallel's 'module.' prefix)")
+    problems.append("(the checkpoint's keys and the model's differ in nn.DataParallel's 'module.' prefix)")
+  elif ratio is not None:
+    problems.append(f'every differing size is {ratio:g} times the model\'s: the checkpoint was likely trained with '
+                    f'model.nf {ratio:g} times the config\'s')
+  elif missing or unexpected or mismatched:
+    problems.append('the checkpoint comes from a model of another architecture or size: compare the config fields '
+                    f'that set the shapes ({", ".join(MODEL_SHAPE_FIELDS)}) with those of the run that saved it')
   return problems
 
 

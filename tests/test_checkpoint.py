@@ -402,3 +402,34 @@ def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
   assert checkpoints.remove_stale_temp_files(str(tmp_path), min_age_seconds=3600) == [(str(stale), 5)]
   assert checkpoints.remove_stale_temp_files(str(tmp_path)) == [(str(fresh), 1)]
   assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def _ncsnpp_state(**model_fields):
+  import run_lib  # pylint: disable=g-import-not-at-top  (builds the models; heavier than this file's toy nets)
+  from tests import configs_tiny  # pylint: disable=g-import-not-at-top
+  config = configs_tiny.get_config()
+  for name, value in model_fields.items():
+    setattr(config.model, name, value)
+  torch.manual_seed(0)
+  return run_lib.build_state(config)
+
+
+def test_a_wider_checkpoint_names_model_nf_in_one_short_line(tmp_path):
+  path = str(tmp_path / 'wide.pth')
+  utils.save_checkpoint(path, _ncsnpp_state(nf=16))
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    utils.restore_checkpoint(path, _ncsnpp_state(nf=8), 'cpu')
+  message = str(info.value)
+  assert 'shape mismatches' in message and 'more' in message
+  assert "every differing size is 2 times the model's" in message and 'model.nf 2 times' in message
+  assert len(message) < 1000 and '\n' not in message
+
+
+def test_a_deeper_checkpoint_names_the_shape_fields(tmp_path):
+  path = str(tmp_path / 'deep.pth')
+  utils.save_checkpoint(path, _ncsnpp_state(num_res_blocks=2))
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    utils.restore_checkpoint(path, _ncsnpp_state(num_res_blocks=1), 'cpu')
+  message = str(info.value)
+  assert 'another architecture or size' in message and 'model.num_res_blocks' in message and 'model.nf' in message
+  assert len(message) < 1500

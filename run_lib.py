@@ -204,9 +204,10 @@ def setup_training(config, workdir, lock=None):
   state = checkpointer.restore(state, config.device)
   if checkpointer.resume_step is None and getattr(trainer.loss, 'regularizers', ()):
     # FP-Diffusion fine-tunes a DSM-trained checkpoint; a misplaced checkpoint would otherwise go unnoticed.
-    logging.warning('The loss has a regularizer on (%s), but there is no checkpoint at %s: training starts from a '
-                    'fresh initialization, not fine-tuning. To fine-tune, copy the pre-trained checkpoint there '
-                    '(docs/score_fpe.md).', trainer.loss.describe(), checkpointer.meta_path)
+    logging.warning('A regularizer is on (%s), but there is no checkpoint at %s: training starts from a fresh '
+                    'initialization, not fine-tuning. To fine-tune, copy the pre-trained checkpoint there '
+                    '(docs/score_fpe.md).', ', '.join(type(r).__name__ for r in trainer.loss.regularizers),
+                    checkpointer.meta_path)
   step = int(state['step'])
   # Dropout and samplers draw from the global generator: a different stream per rank, and a resumed run does
   # not replay the run it resumes. (The loss's noise comes from the trainer's per-step generator.)

@@ -29,6 +29,12 @@ import utils
 # Every value `config.data.dataset` may take.
 DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'IMAGENET32', 'NPZ', 'DIGITS', 'TOY')
 
+
+def dataset_name(config):
+  """`config.data.dataset`, validated: one of `DATASETS` (every module that reads the field asks here)."""
+  return utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+
+
 # Score SDE's pipeline constants. Score SDE uses a private thread pool of 48; we cap it at the number of CPUs.
 SHUFFLE_BUFFER_SIZE = 10000
 _MAX_PRIVATE_THREADPOOL_SIZE = 48
@@ -49,7 +55,7 @@ import_tensorflow = tf_cpu.import_tensorflow
 
 def get_data_scaler(config):
   """Data normalizer. Assume data are always in [0, 1]."""
-  if utils.check_bool('data.centered', config.data.centered):
+  if utils.config_value(config, 'data.centered'):
     # Rescale to [-1, 1]
     return lambda x: x * 2. - 1.
   else:
@@ -58,7 +64,7 @@ def get_data_scaler(config):
 
 def get_data_inverse_scaler(config):
   """Inverse data normalizer."""
-  if utils.check_bool('data.centered', config.data.centered):
+  if utils.config_value(config, 'data.centered'):
     # Rescale [-1, 1] to [0, 1]
     return lambda x: (x + 1.) / 2.
   else:
@@ -127,8 +133,8 @@ def central_crop(image, size):
 def _batch_size(config, evaluation):
   """The per-process batch size (Score SDE's is per host, divided over its JAX devices)."""
   if evaluation:
-    return utils.check_number('eval.batch_size', config.eval.batch_size, low=1, integer=True)
-  return utils.check_number('training.batch_size', config.training.batch_size, low=1, integer=True)
+    return utils.config_value(config, 'eval.batch_size')
+  return utils.config_value(config, 'training.batch_size')
 
 
 def load_npz_dataset(path, image_size, num_channels):
@@ -228,8 +234,8 @@ def load_digits_splits():
 
 def _digits_arrays(image_size, num_channels):
   """The digits' images per split, for a config that must ask for 8 x 8 images with one channel."""
-  utils.check_choice('data.image_size', image_size, (DIGITS_IMAGE_SIZE,))
-  utils.check_choice('data.num_channels', num_channels, (1,))
+  utils.check_field('data.image_size', image_size, allowed=(DIGITS_IMAGE_SIZE,))
+  utils.check_field('data.num_channels', num_channels, allowed=(1,))
   return {split: images for split, (images, _) in load_digits_splits().items()}
 
 
@@ -334,7 +340,7 @@ def _split_files(train_files, test_files, test_fraction, seed):
     raise ValueError(f'test_fraction={test_fraction} of {n} image(s) leaves {num_test} test and {n - num_test} '
                      'training image(s); each split needs at least one. Add images, change test_fraction, or '
                      'give a folder of test images.')
-  rng = np.random.default_rng(utils.check_number('seed', seed, low=0, integer=True))
+  rng = np.random.default_rng(utils.check_field('seed', seed))
   is_test = np.zeros(n, dtype=bool)
   is_test[rng.permutation(n)[:num_test]] = True
   # Each split keeps the sorted file order, so that row i of an array is the i-th of its `*_files` names.
@@ -417,7 +423,7 @@ def _image_resize_ops(config):
   """
   tf = import_tensorflow()
   dataset = config.data.dataset
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+  image_size = utils.config_value(config, 'data.image_size')
 
   def resize_op(img):
     img = tf.image.convert_image_dtype(img, tf.float32)
@@ -488,7 +494,7 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
     (B, H, W, C)) and `'label'` (None where the data have no labels). `dataset_builder` is the tfds builder,
     the `TFRecordDataset` for FFHQ/CelebAHQ, or None for NPZ, DIGITS and TOY.
   """
-  dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+  dataset = dataset_name(config)
   if dataset == 'TOY':
     if uniform_dequantization:
       raise ValueError('config.data.uniform_dequantization=True is not allowed for config.data.dataset=\'TOY\': '
@@ -496,7 +502,7 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
     import toy  # pylint: disable=g-import-not-at-top
     train_ds, eval_ds = toy.get_toy_datasets(config, evaluation=evaluation)
     return train_ds, eval_ds, None
-  random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
+  random_flip = utils.config_value(config, 'data.random_flip')
   return _image_pipelines(config, batch_size=_batch_size(config, evaluation), evaluation=evaluation,
                           flip=random_flip and not evaluation, uniform_dequantization=uniform_dequantization,
                           drop_remainder=drop_remainder)
@@ -523,8 +529,8 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
     `(train_ds, eval_ds, dataset_builder)`.
   """
   dataset = config.data.dataset
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
-  num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
+  image_size = utils.config_value(config, 'data.image_size')
+  num_channels = utils.config_value(config, 'data.num_channels')
   if dataset == 'NPZ':
     # Validate the file before TensorFlow is imported: a bad file should fail fast.
     npz_arrays = load_npz_dataset(config.data.path, image_size, num_channels)
@@ -532,7 +538,7 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
     npz_arrays = _digits_arrays(image_size, num_channels)
   else:
     # Every other image data set is RGB.
-    utils.check_choice('data.num_channels', num_channels, (3,))
+    utils.check_field('data.num_channels', num_channels, allowed=(3,))
 
   tf = import_tensorflow()
   num_epochs = 1 if evaluation else None
@@ -639,16 +645,15 @@ class ImageData:
 
   def __init__(self, config):
     self.config = config
-    self.dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+    self.dataset = dataset_name(config)
     self.num_levels = num_levels(self.dataset)
-    self.image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
-    self.num_channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
+    self.image_size = utils.config_value(config, 'data.image_size')
+    self.num_channels = utils.config_value(config, 'data.num_channels')
     self.scaler = get_data_scaler(config)
     self.inverse_scaler = get_data_inverse_scaler(config)
-    self.random_flip = utils.check_bool('data.random_flip', config.data.random_flip)
-    self.uniform_dequantization = utils.check_bool('data.uniform_dequantization',
-                                                   config.data.uniform_dequantization)
-    self.seed = utils.check_number('seed', config.seed, low=0, integer=True)
+    self.random_flip = utils.config_value(config, 'data.random_flip')
+    self.uniform_dequantization = utils.config_value(config, 'data.uniform_dequantization')
+    self.seed = utils.config_value(config, 'seed')
     self.train_batch_size = _batch_size(config, evaluation=False)
     self.eval_batch_size = _batch_size(config, evaluation=True)
     self.device = torch.device(config.device)
@@ -955,7 +960,7 @@ class DigitsData(ImageData):
 def get_data(config):
   """The data set object of `config.data.dataset`: `toy.ToyData` for 'TOY', `DigitsData` for 'DIGITS', else
   `ImageData`."""
-  dataset = utils.check_choice('data.dataset', config.data.dataset, DATASETS)
+  dataset = dataset_name(config)
   if dataset == 'TOY':
     import toy  # pylint: disable=g-import-not-at-top
     return toy.ToyData(config)

@@ -37,7 +37,7 @@ _TF_FUNCTIONS = {}
 
 def inceptionv3_from_config(config):
   """Whether Score SDE uses Inception-v3 features (images of 256 pixels and more) instead of TF-GAN's module."""
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+  image_size = utils.config_value(config, 'data.image_size')
   return image_size >= 256
 
 
@@ -100,10 +100,10 @@ def default_stats_path(config):
   if dataset in ('CIFAR10', 'CELEBA', 'SVHN', 'IMAGENET32'):
     return os.path.join(STATS_DIR, f'{dataset.lower()}_stats.npz')
   if dataset == 'LSUN':
-    image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+    image_size = utils.config_value(config, 'data.image_size')
     return os.path.join(STATS_DIR, f'lsun_{config.data.category}_{image_size}_stats.npz')
   if dataset in ('FFHQ', 'CelebAHQ'):
-    image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+    image_size = utils.config_value(config, 'data.image_size')
     return os.path.join(STATS_DIR, f'{dataset.lower()}_{image_size}_stats.npz')
   if dataset == 'NPZ':
     if not config.data.path:

@@ -10,11 +10,14 @@ positive, FP-Diffusion's score Fokker-Planck regularizer (docs/score_fpe.md):
 with the residuals computed once for every SDE by `score_fpe.py`. With alpha = beta = 0 (the default of every
 Score SDE config) the loss and its cost are exactly Score SDE's.
 
-Losses are small objects built once from the config (`loss_from_config`), validated at construction. A loss
-reports its terms per sample, by name (`'dsm'`, and each regularizer's, e.g. `'fp_vector'`, `'fp_scalar'`),
-and knows how to reduce them and the weighted sum that is the training objective. Score SDE's functions
-(`get_sde_loss_fn`, `get_smld_loss_fn`, `get_ddpm_loss_fn`, `get_step_fn`) keep their names, signatures and
-behaviour as thin wrappers over these objects; the regularizer's options they take are `score_fpe.FP_OPTIONS`.
+Losses are small objects built once from the config (`loss_from_config`), validated at construction: a field that
+one module reads (`optim.*` here, the regularizer's in `score_fpe`) is checked where it is consumed; one that other
+modules read too (`training.continuous`, `training.reduce_mean`, `training.likelihood_weighting`,
+`training.n_iters`, `optim.lr`) has its rule in `utils.CONFIG_FIELDS`, applied by `utils.config_value` wherever it
+is read. A loss reports its terms per sample, by name (`'dsm'`, and each regularizer's, e.g. `'fp_vector'`,
+`'fp_scalar'`), and knows how to reduce them and the weighted sum that is the training objective. Score SDE's
+functions (`get_sde_loss_fn`, `get_smld_loss_fn`, `get_ddpm_loss_fn`, `get_step_fn`) keep their names, signatures
+and behaviour as thin wrappers over these objects; the regularizer's options they take are `score_fpe.FP_OPTIONS`.
 A new regularizer is a class with the interface of `score_fpe.ScoreFPERegularizer` (its own module and config
 block) added to `REGULARIZERS`.
 
@@ -49,7 +52,7 @@ def get_optimizer(config, params):
   """Returns the optimizer that `config.optim` describes (Adam, as Score SDE)."""
   optim_config = config.optim
   utils.check_choice('optim.optimizer', optim_config.optimizer, OPTIMIZERS)
-  lr = utils.check_number('optim.lr', optim_config.lr, low=0.)
+  lr = utils.config_value(config, 'optim.lr')
   beta1 = utils.check_number('optim.beta1', optim_config.beta1, low=0., high=1., high_open=True)
   adam_eps = utils.check_number('optim.eps', optim_config.eps, low=0.)
   weight_decay = utils.check_number('optim.weight_decay', optim_config.weight_decay, low=0.)
@@ -73,14 +76,14 @@ def lr_schedule_factor(schedule, step, n_iters):
 def optimization_manager(config):
   """Returns an optimize_fn based on `config`: linear learning-rate warmup, the learning-rate schedule
   (`optim.schedule`, 'constant' if the config has none) and gradient-norm clipping."""
-  lr_default = utils.check_number('optim.lr', config.optim.lr, low=0.)
+  lr_default = utils.config_value(config, 'optim.lr')
   warmup_default = utils.check_number('optim.warmup', config.optim.warmup, low=0, integer=True)
   grad_clip_default = utils.check_number('optim.grad_clip', config.optim.grad_clip)
   # Score SDE's configs have no schedule field: their rate stays constant after warmup, bit for bit.
   schedule = utils.check_choice('optim.schedule', config.optim.get('schedule', 'constant'), LR_SCHEDULES)
   n_iters = 1
   if schedule != 'constant':
-    n_iters = utils.check_number('training.n_iters', config.training.n_iters, low=1, integer=True)
+    n_iters = utils.config_value(config, 'training.n_iters', low=1)
 
   def optimize_fn(optimizer, params, step, lr=lr_default, warmup=warmup_default, grad_clip=grad_clip_default,
                   *, scaler=None):
@@ -221,9 +224,9 @@ class SDELoss(Loss):
   def __init__(self, sde, reduce_mean=True, likelihood_weighting=True, eps=1e-5, regularizers=()):
     """Builds the loss; `regularizers` that are off (no active term) are dropped."""
     self.sde = sde
-    self.reduce_mean = utils.check_bool('training.reduce_mean', reduce_mean)
-    self.likelihood_weighting = utils.check_bool('training.likelihood_weighting', likelihood_weighting)
-    self.eps = utils.check_number('eps', eps, low=0., high=sde.T, high_open=True)
+    self.reduce_mean = utils.check_field('training.reduce_mean', reduce_mean)
+    self.likelihood_weighting = utils.check_field('training.likelihood_weighting', likelihood_weighting)
+    self.eps = sde.check_eps(eps)
     self.all_regularizers = tuple(regularizers)
     self.regularizers = tuple(r for r in regularizers if r.active)
     shared = [r for r in self.regularizers if r.shares_evaluation]
@@ -373,12 +376,11 @@ def build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers=
 
 
 def loss_from_config(config, sde):
-  """The training objective `config.training` describes, every field it uses validated once, here or by the
-  constructor that consumes it (`training.continuous` here, and passed on to the regularizers)."""
-  training = config.training
-  continuous = utils.check_bool('training.continuous', training.continuous)
-  reduce_mean = utils.check_bool('training.reduce_mean', training.reduce_mean)
-  likelihood_weighting = utils.check_bool('training.likelihood_weighting', training.likelihood_weighting)
+  """The training objective `config.training` describes (its fields validated as the module docstring says;
+  `training.continuous` is passed on to the regularizers)."""
+  continuous = utils.config_value(config, 'training.continuous')
+  reduce_mean = utils.config_value(config, 'training.reduce_mean')
+  likelihood_weighting = utils.config_value(config, 'training.likelihood_weighting')
   regularizers = [cls.from_config(config, sde, continuous=continuous) for cls in REGULARIZERS]
   return build_loss(sde, reduce_mean, continuous, likelihood_weighting, regularizers)
 

@@ -63,7 +63,7 @@ def make_trainer(config, sde, state):
       losses.loss_from_config(config, sde), losses.optimization_manager(config),
       precision=trainer_lib.PrecisionPolicy(config.training.mixed_precision, config.device),
       grad_accum_steps=config.training.grad_accum_steps,
-      noise_seed=utils.check_number('seed', config.seed, low=0, integer=True),
+      noise_seed=utils.config_value(config, 'seed'),
       forward_model=_compiled(config, state))
 
 
@@ -126,15 +126,15 @@ def _training_settings(config):
   """The loop's own `training.*` fields, validated (the save policy's go to `checkpoints.Checkpointer`)."""
   t = config.training
   settings = dict(
-      n_iters=utils.check_number('training.n_iters', t.n_iters, low=0, integer=True),
+      n_iters=utils.config_value(config, 'training.n_iters'),
       snapshot_freq=utils.check_number('training.snapshot_freq', t.snapshot_freq, low=1, integer=True),
       preemption_freq=utils.check_number('training.snapshot_freq_for_preemption',
                                          t.snapshot_freq_for_preemption, low=1, integer=True),
       log_freq=utils.check_number('training.log_freq', t.log_freq, low=1, integer=True),
       eval_freq=utils.check_number('training.eval_freq', t.eval_freq, low=1, integer=True),
       snapshot_sampling=utils.check_bool('training.snapshot_sampling', t.snapshot_sampling),
-      batch_size=utils.check_number('training.batch_size', t.batch_size, low=1, integer=True),
-      grad_accum_steps=utils.check_number('training.grad_accum_steps', t.grad_accum_steps, low=1, integer=True),
+      batch_size=utils.config_value(config, 'training.batch_size'),
+      grad_accum_steps=utils.config_value(config, 'training.grad_accum_steps'),
       max_param_growth=utils.check_number('training.max_param_growth', t.max_param_growth, low=1,
                                           low_open=True),
   )
@@ -184,7 +184,7 @@ def setup_training(config, workdir, lock=None):
   """
   ctx = distributed.context()
   settings = _training_settings(config)
-  seed = utils.check_number('seed', config.seed, low=0, integer=True)
+  seed = utils.config_value(config, 'seed')
   # Every rank builds the same initial weights (then restores the same checkpoint, if any).
   torch.manual_seed(seed)
   sde = sde_lib.sde_from_config(config)
@@ -381,7 +381,7 @@ def _eval_settings(config):
   e = config.eval
   settings = dict(
       begin_ckpt=utils.check_number('eval.begin_ckpt', e.begin_ckpt, low=0, integer=True),
-      batch_size=utils.check_number('eval.batch_size', e.batch_size, low=1, integer=True),
+      batch_size=utils.config_value(config, 'eval.batch_size'),
       enable_loss=utils.check_bool('eval.enable_loss', e.enable_loss),
       enable_bpd=utils.check_bool('eval.enable_bpd', e.enable_bpd),
       enable_sampling=utils.check_bool('eval.enable_sampling', e.enable_sampling),
@@ -668,10 +668,10 @@ def _check_conservativity_dim(settings, dim):
 def setup_evaluation(config, workdir, eval_folder):
   """Builds and validates everything evaluation needs (an `Evaluation`); writes nothing."""
   settings = _eval_settings(config)
-  utils.check_number('seed', config.seed, low=0, integer=True)
+  utils.config_value(config, 'seed')
   sde = sde_lib.sde_from_config(config)
   state = build_state(config)
-  continuous = utils.check_bool('training.continuous', config.training.continuous)
+  continuous = utils.config_value(config, 'training.continuous')
   data = datasets.get_data(config)
   _check_eval_batch_fits(data, settings)
   trainer = make_trainer(config, sde, state)

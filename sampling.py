@@ -117,7 +117,7 @@ def get_sampling_fn(config, sde, shape, inverse_scaler, eps):
   snr = utils.check_number('sampling.snr', config.sampling.snr, low=0)
   n_steps = utils.check_number('sampling.n_steps_each', config.sampling.n_steps_each, low=1, integer=True)
   probability_flow = utils.check_bool('sampling.probability_flow', config.sampling.probability_flow)
-  continuous = utils.check_bool('training.continuous', config.training.continuous)
+  continuous = utils.config_value(config, 'training.continuous')
   return get_pc_sampler(sde=sde, shape=shape, predictor=predictor, corrector=corrector,
                         inverse_scaler=inverse_scaler, snr=snr, n_steps=n_steps,
                         probability_flow=probability_flow, continuous=continuous, denoise=denoise, eps=eps,

@@ -21,6 +21,10 @@ Conservativity (FP-Diffusion's second claim: the regularized score is closer to 
 by `conservativity`, the relative asymmetry ||J - J^T||_F / ||J||_F of the score's Jacobian J in x, exactly
 or from Rademacher probes, and by `conservativity_vs_time` on the same x_t as `residual_vs_time`.
 
+The regularizer's options (`FP_OPTIONS`) are read by this module only, and each is checked once, by the
+constructor that consumes it; a field that other modules read too has its rule in `utils.CONFIG_FIELDS`,
+applied by `utils.config_value` wherever it is read.
+
 A score function is `score_fn(x, t)` with x of any shape (B, ...) and t of shape (B,), returning the score,
 shape of x. Everything here is differentiable (to the order the loss needs) with respect to the score
 function's parameters.
@@ -228,9 +232,14 @@ def score_and_time_derivative(score_fn, x, t):
   return torch.func.jvp(lambda time: score_fn(x, time), (t,), (torch.ones_like(t),))
 
 
+def _fp_weighting(fp_wgt_type):
+  # The one rule of the regularizer's option and of `fp_time_weight`'s argument (which scripts pass directly).
+  return utils.check_choice('training.fp_wgt_type', fp_wgt_type, FP_WEIGHTINGS)
+
+
 def fp_time_weight(sde, t, fp_wgt_type):
   """lambda(t) of the vector term: 1 ('constant'), g(t) ('convention') or g(t)^2 ('ll'); shape (B,)."""
-  utils.check_choice('training.fp_wgt_type', fp_wgt_type, FP_WEIGHTINGS)
+  _fp_weighting(fp_wgt_type)
   if fp_wgt_type == 'constant':
     return torch.ones_like(t)
   g = sde.diffusion(t)
@@ -278,7 +287,7 @@ class ScoreFPE:
         'independent' (new masks for each, as released; finite difference only).
     """
     self.sde = sde
-    self.eps = utils.check_number('eps', eps, low=0., high=sde.T, high_open=True)
+    self.eps = sde.check_eps(eps)
     self.time_derivative = utils.check_choice('training.fp_time_derivative', time_derivative,
                                               TIME_DERIVATIVES)
     # Steps of at most 0.05 keep the one-sided stencils (span hs + hd) inside [eps, T].
@@ -563,14 +572,13 @@ def conservativity_vs_time(score_fn, sde, x0, ts, num_probes=0, batch_size=None,
     sde: an `sde_lib.SDE`.
     x0: clean data, shape (N, ...).
     ts: times, a 1-D sequence in [eps, T].
-    num_probes: as in `conservativity` (0: exact).
+    num_probes: as in `conservativity` (0: exact), which validates it.
     batch_size: evaluate x0 in chunks of this many samples (default: all at once).
     generator: optional `torch.Generator` for the noise and the probes.
 
   Returns:
     A float64 numpy array of shape (len(ts),).
   """
-  num_probes = utils.check_number('num_probes', num_probes, low=0, integer=True)  # 0: the exact Jacobian
   ts = np.asarray(ts, dtype=np.float64).reshape(-1)
   out = np.zeros(len(ts))
   for i, t_value in enumerate(ts):
@@ -688,7 +696,7 @@ class ScoreFPERegularizer:
     self.fpe = fpe
     self.scalar_fp = utils.check_choice('training.scalar_fp', scalar_fp, SCALAR_FP)
     self.fp_dist = utils.check_choice('training.fp_dist', fp_dist, FP_DISTS)
-    self.fp_wgt_type = utils.check_choice('training.fp_wgt_type', fp_wgt_type, FP_WEIGHTINGS)
+    self.fp_wgt_type = _fp_weighting(fp_wgt_type)
     self.alpha = utils.check_number('training.alpha', alpha, low=0.)
     self.beta = utils.check_number('training.beta', beta, low=0.)
     self.m = utils.check_number('training.m', m, low=0., low_open=True)

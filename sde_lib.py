@@ -50,6 +50,10 @@ class SDE(abc.ABC):
   def T(self):
     """End time of the SDE."""
 
+  def check_eps(self, eps):
+    """Returns `eps`, the smallest time a loss evaluates the score at; `ValueError` unless it is in [0, T)."""
+    return utils.check_number('eps', eps, low=0., high=self.T, high_open=True)
+
   def sde(self, x, t):
     """Returns (f(x, t), g(t))."""
     return self.drift(x, t), self.diffusion(t)
@@ -377,10 +381,10 @@ def sde_from_config(config):
   """
   name = utils.check_choice('training.sde', str(config.training.sde).lower(), SDE_NAMES)
   model = config.model
-  N = utils.check_number('model.num_scales', model.num_scales, low=1, integer=True)
+  N = utils.config_value(config, 'model.num_scales')
   if name == 'vesde':
-    sigma_min = utils.check_number('model.sigma_min', model.sigma_min, low=0, low_open=True)
-    sigma_max = utils.check_number('model.sigma_max', model.sigma_max, low=sigma_min, low_open=True)
+    sigma_min = utils.config_value(config, 'model.sigma_min')
+    sigma_max = utils.config_value(config, 'model.sigma_max', low=sigma_min)
     return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, N=N)
   beta_min = utils.check_number('model.beta_min', model.beta_min, low=0, low_open=True)
   beta_max = utils.check_number('model.beta_max', model.beta_max, low=beta_min)

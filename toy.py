@@ -23,6 +23,11 @@ import utils
 
 TOY_DENSITIES = ('checkerboard', 'gmm', 'swissroll', 'rings')
 
+
+def _toy_name(name):
+  """`name`, the value of `config.data.toy`, validated: one of `TOY_DENSITIES` (every reader asks here)."""
+  return utils.check_choice('data.toy', name, TOY_DENSITIES)
+
 # Sample-quality defaults. The RBF bandwidth is on the scale of the densities' finest structure (checkerboard
 # squares of side 1, mixture components of std 0.15, rings 0.5 apart): a much larger bandwidth would only compare
 # the overall mean and spread, a much smaller one would measure sampling noise.
@@ -86,12 +91,12 @@ def sample_toy(name, n, rng):
   Returns:
     A float32 array of shape (n, 2).
   """
-  utils.check_choice('data.toy', name, TOY_DENSITIES)
+  _toy_name(name)
   return _SAMPLERS[name](n, rng).astype(np.float32)
 
 
 def _rng(config, stream):
-  seed = utils.check_number('seed', config.seed, low=0, integer=True)
+  seed = utils.config_value(config, 'seed')
   return np.random.default_rng([seed, stream])
 
 
@@ -167,17 +172,17 @@ def get_toy_datasets(config, evaluation=False):
   Returns:
     `(train_ds, eval_ds)`.
   """
-  name = utils.check_choice('data.toy', config.data.toy, TOY_DENSITIES)
+  name = _toy_name(config.data.toy)
   # The points are not in [0, 1]: the scaler must be the identity (a centered scaler would train on 2 x - 1
   # and shift every NLL by 1 bit/dim).
-  utils.check_choice('data.centered', config.data.centered, (False,))
-  utils.check_choice('data.image_size', config.data.image_size, (1,))
-  utils.check_choice('data.num_channels', config.data.num_channels, (2,))
+  utils.config_value(config, 'data.centered', allowed=(False,))
+  utils.config_value(config, 'data.image_size', allowed=(1,))
+  utils.config_value(config, 'data.num_channels', allowed=(2,))
   num_eval_batches = utils.check_number('data.toy_eval_batches', config.data.toy_eval_batches, low=1,
                                         integer=True)
-  train_batch = utils.check_number('training.batch_size', config.training.batch_size, low=1, integer=True)
-  eval_batch = utils.check_number('eval.batch_size', config.eval.batch_size, low=1, integer=True)
-  seed = utils.check_number('seed', config.seed, low=0, integer=True)
+  train_batch = utils.config_value(config, 'training.batch_size')
+  eval_batch = utils.config_value(config, 'eval.batch_size')
+  seed = utils.config_value(config, 'seed')
   eval_ds = ToySet(name, eval_batch, num_eval_batches, [seed, _EVAL_STREAM], repeat=not evaluation)
   if evaluation:
     train_ds = ToySet(name, eval_batch, num_eval_batches, [seed, _EVAL_TRAIN_STREAM])
@@ -252,7 +257,7 @@ def mmd_rbf(a, b, bandwidth=MMD_BANDWIDTH):
 
 def reference_samples(config, n):
   """n fresh points of the true density `config.data.toy`, the same ones for a given `config.seed`."""
-  name = utils.check_choice('data.toy', config.data.toy, TOY_DENSITIES)
+  name = _toy_name(config.data.toy)
   return sample_toy(name, n, _rng(config, _REFERENCE_STREAM))
 
 
@@ -290,7 +295,7 @@ def log_density(name, points):
   Raises:
     NotImplementedError: for `'swissroll'` and `'rings'` (curves blurred by noise: no closed form).
   """
-  utils.check_choice('data.toy', name, TOY_DENSITIES)
+  _toy_name(name)
   x = _as_points(points)
   if name == 'checkerboard':
     return np.where(_on_black_square(x), -math.log(8.), -np.inf)
@@ -390,7 +395,7 @@ class ToyData:
 
   def __init__(self, config):
     self.config = config
-    if utils.check_bool('data.uniform_dequantization', config.data.uniform_dequantization):
+    if utils.config_value(config, 'data.uniform_dequantization'):
       raise ValueError('config.data.uniform_dequantization=True is not allowed for config.data.dataset=\'TOY\': '
                        'the toy points are continuous, with no 8-bit levels to dequantize.')
     # Validates data.toy, data.centered, the shapes, the batch sizes and the seed.

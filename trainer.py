@@ -85,8 +85,7 @@ class Trainer:
     self.loss = loss
     self.optimize_fn = optimize_fn
     self.precision = precision or PrecisionPolicy()
-    self.grad_accum_steps = utils.check_number('training.grad_accum_steps', grad_accum_steps, low=1,
-                                               integer=True)
+    self.grad_accum_steps = utils.check_field('training.grad_accum_steps', grad_accum_steps)
     self.noise_seed = noise_seed
     self.forward_model = forward_model
     self.last_grad_norm = None

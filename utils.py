@@ -1,13 +1,19 @@
 """Config validation and small tensor helpers (Score SDE's `utils.py`).
 
-Config fields are validated where they are read, with the helpers below, so that every error message has
-the same shape: the field, the value given, and what is allowed.
+Each config field is validated once, with the helpers below, so that every error message has the same shape:
+the field, the value given, and what is allowed. A field read by one module is checked there, where it is
+consumed. A field read by several modules has its rule written once, in `CONFIG_FIELDS`, and applied by
+`config_value` (or `check_field`, for a value already taken from the config) wherever it is read; a constraint
+of one consumer (a model that needs a power-of-two size, a bound set by another field) narrows that rule at the
+consumer. A field whose allowed values are what one module implements (`data.dataset`, `data.toy`,
+`model.normalization`) is checked by that module's accessor, which the other readers call.
 
 Score SDE's checkpoint functions `restore_checkpoint` and `save_checkpoint` live in `checkpoints.py` (with
 the rest of checkpoint I/O and the training run's save policy) and are importable from here, where Score
 SDE's users import them.
 """
 
+import functools
 import hashlib
 import math
 import numbers
@@ -73,6 +79,68 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
     interval = f'{lo}{"-inf" if low is None else low}, {"inf" if high is None else high}{hi}'
     raise ValueError(f'config.{field}={value!r} is out of range; allowed: {interval}.')
   return value
+
+
+# The rule of each config field that more than one call site reads: `check_number`'s keywords for a number, the
+# allowed values for a choice, nothing for a bool. Where the call sites used to differ, the rule is the one the
+# value's use needs (`fourier_scale` > 0: a zero scale makes every Fourier feature constant in time; `n_iters` >=
+# 0: 0 trains nothing, and the cosine schedule, which divides by it, asks for >= 1).
+CONFIG_FIELDS = {
+    'seed': dict(kind='number', low=0, integer=True),
+    'data.image_size': dict(kind='number', low=1, integer=True),
+    'data.num_channels': dict(kind='number', low=1, integer=True),
+    'data.centered': dict(kind='bool'),
+    'data.random_flip': dict(kind='bool'),
+    'data.uniform_dequantization': dict(kind='bool'),
+    'training.batch_size': dict(kind='number', low=1, integer=True),
+    'training.n_iters': dict(kind='number', low=0, integer=True),
+    'training.grad_accum_steps': dict(kind='number', low=1, integer=True),
+    'training.continuous': dict(kind='bool'),
+    'training.reduce_mean': dict(kind='bool'),
+    'training.likelihood_weighting': dict(kind='bool'),
+    'eval.batch_size': dict(kind='number', low=1, integer=True),
+    'optim.lr': dict(kind='number', low=0.),
+    'model.nf': dict(kind='number', low=1, integer=True),
+    'model.num_scales': dict(kind='number', low=1, integer=True),
+    'model.sigma_min': dict(kind='number', low=0, low_open=True),
+    'model.sigma_max': dict(kind='number', low=0, low_open=True),
+    'model.scale_by_sigma': dict(kind='bool'),
+    'model.fourier_scale': dict(kind='number', low=0, low_open=True),
+    'model.embedding_type': dict(kind='choice', allowed=('fourier', 'positional')),
+}
+
+
+def check_field(field, value, *, allowed=None, **bounds):
+  """Raises `ValueError` unless `value` passes the rule of `CONFIG_FIELDS[field]` and the consumer's own.
+
+  Args:
+    field: a dotted name of `CONFIG_FIELDS`, e.g. `'data.image_size'`.
+    value: the field's value.
+    allowed: optional values this consumer accepts (a subset of the rule's), e.g. `(1,)` for the toy data's
+      image size.
+    **bounds: optional `check_number` keywords of this consumer that tighten a number's rule, e.g. `high=256`.
+
+  Returns:
+    `value` (a bool field's as a Python bool).
+  """
+  rule = dict(CONFIG_FIELDS[field])
+  kind = rule.pop('kind')
+  if kind == 'bool':
+    value = check_bool(field, value)
+  elif kind == 'choice':
+    value = check_choice(field, value, rule['allowed'])
+  else:
+    value = check_number(field, value, **rule)
+    if bounds:
+      check_number(field, value, **{**rule, **bounds})
+  if allowed is not None:
+    check_choice(field, value, allowed)
+  return value
+
+
+def config_value(config, field, **narrowing):
+  """The value of the dotted `field` of `config`, validated by `check_field` (same keywords)."""
+  return check_field(field, functools.reduce(getattr, field.split('.'), config), **narrowing)
 
 
 def expand_batch(coeff, x):

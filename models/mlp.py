@@ -20,7 +20,7 @@ from torch import nn
 from . import utils
 import utils as config_utils
 
-EMBEDDING_TYPES = ('fourier', 'positional')
+EMBEDDING_TYPES = config_utils.CONFIG_FIELDS['model.embedding_type']['allowed']
 
 
 def fourier_features(log_label, frequencies):
@@ -61,11 +61,10 @@ class MLP(nn.Module):
     `scale_by_sigma`) and `config.data` (`num_channels`, `image_size`)."""
     super().__init__()
     model = config.model
-    self.nf = nf = config_utils.check_number('model.nf', model.nf, low=2, integer=True)
+    self.nf = nf = config_utils.config_value(config, 'model.nf', low=2)
     num_layers = config_utils.check_number('model.num_layers', model.num_layers, low=0, integer=True)
-    self.embedding_type = config_utils.check_choice('model.embedding_type', model.embedding_type,
-                                                    EMBEDDING_TYPES)
-    self.scale_by_sigma = config_utils.check_bool('model.scale_by_sigma', model.scale_by_sigma)
+    self.embedding_type = config_utils.config_value(config, 'model.embedding_type')
+    self.scale_by_sigma = config_utils.config_value(config, 'model.scale_by_sigma')
     continuous = config.training.continuous is True
     if self.embedding_type == 'fourier' and not continuous:
       # Features of log(label): discrete labels are noise-level indices, and index 0 gives log(0).
@@ -78,12 +77,12 @@ class MLP(nn.Module):
       raise ValueError(f"config.model.scale_by_sigma=True needs the labels to be sigma(t): "
                        f"config.training.sde='vesde' (got {sde_name!r}), continuous, and "
                        f"config.model.embedding_type='fourier' (got {self.embedding_type!r}).")
-    channels = config_utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-    size = config_utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+    channels = config_utils.config_value(config, 'data.num_channels')
+    size = config_utils.config_value(config, 'data.image_size')
     self.data_dim = channels * size * size
     temb_dim = 2 * nf
     if self.embedding_type == 'fourier':
-      scale = config_utils.check_number('model.fourier_scale', model.fourier_scale, low=0, low_open=True)
+      scale = config_utils.config_value(config, 'model.fourier_scale')
       # Fixed random frequencies, a buffer rather than a frozen parameter: nothing trains or averages them.
       self.register_buffer('fourier_freqs', torch.randn(nf) * scale)
     self.temb = nn.Sequential(nn.Linear(2 * nf, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))

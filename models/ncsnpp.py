@@ -27,13 +27,13 @@ default_initializer = layers.default_init
 PROGRESSIVE = ('none', 'output_skip', 'residual')
 PROGRESSIVE_INPUT = ('none', 'input_skip', 'residual')
 RESBLOCK_TYPES = ('ddpm', 'biggan')
-EMBEDDING_TYPES = ('fourier', 'positional')
+EMBEDDING_TYPES = utils.CONFIG_FIELDS['model.embedding_type']['allowed']
 
 
 def check_resolutions(config, num_resolutions, attn_resolutions):
   """Raises `ValueError` unless the image size halves cleanly `num_resolutions - 1` times and every
   attention resolution is one of the U-Net's resolutions. Returns the list of resolutions."""
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+  image_size = utils.config_value(config, 'data.image_size')
   factor = 2 ** (num_resolutions - 1)
   if image_size % factor:
     raise ValueError(f'config.data.image_size={image_size!r} cannot be halved {num_resolutions - 1} times '
@@ -50,7 +50,7 @@ def check_unet_config(config):
   """Validates the fields shared by the DDPM and NCSN++ U-Nets; returns (nf, ch_mult, num_res_blocks,
   attn_resolutions, dropout, all_resolutions)."""
   model = config.model
-  nf = utils.check_number('model.nf', model.nf, low=1, integer=True)
+  nf = utils.config_value(config, 'model.nf')
   ch_mult = tuple(model.ch_mult)
   if not ch_mult:
     raise ValueError('config.model.ch_mult=() must list at least one channel multiplier.')
@@ -61,11 +61,11 @@ def check_unet_config(config):
   dropout = utils.check_number('model.dropout', model.dropout, low=0, high=1, high_open=True)
   utils.check_bool('model.resamp_with_conv', model.resamp_with_conv)
   utils.check_bool('model.conditional', model.conditional)
-  utils.check_bool('model.scale_by_sigma', model.scale_by_sigma)
-  utils.check_bool('data.centered', config.data.centered)
-  utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
+  utils.config_value(config, 'model.scale_by_sigma')
+  utils.config_value(config, 'data.centered')
+  utils.config_value(config, 'data.num_channels')
   # These U-Nets hard-code GroupNorm (as Score SDE); any other value would be silently ignored.
-  utils.check_choice('model.normalization', model.normalization, ('GroupNorm',))
+  normalization.normalization_name(config, ('GroupNorm',))
   all_resolutions = check_resolutions(config, len(ch_mult), attn_resolutions)
   return nf, ch_mult, num_res_blocks, attn_resolutions, dropout, all_resolutions
 
@@ -98,8 +98,9 @@ class NCSNpp(nn.Module):
         'model.progressive', str(model.progressive).lower(), PROGRESSIVE)
     self.progressive_input = progressive_input = utils.check_choice(
         'model.progressive_input', str(model.progressive_input).lower(), PROGRESSIVE_INPUT)
-    self.embedding_type = embedding_type = utils.check_choice(
-        'model.embedding_type', str(model.embedding_type).lower(), EMBEDDING_TYPES)
+    # Case-insensitive, as Score SDE's NCSN++.
+    self.embedding_type = embedding_type = utils.check_field('model.embedding_type',
+                                                             str(model.embedding_type).lower())
     combine_method = utils.check_choice(
         'model.progressive_combine', str(model.progressive_combine).lower(), layerspp.COMBINE_METHODS)
     init_scale = utils.check_number('model.init_scale', model.init_scale, low=0)
@@ -117,7 +118,7 @@ class NCSNpp(nn.Module):
       if not config.training.continuous:
         raise ValueError("config.model.embedding_type='fourier' needs config.training.continuous=True "
                          '(Fourier features are only used for continuous training).')
-      fourier_scale = utils.check_number('model.fourier_scale', model.fourier_scale, low=0)
+      fourier_scale = utils.config_value(config, 'model.fourier_scale')
       modules.append(layerspp.GaussianFourierProjection(embedding_size=nf, scale=fourier_scale))
       embed_dim = 2 * nf
     else:

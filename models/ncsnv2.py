@@ -16,7 +16,7 @@ import utils
 from . import utils as mutils
 from .layers import (CondRefineBlock, ConditionalResidualBlock, RefineBlock, ResidualBlock, get_act,
                      ncsn_conv3x3)
-from .normalization import CONDITIONAL_NORMALIZATIONS, NORMALIZATIONS, get_normalization
+from .normalization import CONDITIONAL_NORMALIZATIONS, NORMALIZATIONS, get_normalization, normalization_name
 
 CondResidualBlock = ConditionalResidualBlock
 conv3x3 = ncsn_conv3x3
@@ -24,7 +24,7 @@ conv3x3 = ncsn_conv3x3
 
 def get_network(config):
   """The NCSNv2 architecture suited to `config.data.image_size`."""
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, high=256, integer=True)
+  image_size = utils.config_value(config, 'data.image_size', high=256)
   if image_size < 96:
     return functools.partial(NCSNv2, config=config)
   if image_size <= 128:
@@ -34,7 +34,7 @@ def get_network(config):
 
 def _check_image_size(config, num_halvings):
   # Each non-dilated 'down' block mean-pools 2x2, which needs even sizes.
-  image_size = utils.check_number('data.image_size', config.data.image_size, low=1, integer=True)
+  image_size = utils.config_value(config, 'data.image_size')
   factor = 2 ** num_halvings
   if image_size % factor:
     raise ValueError(f'config.data.image_size={image_size!r} must be a multiple of {factor} for '
@@ -43,10 +43,10 @@ def _check_image_size(config, num_halvings):
 
 
 def _common_fields(config):
-  nf = utils.check_number('model.nf', config.model.nf, low=1, integer=True)
-  num_scales = utils.check_number('model.num_scales', config.model.num_scales, low=1, integer=True)
-  channels = utils.check_number('data.num_channels', config.data.num_channels, low=1, integer=True)
-  centered = utils.check_bool('data.centered', config.data.centered)
+  nf = utils.config_value(config, 'model.nf')
+  num_scales = utils.config_value(config, 'model.num_scales')
+  channels = utils.config_value(config, 'data.num_channels')
+  centered = utils.config_value(config, 'data.centered')
   return nf, num_scales, channels, centered
 
 
@@ -61,8 +61,7 @@ class _NCSNv2Base(nn.Module):
   def _build_common(self, config):
     self.centered = config.data.centered
     # nn.GroupNorm needs a group count that NCSN's blocks do not pass (Score SDE fails there with a TypeError).
-    utils.check_choice('model.normalization', config.model.normalization,
-                       tuple(n for n in NORMALIZATIONS if n != 'GroupNorm'))
+    normalization_name(config, tuple(n for n in NORMALIZATIONS if n != 'GroupNorm'))
     self.norm = get_normalization(config)
     self.nf, _, channels, _ = _common_fields(config)
     self.act = get_act(config)
@@ -184,8 +183,7 @@ class NCSN(nn.Module):
     _check_image_size(config, 1)
     nf, num_scales, channels, centered = _common_fields(config)
     self.centered = centered
-    norm_name = utils.check_choice('model.normalization', config.model.normalization,
-                                   tuple(CONDITIONAL_NORMALIZATIONS))
+    norm_name = normalization_name(config, tuple(CONDITIONAL_NORMALIZATIONS))
     # Conditional on the noise level, with one class per noise scale.
     self.norm = norm = CONDITIONAL_NORMALIZATIONS[norm_name]
     self.nf = nf

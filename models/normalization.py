@@ -10,6 +10,12 @@ import utils
 NORMALIZATIONS = ('InstanceNorm', 'InstanceNorm++', 'VarianceNorm', 'GroupNorm')
 
 
+def normalization_name(config, allowed=NORMALIZATIONS):
+  """`config.model.normalization`, validated: one of `allowed`, the subset of `NORMALIZATIONS` that the caller's
+  network supports (every module that reads the field asks here)."""
+  return utils.check_choice('model.normalization', config.model.normalization, allowed)
+
+
 def get_normalization(config, conditional=False):
   """Obtain normalization modules from the config file.
 
@@ -20,12 +26,11 @@ def get_normalization(config, conditional=False):
   Returns:
     The normalization class (or a partial with `num_classes` bound, if conditional).
   """
-  norm = config.model.normalization
   if conditional:
-    utils.check_choice('model.normalization', norm, tuple(CONDITIONAL_NORMALIZATIONS))
+    norm = normalization_name(config, tuple(CONDITIONAL_NORMALIZATIONS))
     num_classes = utils.check_number('model.num_classes', config.model.num_classes, low=1, integer=True)
     return functools.partial(CONDITIONAL_NORMALIZATIONS[norm], num_classes=num_classes)
-  utils.check_choice('model.normalization', norm, NORMALIZATIONS)
+  norm = normalization_name(config)
   return {
       'InstanceNorm': nn.InstanceNorm2d,
       'InstanceNorm++': InstanceNorm2dPlus,

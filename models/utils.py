@@ -38,10 +38,9 @@ def get_sigmas(config):
   Returns:
     sigmas: a numpy array of `config.model.num_scales` noise levels, geometric from sigma_max down to sigma_min.
   """
-  model = config.model
-  num_scales = utils.check_number('model.num_scales', model.num_scales, low=1, integer=True)
-  sigma_min = utils.check_number('model.sigma_min', model.sigma_min, low=0, low_open=True)
-  sigma_max = utils.check_number('model.sigma_max', model.sigma_max, low=0, low_open=True)
+  num_scales = utils.config_value(config, 'model.num_scales')
+  sigma_min = utils.config_value(config, 'model.sigma_min')
+  sigma_max = utils.config_value(config, 'model.sigma_max')
   return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
 
 
@@ -49,7 +48,7 @@ def get_ddpm_params(config):
   """Get betas and alphas --- parameters used in the original DDPM paper."""
   # As Score SDE: 1000 steps, with betas scaled by num_scales (adapt both if num_scales differs from 1000).
   num_diffusion_timesteps = 1000
-  num_scales = utils.check_number('model.num_scales', config.model.num_scales, low=1, integer=True)
+  num_scales = utils.config_value(config, 'model.num_scales')
   beta_start = config.model.beta_min / num_scales
   beta_end = config.model.beta_max / num_scales
   betas = np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)

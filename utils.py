@@ -85,27 +85,30 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
 # allowed values for a choice, nothing for a bool. Where the call sites used to differ, the rule is the one the
 # value's use needs (`fourier_scale` > 0: a zero scale makes every Fourier feature constant in time; `n_iters` >=
 # 0: 0 trains nothing, and the cosine schedule, which divides by it, asks for >= 1).
+_BOOL = dict(kind='bool')
+_COUNT = dict(kind='number', low=1, integer=True)
+_POSITIVE = dict(kind='number', low=0, low_open=True)
 CONFIG_FIELDS = {
     'seed': dict(kind='number', low=0, integer=True),
-    'data.image_size': dict(kind='number', low=1, integer=True),
-    'data.num_channels': dict(kind='number', low=1, integer=True),
-    'data.centered': dict(kind='bool'),
-    'data.random_flip': dict(kind='bool'),
-    'data.uniform_dequantization': dict(kind='bool'),
-    'training.batch_size': dict(kind='number', low=1, integer=True),
+    'data.image_size': _COUNT,
+    'data.num_channels': _COUNT,
+    'data.centered': _BOOL,
+    'data.random_flip': _BOOL,
+    'data.uniform_dequantization': _BOOL,
+    'training.batch_size': _COUNT,
     'training.n_iters': dict(kind='number', low=0, integer=True),
-    'training.grad_accum_steps': dict(kind='number', low=1, integer=True),
-    'training.continuous': dict(kind='bool'),
-    'training.reduce_mean': dict(kind='bool'),
-    'training.likelihood_weighting': dict(kind='bool'),
-    'eval.batch_size': dict(kind='number', low=1, integer=True),
+    'training.grad_accum_steps': _COUNT,
+    'training.continuous': _BOOL,
+    'training.reduce_mean': _BOOL,
+    'training.likelihood_weighting': _BOOL,
+    'eval.batch_size': _COUNT,
     'optim.lr': dict(kind='number', low=0.),
-    'model.nf': dict(kind='number', low=1, integer=True),
-    'model.num_scales': dict(kind='number', low=1, integer=True),
-    'model.sigma_min': dict(kind='number', low=0, low_open=True),
-    'model.sigma_max': dict(kind='number', low=0, low_open=True),
-    'model.scale_by_sigma': dict(kind='bool'),
-    'model.fourier_scale': dict(kind='number', low=0, low_open=True),
+    'model.nf': _COUNT,
+    'model.num_scales': _COUNT,
+    'model.sigma_min': _POSITIVE,
+    'model.sigma_max': _POSITIVE,
+    'model.scale_by_sigma': _BOOL,
+    'model.fourier_scale': _POSITIVE,
     'model.embedding_type': dict(kind='choice', allowed=('fourier', 'positional')),
 }
 

@@ -30,8 +30,8 @@ import utils
 DATASETS = ('CIFAR10', 'SVHN', 'CELEBA', 'LSUN', 'FFHQ', 'CelebAHQ', 'IMAGENET32', 'NPZ', 'DIGITS', 'TOY')
 
 
-def dataset_name(config):
-  """`config.data.dataset`, validated: one of `DATASETS` (every module that reads the field asks here)."""
+def _dataset_name(config):
+  """`config.data.dataset`, validated: one of `DATASETS` (each reader in this module asks here)."""
   return utils.check_choice('data.dataset', config.data.dataset, DATASETS)
 
 
@@ -494,7 +494,7 @@ def get_dataset(config, uniform_dequantization=False, evaluation=False, *, drop_
     (B, H, W, C)) and `'label'` (None where the data have no labels). `dataset_builder` is the tfds builder,
     the `TFRecordDataset` for FFHQ/CelebAHQ, or None for NPZ, DIGITS and TOY.
   """
-  dataset = dataset_name(config)
+  dataset = _dataset_name(config)
   if dataset == 'TOY':
     if uniform_dequantization:
       raise ValueError('config.data.uniform_dequantization=True is not allowed for config.data.dataset=\'TOY\': '
@@ -645,7 +645,7 @@ class ImageData:
 
   def __init__(self, config):
     self.config = config
-    self.dataset = dataset_name(config)
+    self.dataset = _dataset_name(config)
     self.num_levels = num_levels(self.dataset)
     self.image_size = utils.config_value(config, 'data.image_size')
     self.num_channels = utils.config_value(config, 'data.num_channels')
@@ -960,7 +960,7 @@ class DigitsData(ImageData):
 def get_data(config):
   """The data set object of `config.data.dataset`: `toy.ToyData` for 'TOY', `DigitsData` for 'DIGITS', else
   `ImageData`."""
-  dataset = dataset_name(config)
+  dataset = _dataset_name(config)
   if dataset == 'TOY':
     import toy  # pylint: disable=g-import-not-at-top
     return toy.ToyData(config)

@@ -5,8 +5,8 @@ the field, the value given, and what is allowed. A field read by one module is c
 consumed. A field read by several modules has its rule written once, in `CONFIG_FIELDS`, and applied by
 `config_value` (or `check_field`, for a value already taken from the config) wherever it is read; a constraint
 of one consumer (a model that needs a power-of-two size, a bound set by another field) narrows that rule at the
-consumer. A field whose allowed values are what one module implements (`data.dataset`, `data.toy`,
-`model.normalization`) is checked by that module's accessor, which the other readers call.
+consumer. A field whose allowed values are what one module implements (`model.normalization`) is checked by
+that module's accessor, which the other readers call.
 
 Score SDE's checkpoint functions `restore_checkpoint` and `save_checkpoint` live in `checkpoints.py` (with
 the rest of checkpoint I/O and the training run's save policy) and are importable from here, where Score

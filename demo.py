@@ -83,7 +83,7 @@ def get_demo_config(sde, variant, toy_name, quick):
   return config
 
 
-def _copy_checkpoint(src_dir, dst_dir, ema_rate):
+def copy_checkpoint(src_dir, dst_dir, ema_rate):
   """Starts `dst_dir`'s training from `src_dir`'s last checkpoint, as a released checkpoint is fine-tuned.
 
   A checkpoint carries its EMA decay, and restoring it overrides `model.ema_rate` (Score SDE's behaviour), so a
@@ -210,7 +210,7 @@ def pretrain(workdir, sde, toy_name, quick=False, pretrain_iters=None):
 def fine_tune_and_evaluate(config, pretrain_dir, model_dir):
   """Fine-tunes `pretrain_dir`'s checkpoint to `config.training.n_iters` in `model_dir`, evaluates the last
   checkpoint there, and returns `read_results`'s numbers."""
-  _copy_checkpoint(pretrain_dir, model_dir, config.model.ema_rate)
+  copy_checkpoint(pretrain_dir, model_dir, config.model.ema_rate)
   run_lib.train(config, model_dir)
   run_lib.evaluate(config, model_dir, eval_folder='eval')
   return read_results(config, os.path.join(model_dir, 'eval'))

@@ -177,6 +177,8 @@ def _module_of(node, bound, modules):
     parent = _module_of(node.value, bound, modules)
     if parent is not None and f'{parent}.{node.attr}' in modules:
       return f'{parent}.{node.attr}'
+    if parent is not None and node.attr in modules:  # a module another module imported (`study.demo`)
+      return node.attr
   return None
 
 
@@ -185,6 +187,13 @@ def test_the_checks_see_the_project():
   assert {'datasets', 'evaluation', 'run_lib', 'models.ncsnpp', 'helpers'} <= set(modules)
   graph = import_graph()
   assert 'datasets' in graph['run_lib'] and 'models.layerspp' in graph['models.ncsnpp']
+
+
+def test_private_names_are_seen_through_a_module_attribute(tmp_path):
+  (tmp_path / 'low.py').write_text('def _hidden():\n  return 1\n')
+  (tmp_path / 'mid.py').write_text('import low\n')
+  (tmp_path / 'top.py').write_text('import mid\nmid.low._hidden()\n')
+  assert private_uses(str(tmp_path)) == ['top.py:2: low._hidden']
 
 
 def test_find_cycles_reports_each_cycle():

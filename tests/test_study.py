@@ -138,8 +138,8 @@ def test_ema_off_ablation_reaches_the_fine_tuning_checkpoint(tmp_path):
   config = study.run_config(dict(sde='ve', alpha=0.01, seed=0, ablation='no_ema'), 'gmm', quick=True)
   state = run_lib.build_state(study.demo.get_demo_config('ve', 'dsm', 'gmm', quick=True))
   utils.save_checkpoint(str(tmp_path / 'pre' / 'checkpoints-meta' / 'checkpoint.pth'), state)
-  study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'off'), config.model.ema_rate)
-  study.demo._copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'on'), 0.999)
+  study.demo.copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'off'), config.model.ema_rate)
+  study.demo.copy_checkpoint(str(tmp_path / 'pre'), str(tmp_path / 'on'), 0.999)
   off = checkpoints.load_checkpoint_file(str(tmp_path / 'off' / 'checkpoints-meta' / 'checkpoint.pth'))
   on = checkpoints.load_checkpoint_file(str(tmp_path / 'on' / 'checkpoints-meta' / 'checkpoint.pth'))
   assert off['ema']['decay'] == 0. and on['ema']['decay'] == 0.999

@@ -36,11 +36,14 @@ saved bytes.
 Usage:
   python bench/cost_model.py --threads 2                  # the four full-size models, every variant (CPU, ~30 min)
   python bench/cost_model.py --models ve_ncsnpp --variants dsm,fp --tiny   # seconds
+  python bench/cost_model.py --models ve_ncsnpp_deep --json deep.json     # then, to print runs together:
+  python bench/cost_model.py --merge main.json,deep.json
 """
 
 import argparse
 import collections
 import gc
+import json
 import logging
 import math
 import os
@@ -285,10 +288,20 @@ def measure(name, variant, batch, args):
              loss_flops=marks['loss_flops'], evals=calls['loss'], recomputed=calls['backward'],
              saved_peak=meter.peak, saved_at_backward=marks['saved_at_backward'], alloc_peak=alloc_peak,
              loss=float(terms['loss']), grad_norm=float(trainer.last_grad_norm), state=model_state_bytes(state),
-             fraction=config.training.fp_batch_fraction)
+             fraction=config.training.fp_batch_fraction, tiny=args.tiny)
   del state, trainer, terms, profiler
   gc.collect()
   return out
+
+
+def reused(runs, variant, batch):
+  """The base variant's run at `batch` where the fraction variant's step is the same one (its fraction of the
+  batch rounds up to the whole batch, e.g. a quarter of 1 sample), else None."""
+  fraction = VARIANTS[variant][0].get('fp_batch_fraction', 1.)
+  base = runs.get(base_variant(variant), {}).get(batch)
+  if fraction >= 1 or base is None or math.ceil(fraction * batch) < batch:
+    return None
+  return dict(base, variant=variant, fraction=fraction)
 
 
 def base_variant(variant):
@@ -400,7 +413,21 @@ def main(argv=None):
   parser.add_argument('--batches', default='1,2', help='batch sizes; the projection uses 1 and 2')
   parser.add_argument('--tiny', action='store_true', help='the tiny size of tests/configs_tiny.py (seconds)')
   parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+  parser.add_argument('--json', default=None, help='write the measurements to this file')
+  parser.add_argument('--merge', default=None,
+                      help='comma-separated --json files of earlier runs: print their tables together (runs nothing)')
   args = parser.parse_args(argv)
+  if args.merge:
+    results = collections.OrderedDict()
+    for path in args.merge.split(','):
+      with open(path) as f:
+        for name, runs in json.load(f, object_pairs_hook=collections.OrderedDict).items():
+          for variant, by_batch in runs.items():
+            results.setdefault(name, collections.OrderedDict())[variant] = {int(b): r for b, r in by_batch.items()}
+    args.tiny = any(r.get('tiny') for runs in results.values() for by_batch in runs.values()
+                    for r in by_batch.values())
+    print_tables(results, args)
+    return results
   logging.basicConfig(level=logging.WARNING)
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -418,11 +445,15 @@ def main(argv=None):
     for variant in variants:
       results[name][variant] = {}
       for batch in batches:
-        r = measure(name, variant, batch, args)
+        r = reused(results[name], variant, batch)
+        r = r if r is not None else measure(name, variant, batch, args)
         results[name][variant][batch] = r
         print(f"  {name} | {variant} | batch {batch}: {r['flops'] / 1e9:.1f} GFLOP, {r['evals']} evals "
               f"(+{r['recomputed']}), saved peak {r['saved_peak'] / MIB:.0f} MiB, alloc peak "
               f"{r['alloc_peak'] / MIB:.0f} MiB, {r['seconds']:.1f} s", flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
   print_tables(results, args)
   return results
 

@@ -346,6 +346,18 @@ def projected_peaks(runs, variant, batch, factor):
           (state['total'] + factor * saved) / GIB)
 
 
+def micro_batches_under_target(runs, variant, batch, factor):
+  """The fewest micro-batches (`training.grad_accum_steps`, a divisor of `batch`) whose projected peak (state
+  + c x saved) is under `TARGET_GIB`, or None. Each micro-batch has the variant's fraction of FP samples."""
+  state = next(iter(runs[variant].values()))['state']['total']
+  for k in range(1, batch + 1):
+    if batch % k == 0:
+      saved = project(runs, 'saved_peak', variant, batch // k)
+      if saved is not None and (state + factor * saved) / GIB < TARGET_GIB:
+        return k
+  return None
+
+
 def _slope(runs, variant, key):
   by_batch = runs[variant]
   return by_batch[2][key] - by_batch[1][key], 2 * by_batch[1][key] - by_batch[2][key]
@@ -382,8 +394,9 @@ def print_tables(results, args):
         'Per-sample columns of a 1/4 variant: its non-FP samples (its FP samples cost the base variant\'s).\n')
   batches = ' | '.join(f'peak GiB B = {b}' for b in PROJECTED_BATCHES)
   print(f'| model | variant | GFLOP / sample | FLOP ratio to DSM (B = 48) | saved MiB / sample | saved MiB '
-        f'intercept | alloc MiB / sample | {batches} | known (GiB) |')
-  print('| --- | --- |' + ' ---: |' * (5 + len(PROJECTED_BATCHES)) + ' --- |')
+        f'intercept | alloc MiB / sample | {batches} | micro-batches for < {TARGET_GIB:g} GiB at B = 48 | '
+        f'known (GiB) |')
+  print('| --- | --- |' + ' ---: |' * (6 + len(PROJECTED_BATCHES)) + ' --- |')
   for name, runs in results.items():
     for variant in runs:
       if not {1, 2} <= set(runs[variant]):
@@ -401,8 +414,9 @@ def print_tables(results, args):
       elif variant == 'fp' and name in RELEASED_FP_GIB:
         known = f'{RELEASED_FP_GIB[name]} at B = {RELEASED_FP_BATCH} (released code)'
       cells = ' | '.join(' / '.join(f'{v:.1f}' for v in p) for p in peaks)
+      micro = micro_batches_under_target(runs, variant, 48, factor)
       print(f"| {name} | {variant} | {flops48 / 48 / 1e9:.4g} | {ratio} | {saved_slope / MIB:.4g} | "
-            f"{saved_intercept / MIB:.4g} | {alloc_slope / MIB:.4g} | {cells} | {known} |")
+            f"{saved_intercept / MIB:.4g} | {alloc_slope / MIB:.4g} | {cells} | {micro or '-'} | {known} |")
   return factor
 
 

@@ -34,7 +34,7 @@ whole network ('ckpt net') or around each of its blocks ('ckpt blocks'), which t
 saved bytes.
 
 Usage:
-  python bench/cost_model.py --threads 2                  # the four full-size models, every variant (CPU, ~30 min)
+  python bench/cost_model.py --threads 2                  # the four full-size models, every variant (CPU, ~1 h)
   python bench/cost_model.py --models ve_ncsnpp --variants dsm,fp --tiny   # seconds
   python bench/cost_model.py --models ve_ncsnpp_deep --json deep.json     # then, to print runs together:
   python bench/cost_model.py --merge main.json,deep.json

@@ -3,16 +3,14 @@ their weight, with the DSM term at every step.
 
 What is pinned: the expected gradient over the k phases is the every-step gradient (float64, fixed batch and
 noise); k = 1 is the every-step objective bit for bit; the decision depends on the global step only (so ranks
-and micro-batches agree, and a resumed run is the uninterrupted run); DSM-only steps run the compiled forward
-model alone; evaluation reports the terms at weight 1; the log says which step the FP terms come from; bad
-values are refused naming the field. The 2-rank run is in tests/test_distributed.py.
+and micro-batches agree, and a resumed run is the uninterrupted run); evaluation reports the terms at weight 1; the log says which step the FP terms come from; bad
+values are refused naming the field. The 2-rank run is in tests/test_distributed.py, the compiled DSM-only
+step in tests/test_trainer.py.
 """
 
-import functools
 import logging
 import os
 
-import ml_collections
 import pytest
 import torch
 
@@ -29,18 +27,9 @@ from tests import configs_tiny
 
 def _toy_config(**training):
   """The demo's MLP (2-D data, no dropout) with both FP terms on, exact d_t s, the FP terms on half the batch."""
-  config = configs_tiny.get_toy_config()
-  config.training.batch_size = 8
-  config.training.alpha = 0.5
-  config.training.beta = 0.2
-  config.training.scalar_fp = 'both'
-  config.training.fp_batch_fraction = 0.5
-  config.training.fp_time_derivative = 'forward_ad'
+  config = configs_tiny.get_toy_fp_config(**{'beta': 0.2, 'scalar_fp': 'both', 'fp_batch_fraction': 0.5,
+                                             **training})
   config.optim.warmup = 0
-  # A plain dict round trip, so that a field may be set to a value of another type (the bad values' test).
-  fields = config.training.to_dict()
-  fields.update(training)
-  config.training = ml_collections.ConfigDict(fields)
   return config
 
 
@@ -199,31 +188,6 @@ def test_bf16_lazy_steps_train_float32_weights():
     terms = trainer.train_step(state, _batch(8, seed))
     assert all(torch.isfinite(value) for value in terms.values())
   assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in state['model'].parameters())
-
-
-def test_dsm_only_steps_run_the_compiled_model_alone(monkeypatch):
-  # The 'eager' backend: the same tracing and wrapping as the default, without minutes of C++ compilation.
-  monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
-  config = _toy_config(compile=True, fp_every=2)
-  torch.manual_seed(0)
-  state = run_lib.build_state(config)
-  trainer = run_lib.make_trainer(config, sde_lib.sde_from_config(config), state)
-  calls = {'compiled': 0, 'eager': 0}
-  inner = state['model'].module
-  real_forward = type(inner).forward
-
-  def counting_forward(self, x, labels):
-    calls['compiled' if torch.compiler.is_compiling() else 'eager'] += 1
-    return real_forward(self, x, labels)
-
-  monkeypatch.setattr(type(inner), 'forward', counting_forward)
-  trainer.train_step(state, _batch(8))  # step 0: the FP step, its FP samples through the eager model
-  assert calls['eager'] >= 1
-  calls.update(compiled=0, eager=0)
-  state['step'] = 1  # also a recompilation for the whole batch's shape (traced, so counted as compiled)
-  terms = trainer.train_step(state, _batch(8, seed=1))
-  assert set(terms) == {'loss', 'dsm'}
-  assert calls == {'compiled': calls['compiled'], 'eager': 0} and calls['compiled'] >= 1
 
 
 def _tensorboard_steps(tb_dir, tag):

@@ -21,8 +21,9 @@ and behaviour as thin wrappers over these objects; the regularizer's options the
 A new regularizer is a class with the interface of `score_fpe.ScoreFPERegularizer` (its own module and config
 block) added to `REGULARIZERS`.
 
-The step primitives (`apply_update`, `eval_terms`, `check_optimize_fn`) are shared by Score SDE's one-process
-`get_step_fn` here and by `trainer.Trainer`, which sits above this module.
+The step primitives (`apply_update`, `eval_terms`, `check_optimize_fn`) and the schedule of lazy regularization
+(`LazyRegularization`, `training.fp_every`) are shared by Score SDE's one-process `get_step_fn` here and by
+`trainer.Trainer`, which sits above this module.
 """
 
 import abc
@@ -172,6 +173,11 @@ class Loss(abc.ABC):
     """The terms this loss reports, in a fixed order ('dsm' first)."""
     return tuple(self.weights)
 
+  @property
+  def regularizer_term_names(self):
+    """The regularizers' terms: every term but 'dsm' (`regularize=False` skips them; lazy regularization)."""
+    return tuple(name for name in self.weights if name != 'dsm')
+
   @abc.abstractmethod
   def draw_noise(self, shape, device, dtype=torch.float32, generator=None):
     """Everything random one evaluation of the loss on a batch of `shape` needs, as a dict of tensors whose
@@ -179,7 +185,7 @@ class Loss(abc.ABC):
     micro-batches). `generator` None draws from torch's global generator (Score SDE's behaviour)."""
 
   @abc.abstractmethod
-  def __call__(self, model, batch, train, noise=None, eager_model=None):
+  def __call__(self, model, batch, train, noise=None, eager_model=None, regularize=True):
     """The per-sample terms on `batch`: a dict term name -> tensor of shape (n,).
 
     Args:
@@ -188,6 +194,8 @@ class Loss(abc.ABC):
       train: training (model in train mode, gradients through the terms) or evaluation.
       noise: `draw_noise`'s dict for this batch (default: drawn here).
       eager_model: the model to use where a compiled `model` cannot be (double backward); default `model`.
+      regularize: compute the regularizers' terms; False: 'dsm' alone (the other steps of lazy
+        regularization, `LazyRegularization`).
     """
 
   def reduce(self, per_sample, batch_size, sum_over_ranks=None, world_size=1):
@@ -195,14 +203,17 @@ class Loss(abc.ABC):
     return {name: reduce_term(values, self.reductions[name], batch_size, sum_over_ranks, world_size)
             for name, values in per_sample.items()}
 
-  def total(self, reduced):
-    """The objective: the weighted sum of the reduced terms."""
-    return sum(self.weights[name] * value for name, value in reduced.items())
+  def total(self, reduced, regularizer_scale=1):
+    """The objective: the weighted sum of the reduced terms, the regularizers' weights (every term but 'dsm')
+    multiplied by `regularizer_scale` (lazy regularization's `fp_every`; 1 leaves the sum bit for bit)."""
+    return sum(self.weights[name] * (1 if name == 'dsm' else regularizer_scale) * value
+               for name, value in reduced.items())
 
-  def terms(self, per_sample, batch_size, sum_over_ranks=None, world_size=1):
-    """`{'loss': the objective, **the reduced terms}` from `__call__`'s per-sample terms (see `reduce`)."""
+  def terms(self, per_sample, batch_size, sum_over_ranks=None, world_size=1, regularizer_scale=1):
+    """`{'loss': the objective, **the reduced terms}` from `__call__`'s per-sample terms (see `reduce`, and
+    `total` for `regularizer_scale`). The reduced terms are reported at weight 1, whatever the scale."""
     reduced = self.reduce(per_sample, batch_size, sum_over_ranks, world_size)
-    return {'loss': self.total(reduced), **reduced}
+    return {'loss': self.total(reduced, regularizer_scale), **reduced}
 
   def describe(self):
     """One line for the log."""
@@ -269,15 +280,16 @@ class SDELoss(Loss):
     g2 = utils.at_least_float32(self.sde.diffusion(perturbed.t)) ** 2
     return _per_sample(torch.square(score + z / utils.expand_batch(std, score)), self.reduce_mean) * g2
 
-  def __call__(self, model, batch, train, noise=None, eager_model=None):
+  def __call__(self, model, batch, train, noise=None, eager_model=None, regularize=True):
     if noise is None:
       noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
+    regularizers = self.regularizers if regularize else ()
     continuous_score = lambda m: mutils.get_score_fn(self.sde, m, train=train, continuous=True)
     score_fn = continuous_score(model)
     eager_score_fn = score_fn if eager_model is None else continuous_score(eager_model)
     p = self.perturb(batch, noise)
     shared = None
-    if self._shared is not None:
+    if regularize and self._shared is not None:
       # One network evaluation at (x_t, t) serves the DSM loss and the regularizer on its first k samples
       # (and, by forward-mode AD, gives d_t s too); the rest of the batch is evaluated separately, so that
       # the higher-order derivatives run through the first k samples only.
@@ -290,9 +302,10 @@ class SDELoss(Loss):
       if k < batch.shape[0]:
         score = torch.cat([score, score_fn(p.x_t[k:], p.t[k:]).to(score.dtype)], dim=0)
     else:
+      # Also a lazy step's DSM alone: the whole batch through `model`, which may be compiled.
       score = score_fn(p.x_t, p.t)
     terms = {'dsm': self.dsm_per_sample(score, p)}
-    for r in self.regularizers:
+    for r in regularizers:
       terms.update(r(eager_score_fn, p.x0, p.x_t, p.t, noise, shared=shared if r is self._shared else None,
                      create_graph=train))
     return terms
@@ -313,7 +326,7 @@ class SMLDLoss(Loss):
     return {'labels': torch.randint(0, self.sde.N, (shape[0],), generator=generator, device=device),
             'z': torch.randn(shape, generator=generator, device=device, dtype=dtype)}
 
-  def __call__(self, model, batch, train, noise=None, eager_model=None):
+  def __call__(self, model, batch, train, noise=None, eager_model=None, regularize=True):
     if noise is None:
       noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
     model_fn = mutils.get_model_fn(model, train=train)
@@ -338,7 +351,7 @@ class DDPMLoss(Loss):
     return {'labels': torch.randint(0, self.sde.N, (shape[0],), generator=generator, device=device),
             'z': torch.randn(shape, generator=generator, device=device, dtype=dtype)}
 
-  def __call__(self, model, batch, train, noise=None, eager_model=None):
+  def __call__(self, model, batch, train, noise=None, eager_model=None, regularize=True):
     if noise is None:
       noise = self.draw_noise(batch.shape, batch.device, batch.dtype)
     model_fn = mutils.get_model_fn(model, train=train)
@@ -406,6 +419,34 @@ def apply_update(state, optimize_fn, **kwargs):
   return grad_norm
 
 
+class LazyRegularization:
+  """Lazy regularization (`training.fp_every`, as StyleGAN2's lazy R1 penalty): the regularizers' terms on one
+  optimizer step in `every`, at `every` times their weight.
+
+  The DSM term is computed at every step; the regularizers' terms only at the steps whose global step
+  (`state['step']` before the update) is a multiple of `every`, with their weights multiplied by `every`, so that
+  over `every` consecutive steps the expected gradient is the every-step one. The decision is a function of the
+  global step only: every rank and micro-batch of a step agrees without communicating, and a resumed run
+  computes the terms on the steps the uninterrupted run would have. `every = 1` is the paper's loss, bit for
+  bit. Evaluation is not lazy: it reports the terms at weight 1.
+  """
+
+  def __init__(self, every=1):
+    """Validates `every` (`training.fp_every`: an integer >= 1), here only."""
+    self.every = utils.check_number('training.fp_every', every, low=1, integer=True)
+
+  def regularizes(self, step):
+    """Whether the optimizer step `step` (the global step, before its update) computes the regularizers."""
+    return int(step) % self.every == 0
+
+  def describe(self, loss):
+    """One clause for the log, or '' when every step computes the terms (or the loss has none)."""
+    if self.every == 1 or not loss.regularizer_term_names:
+      return ''
+    return (f'lazy regularization: {", ".join(loss.regularizer_term_names)} on the steps that are multiples of '
+            f'training.fp_every={self.every}, at {self.every} x their weight; DSM at every step')
+
+
 def _detached(terms):
   """A dict of tensors, detached."""
   return {name: value.detach() for name, value in terms.items()}
@@ -427,18 +468,21 @@ def _legacy_terms(terms):
   return {name: out[name] for name in ('loss', 'dsm', 'fp_vector', 'fp_scalar', *out)}
 
 
-def _score_sde_step_fn(loss, train, optimize_fn, return_terms):
+def _score_sde_step_fn(loss, train, optimize_fn, return_terms, lazy=None):
   """Score SDE's `step_fn(state, batch)` for `loss`: float32, the whole batch at once, one process, the noise
-  drawn from torch's global generator. `trainer.Trainer` is the same step with the scale-out options."""
+  drawn from torch's global generator; `lazy` a `LazyRegularization` (default: every step). `trainer.Trainer`
+  is the same step with the scale-out options."""
+  lazy = lazy or LazyRegularization()
 
-  def batch_terms(model, batch, train):
-    return loss.terms(loss(model, batch, train), batch.shape[0])
+  def batch_terms(model, batch, train, regularize=True, regularizer_scale=1):
+    return loss.terms(loss(model, batch, train, regularize=regularize), batch.shape[0],
+                      regularizer_scale=regularizer_scale)
 
   def step_fn(state, batch):
     if train:
       check_optimize_fn(optimize_fn)  # before the state is touched
       state['optimizer'].zero_grad(set_to_none=True)
-      terms = batch_terms(state['model'], batch, True)
+      terms = batch_terms(state['model'], batch, True, lazy.regularizes(state['step']), lazy.every)
       terms['loss'].backward()
       apply_update(state, optimize_fn)
       terms = _detached(terms)
@@ -545,7 +589,8 @@ def get_step_fn(sde, train, optimize_fn=None, reduce_mean=False, continuous=True
 
 
 def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False):
-  """The step function that `config.training` describes (`loss_from_config`), Score SDE's numerics.
+  """The step function that `config.training` describes (`loss_from_config`, and for training the lazy
+  regularization `training.fp_every`), Score SDE's numerics.
 
   Args:
     config: the experiment's config.
@@ -557,6 +602,8 @@ def step_fn_from_config(config, sde, train, optimize_fn=None, return_terms=False
   Returns:
     `step_fn(state, batch)`.
   """
+  lazy = None
   if train:
     check_optimize_fn(optimize_fn)
-  return _score_sde_step_fn(loss_from_config(config, sde), train, optimize_fn, return_terms)
+    lazy = LazyRegularization(config.training.fp_every)
+  return _score_sde_step_fn(loss_from_config(config, sde), train, optimize_fn, return_terms, lazy)

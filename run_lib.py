@@ -58,13 +58,15 @@ def build_state(config):
 
 
 def make_trainer(config, sde, state):
-  """The `trainer.Trainer` of a config: its loss, optimizer schedule, precision, accumulation and noise seed."""
+  """The `trainer.Trainer` of a config: its loss, optimizer schedule, precision, accumulation, noise seed and
+  lazy regularization (`training.fp_every`, validated by `losses.LazyRegularization`)."""
   return trainer_lib.Trainer(
       losses.loss_from_config(config, sde), losses.optimization_manager(config),
       precision=trainer_lib.PrecisionPolicy(config.training.mixed_precision, config.device),
       grad_accum_steps=config.training.grad_accum_steps,
       noise_seed=utils.config_value(config, 'seed'),
-      forward_model=_compiled(config, state))
+      forward_model=_compiled(config, state),
+      fp_every=config.training.fp_every)
 
 
 def _compiled(config, state):
@@ -250,6 +252,32 @@ def _log_terms(writer, prefix, terms, step):
   return values
 
 
+def _log_training_terms(run, writer, terms, step, progress, fp_logged_step):
+  """The training log at a `log_freq` step: the step's terms (TensorBoard at `step`) and the log line.
+
+  With lazy regularization (`training.fp_every` > 1) the step computed its regularizers' terms (FP terms) only
+  if it was an FP step: the line then shows the FP terms of the latest FP step with its number ('fp_step: N',
+  N = `state['step']` after that step's update), and TensorBoard gets them at step N, once (`fp_logged_step`
+  is the FP step already written). Every rank makes the same calls: the FP steps are a function of the step.
+
+  Returns:
+    The FP step whose terms TensorBoard now has (None if none yet).
+  """
+  values = _log_terms(writer, 'train', terms, step)
+  text = _format_terms(values)
+  latest = run.trainer.latest_regularized
+  if run.trainer.lazy.every > 1 and latest is not None:
+    fp_step, fp_terms = latest
+    if fp_step != step:
+      # Written at their own step, so that their TensorBoard curves have points only at FP steps.
+      fp_values = _log_terms(writer if fp_step != fp_logged_step else None, 'train', fp_terms, fp_step)
+      text = f'{text}; {_format_terms(fp_values)}'
+    text = f'{text}, fp_step: {fp_step}'
+    fp_logged_step = fp_step
+  logging.info('step: %d, training_loss: %.5e (%s), %s', step, values['loss'], text, progress.status(step))
+  return fp_logged_step
+
+
 def _stop_on_signal(run, signum):
   """Saves the resume point at the current step (after the checks before a save), logs, raises
   `preemption.TrainingInterrupted` with `preemption.EXIT_STOPPED` (every rank alike)."""
@@ -290,6 +318,7 @@ def _training_loop(run, writer, stop):
                             show_bar=distributed.context().is_main)
   # With float16's GradScaler an infinite gradient norm is expected now and then: that step is skipped.
   check_grad_norm = run.trainer.precision.scaler is None
+  fp_logged_step = None
   try:
     while int(run.state['step']) < s['n_iters']:
       # A step boundary: where a SIGTERM / SIGINT received during the last step (or setup) takes effect. Every
@@ -301,9 +330,7 @@ def _training_loop(run, writer, stop):
       step = int(run.state['step'])  # the step has incremented it: `step` updates are done
       ckpt.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)
       if step % s['log_freq'] == 0:
-        values = _log_terms(writer, 'train', terms, step)
-        logging.info('step: %d, training_loss: %.5e (%s), %s', step, values['loss'], _format_terms(values),
-                     progress.status(step))
+        fp_logged_step = _log_training_terms(run, writer, terms, step, progress, fp_logged_step)
         ckpt.check_finite_loss()
       if step % s['eval_freq'] == 0:
         # Score SDE's periodic eval loss on one batch of the eval split (each rank its share), EMA weights.
@@ -353,6 +380,9 @@ def train(config, workdir):
 def _train(run, stop):
   s, ctx = run.settings, distributed.context()
   logging.info('Loss: %s', run.trainer.loss.describe())
+  lazy = run.trainer.lazy.describe(run.trainer.loss)
+  if lazy:
+    logging.info('Schedule: %s.', lazy)
   logging.info('Batch: %d in all, %d process(es), %d micro-batch(es) per step; precision: %s%s.',
                s['batch_size'], ctx.world_size, s['grad_accum_steps'], run.trainer.precision.name,
                '' if run.trainer.forward_model is None else ', compiled forward')

@@ -1,7 +1,8 @@
 """The training step, owned by one object: precision policy, accumulation, gradient averaging, update, EMA.
 
-`Trainer.train_step(state, batch)` does, in order: draw the step's noise, forward and backward pass of each
-micro-batch under the precision policy, average the gradients over ranks (torch.distributed), unscale (float16),
+`Trainer.train_step(state, batch)` does, in order: draw the step's noise, decide whether the step computes the
+regularizers' terms (lazy regularization, `training.fp_every`: `losses.LazyRegularization`), forward and
+backward pass of each micro-batch under the precision policy, average the gradients over ranks (torch.distributed), unscale (float16),
 clip, optimizer step, EMA update. `state` is Score SDE's dict `{'optimizer', 'model', 'ema', 'step'}`.
 `losses.get_step_fn` is the same step with Score SDE's numerics (float32, one batch, one process, the global
 random generator): both use the update and evaluation primitives of `losses` (`apply_update`, `eval_terms`).
@@ -68,7 +69,7 @@ class Trainer:
   """One optimizer step (and the evaluation step) of a loss on Score SDE's training state."""
 
   def __init__(self, loss, optimize_fn=None, *, precision=None, grad_accum_steps=1, noise_seed=None,
-               forward_model=None):
+               forward_model=None, fp_every=1):
     """Builds the step.
 
     Args:
@@ -80,7 +81,9 @@ class Trainer:
         torch's global generator, per micro-batch, as Score SDE.
       forward_model: optional replacement of `state['model']` for the loss's forward passes (a
         `torch.compile`d module sharing its parameters). The score-FPE regularizer, which differentiates the
-        network twice, always uses `state['model']`.
+        network twice, always uses `state['model']`; a lazy step without it runs the whole batch compiled.
+      fp_every: lazy regularization (`training.fp_every`, `losses.LazyRegularization`): the regularizers' terms
+        only on the steps that are multiples of it, at fp_every x their weight.
     """
     self.loss = loss
     self.optimize_fn = optimize_fn
@@ -88,14 +91,21 @@ class Trainer:
     self.grad_accum_steps = utils.check_field('training.grad_accum_steps', grad_accum_steps)
     self.noise_seed = noise_seed
     self.forward_model = forward_model
+    self.lazy = losses.LazyRegularization(fp_every)
     self.last_grad_norm = None
+    # (step, terms) of the latest training step that computed the regularizers: `state['step']` after its
+    # update (the step it is logged under) and its regularizers' terms, detached. For the log of lazy runs.
+    self.latest_regularized = None
 
-  def _loss_terms(self, model, batch, train, noise, sum_over_ranks=None, world_size=1):
-    """`Loss.terms` on `batch` (the objective 'loss' and the reduced terms), under the precision policy."""
+  def _loss_terms(self, model, batch, train, noise, sum_over_ranks=None, world_size=1, regularize=True,
+                  regularizer_scale=1):
+    """`Loss.terms` on `batch` (the objective 'loss' and the reduced terms), under the precision policy;
+    `regularize` and `regularizer_scale` as `Loss.__call__`'s and `Loss.terms`'s."""
     with self.precision.autocast():
       forward_model = model if self.forward_model is None else self.forward_model
-      per_sample = self.loss(forward_model, batch, train, noise=noise, eager_model=model)
-    return self.loss.terms(per_sample, batch.shape[0], sum_over_ranks=sum_over_ranks, world_size=world_size)
+      per_sample = self.loss(forward_model, batch, train, noise=noise, eager_model=model, regularize=regularize)
+    return self.loss.terms(per_sample, batch.shape[0], sum_over_ranks=sum_over_ranks, world_size=world_size,
+                           regularizer_scale=regularizer_scale)
 
   def _step_noise(self, batch, step):
     """This rank's slice of the step's global noise, or None (drawn by the loss, per micro-batch)."""
@@ -111,9 +121,13 @@ class Trainer:
   def train_step(self, state, batch):
     """One optimizer step on this rank's share `batch` of the global batch.
 
+    With lazy regularization (`fp_every` > 1), a step whose global step `state['step']` is not a multiple of
+    `fp_every` computes the DSM term alone; the others compute every term, the regularizers' at `fp_every` x
+    their weight in the objective (`latest_regularized` keeps their terms for the log).
+
     Returns:
-      A dict of detached 0-dim tensors: 'loss' (the objective) and every term the loss reports, each the
-      mean over the micro-batches of this rank's values (for logging; no host sync happens here).
+      A dict of detached 0-dim tensors: 'loss' (the step's objective) and every term the step computed, each
+      the mean over the micro-batches of this rank's values (for logging; no host sync happens here).
     """
     losses.check_optimize_fn(self.optimize_fn)
     model, optimizer = state['model'], state['optimizer']
@@ -123,7 +137,9 @@ class Trainer:
                        f'{k} micro-batches.')
     ctx = distributed.context()
     sum_over_ranks = distributed.all_reduce_sum if ctx.distributed else None
-    noise = self._step_noise(batch, int(state['step']))
+    step = int(state['step'])
+    noise = self._step_noise(batch, step)
+    regularize = self.lazy.regularizes(step)
     optimizer.zero_grad(set_to_none=True)
     micro = b // k
     logged = {}
@@ -131,7 +147,7 @@ class Trainer:
       part = slice(j * micro, (j + 1) * micro)
       terms = self._loss_terms(model, batch[part], True,
                                None if noise is None else slice_noise(noise, j * micro, micro),
-                               sum_over_ranks, ctx.world_size)
+                               sum_over_ranks, ctx.world_size, regularize, self.lazy.every)
       # Each micro-batch's mean weighs 1/k: the gradient of the mean over the whole batch.
       self.precision.backward(terms['loss'] / k)
       for name, value in terms.items():
@@ -139,6 +155,9 @@ class Trainer:
     distributed.all_reduce_gradients(model.parameters())
     kwargs = {} if self.precision.scaler is None else {'scaler': self.precision.scaler}
     self.last_grad_norm = losses.apply_update(state, self.optimize_fn, **kwargs)
+    if regularize and self.loss.regularizer_term_names:
+      self.latest_regularized = (int(state['step']),
+                                 {name: logged[name] for name in self.loss.regularizer_term_names})
     return logged
 
   def eval_step(self, state, batch, noise=None):

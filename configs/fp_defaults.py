@@ -32,6 +32,9 @@ def add_fp_diffusion_fields(config):
   training.fp_hutchinson_type = 'gaussian'  # probe: 'gaussian' or 'rademacher'
   training.fp_num_probes = 1  # probes per sample for the Hutchinson estimator
   training.fp_batch_fraction = 1.  # fraction of the batch on which the FP term is computed
+  # Lazy regularization (as StyleGAN2's R1): the FP terms only on the steps whose global step is a multiple of
+  # fp_every, at fp_every x their weight (the same expected gradient); DSM at every step. 1: every step (paper).
+  training.fp_every = 1
   # Dropout masks of the finite difference's 3 evaluations: 'shared' (one set: the derivative of one network)
   # or 'independent' (new masks for each, as the released code: a ~1e3 times larger R_vec with dropout 0.1).
   training.fp_dropout_masks = 'shared'

@@ -3,8 +3,11 @@
 `get_config()` is Score SDE's NCSN++ VE continuous config shrunk to 8x8x3 images of the NPZ dataset (set
 `data.path`), with the FP regularizer on, a few-step PC sampler and a few-step schedule. It is also a
 `--config` file for main.py: `python main.py --config tests/configs_tiny.py --config.data.path=...`.
-`get_toy_config()` is the 2-D demo's VE config shrunk the same way.
+`get_toy_config()` is the 2-D demo's VE config shrunk the same way; `get_toy_fp_config()` is it with the
+settings the trainer tests compare steps with.
 """
+
+import ml_collections
 
 import utils
 from configs.toy import ve_dsm
@@ -79,4 +82,24 @@ def get_toy_config():
   config.optim.lr = 1e-3
   config.optim.schedule = 'constant'
   config.eval.enable_conservativity = False
+  return config
+
+
+def get_toy_fp_config(**training):
+  """`get_toy_config()` at batch 8 with the FP vector term on (alpha 0.5, Hutchinson probes, the exact d_t s),
+  no dropout; `training` overrides `config.training` fields, with values of any type (a plain dict round trip:
+  the tests of bad values)."""
+  config = get_toy_config()
+  config.training.batch_size = 8
+  config.training.alpha = 0.5
+  config.training.beta = 0.
+  config.training.fp_divergence = 'hutchinson'
+  config.training.fp_batch_fraction = 1.
+  # The exact d_t s: the finite difference divides by steps of 1e-3, which turns float32 rounding into
+  # relative differences of 1e-4 between two summation orders, too coarse to compare updates.
+  config.training.fp_time_derivative = 'forward_ad'
+  config.model.dropout = 0.
+  fields = config.training.to_dict()
+  fields.update(training)
+  config.training = ml_collections.ConfigDict(fields)
   return config

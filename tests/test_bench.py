@@ -18,10 +18,12 @@ def _run(*args):
 
 def test_fp_step_bench_puts_dsm_first_and_prints_every_row():
   out = _run('bench/bench_fp_step.py', '--batch', '2', '--nf', '16', '--num_res_blocks', '1', '--steps', '1',
-             '--warmup', '0', '--models', 'vp_ddpmpp', '--variants', 'dsm+fp (1/4 batch),dsm')
-  rows = [line for line in out.splitlines() if line.startswith('| vp_ddpmpp')]
-  assert [row.split('|')[2].strip() for row in rows] == ['dsm', 'dsm+fp (1/4 batch)']
-  assert all('x |' in row for row in rows)  # every row has its ratio to DSM
+             '--warmup', '0', '--models', 'vp_ddpmpp', '--variants', 'dsm+fp (1/4 batch),dsm', '--fp_every', '1,2')
+  rows = [line.split('|') for line in out.splitlines() if line.startswith('| vp_ddpmpp')]
+  # DSM once (nothing to schedule), then each FP variant at every fp_every.
+  assert [(row[2].strip(), row[3].strip()) for row in rows] == [('dsm', '-'), ('dsm+fp (1/4 batch)', '1'),
+                                                                 ('dsm+fp (1/4 batch)', '2')]
+  assert all(row[5].strip().endswith('x') for row in rows)  # every row has its ratio to DSM
 
 
 @pytest.mark.parametrize('script', ['bench/bench_fp_step.py', 'bench/bench_ranks.py'])

@@ -88,6 +88,23 @@ def test_two_ranks_train_and_resume_like_one_process(tmp_path):
     torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
 
 
+def test_two_ranks_train_lazily_like_one_process(tmp_path):
+  """training.fp_every = 2 (lazy regularization): each rank decides from the global step alone which steps carry
+  the FP terms (a rank that disagreed would hang in the scalar term's or the log's all-reduce: log_freq is 1),
+  and the run matches one process on the same global batches."""
+  overrides = dict(OVERRIDES, **{'training.fp_every': 2})
+  single, multi, out = str(tmp_path / 'single'), str(tmp_path / 'multi'), str(tmp_path / 'out')
+  _single_process_run(single, overrides)
+  _torchrun('tests/torchrun_worker.py', multi, out, json.dumps(overrides))
+  ranks = [torch.load(os.path.join(out, f'rank{r}.pt')) for r in (0, 1)]
+  for a, b in zip(ranks[0]['params'], ranks[1]['params']):
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+  meta = os.path.join('checkpoints-meta', 'checkpoint.pth')
+  expected, got = _weights(os.path.join(single, meta)), _weights(os.path.join(multi, meta))
+  for key in expected:
+    torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
 def test_main_under_torchrun_evaluates_like_one_process(tmp_path):
   workdir = str(tmp_path / 'w')
   config = _single_process_run(workdir, OVERRIDES)

@@ -16,21 +16,8 @@ import utils
 from tests import configs_tiny
 
 
-def _toy_config(**training):
-  """The demo's MLP (2-D data) with the FP regularizer's vector term on, Hutchinson probes, exact d_t s."""
-  config = configs_tiny.get_toy_config()
-  config.training.batch_size = 8
-  config.training.alpha = 0.5
-  config.training.beta = 0.
-  config.training.fp_divergence = 'hutchinson'
-  config.training.fp_batch_fraction = 1.
-  # The exact d_t s: the finite difference divides by steps of 1e-3, which turns float32 rounding into
-  # relative differences of 1e-4 between two summation orders, too coarse to compare updates.
-  config.training.fp_time_derivative = 'forward_ad'
-  config.model.dropout = 0.
-  for name, value in training.items():
-    setattr(config.training, name, value)
-  return config
+# The demo's MLP (2-D data) with the FP regularizer's vector term on, Hutchinson probes, exact d_t s.
+_toy_config = configs_tiny.get_toy_fp_config
 
 
 def _batch(config, n, seed=0):
@@ -164,7 +151,8 @@ def test_compile_runs_the_dsm_forward_compiled_and_the_fp_term_eager(monkeypatch
   # torch.compile's default backend needs minutes of C++ compilation on 2 cores; the 'eager' backend goes
   # through the same tracing and wrapping, which is what this test is about.
   monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
-  config = _toy_config(compile=True, fp_batch_fraction=0.5)
+  # Lazy regularization (tests/test_lazy_regularization.py): step 0 has the FP term, step 1 the DSM alone.
+  config = _toy_config(compile=True, fp_batch_fraction=0.5, fp_every=2)
   sde = sde_lib.sde_from_config(config)
   torch.manual_seed(0)
   state = run_lib.build_state(config)
@@ -187,6 +175,10 @@ def test_compile_runs_the_dsm_forward_compiled_and_the_fp_term_eager(monkeypatch
   assert calls['eager'] >= 1  # the FP term's evaluation (forward-mode AD gives s and d_t s at once)
   # The checkpoint layout is the DataParallel model's, not the compiled module's ('_orig_mod.').
   assert list(state['model'].state_dict()) == keys_before and all(k.startswith('module.') for k in keys_before)
+  # A DSM-only step runs the whole batch through the compiled model alone (one more trace for its shape).
+  calls.update(compiled=0, eager=0)
+  assert set(trainer.train_step(state, _batch(config, 8, seed=1))) == {'loss', 'dsm'}
+  assert calls['compiled'] >= 1 and calls['eager'] == 0
 
 
 def test_norm_reduction_is_the_released_batch_norm():

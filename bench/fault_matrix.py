@@ -195,11 +195,13 @@ def _signal_run(workdir, signum, cmd=None):
   return int(match.group(1))
 
 
-def fault_sigterm(workdir, rng):
-  step = _signal_run(workdir, signal.SIGTERM)
-  run_lib.train(_config(dict(FOREVER, **{'training.n_iters': step + 2})), workdir)
-  assert _step(_meta(workdir)) == step + 2
-  return f'exit 75, saved at step {step}, resumed from it'
+def _fault_stop_and_resume(signum):
+  def fault(workdir, rng):
+    step = _signal_run(workdir, signum)
+    run_lib.train(_config(dict(FOREVER, **{'training.n_iters': step + 2})), workdir)
+    assert _step(_meta(workdir)) == step + 2
+    return f'exit 75, saved at step {step}, resumed from it'
+  return fault
 
 
 def fault_sigint(workdir, rng):
@@ -430,13 +432,6 @@ def fault_torchrun_sigterm(workdir, rng):
   return f'2 ranks stopped at step {match.group(1)}, rank 0 saved (torchrun exit {proc.returncode})'
 
 
-def fault_sighup(workdir, rng):
-  step = _signal_run(workdir, signal.SIGHUP)
-  run_lib.train(_config(dict(FOREVER, **{'training.n_iters': step + 2})), workdir)
-  assert _step(_meta(workdir)) == step + 2
-  return f'terminal closed: exit 75, saved at step {step}, resumed from it'
-
-
 def fault_sighup_under_nohup(workdir, rng):
   proc = subprocess.Popen(_main(workdir, 'train', FOREVER), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True,
@@ -518,7 +513,7 @@ def faults(num_kills):
       ('SIGKILL in the middle of writing the resume point', fault_kill_during_meta_save),
       ('SIGKILL in the middle of writing a snapshot', fault_kill_during_snapshot_save),
       ('SIGKILL in the middle of the final save', fault_kill_during_final_meta_save),
-      ('SIGTERM', fault_sigterm),
+      ('SIGTERM', _fault_stop_and_resume(signal.SIGTERM)),
       ('SIGINT (Ctrl-C)', fault_sigint),
       ('a second SIGINT during the save', fault_double_sigint),
       ('SIGTERM as soon as the lock is taken', fault_sigterm_during_setup),
@@ -542,7 +537,7 @@ def faults(num_kills):
       ('resume point a directory', _fault_damaged_meta('directory', 'is a directory')),
       ('checkpoints-meta not writable', fault_unwritable_meta_dir),
       ('SIGTERM under torchrun (2 ranks, gloo)', fault_torchrun_sigterm),
-      ('SIGHUP (terminal closed, ssh session dropped)', fault_sighup),
+      ('SIGHUP (terminal closed, ssh session dropped)', _fault_stop_and_resume(signal.SIGHUP)),
       ('SIGHUP to a run started under nohup', fault_sighup_under_nohup),
       ('full disk (ENOSPC) while writing the resume point', fault_full_disk_resume_point),
       ('file size limit (a real EFBIG) while writing the resume point', fault_file_size_limit),

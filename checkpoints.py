@@ -41,6 +41,11 @@ class CheckpointError(RuntimeError):
   """A checkpoint file that cannot be loaded safely, or does not fit the state it is restored into."""
 
 
+# The numpy scalar types a checkpoint's numbers may have: Score SDE's float64 learning rate, and integer steps.
+_NUMPY_SCALAR_TYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16,
+                       np.float32, np.float64)
+
+
 def checkpoint_safe_globals():
   """The globals, beyond torch's defaults, that Score SDE checkpoints need to unpickle.
 
@@ -48,7 +53,10 @@ def checkpoint_safe_globals():
   `numpy.float64`, so the optimizer's state dict pickles a numpy scalar: `numpy.core.multiarray.scalar` (its
   name under numpy 1.x, `numpy._core.multiarray.scalar` under numpy 2.x), called with a `numpy.dtype` whose
   unpickling builds an instance of the float64 dtype class (`numpy.dtypes.Float64DType` for numpy >= 1.25).
-  Nothing else is allowed: any other global in a checkpoint makes `restore_checkpoint` refuse the file.
+  A step saved as a numpy integer (`np.int64`, as a loop over `np.arange` gives it) unpickles the same way with
+  the integer dtype's class, so the dtype classes of numpy's integer and floating-point scalars are allowed too:
+  building a dtype runs no code from the file. Nothing else is allowed: any other global in a checkpoint makes
+  `restore_checkpoint` refuse the file.
 
   Returns:
     A list for `torch.serialization.safe_globals`: objects and `(object, 'module.name')` pairs.
@@ -60,12 +68,9 @@ def checkpoint_safe_globals():
     from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
     has_numpy2_names = False
   scalar = multiarray.scalar
-  allowed = [
-      np.dtype,
-      type(np.dtype(np.float64)),
-      # Pin the name a checkpoint spells, whatever module this numpy defines the function in.
-      (scalar, 'numpy.core.multiarray.scalar'),
-  ]
+  allowed = [np.dtype, *(type(np.dtype(t)) for t in _NUMPY_SCALAR_TYPES)]
+  # Pin the name a checkpoint spells, whatever module this numpy defines the function in.
+  allowed.append((scalar, 'numpy.core.multiarray.scalar'))
   if has_numpy2_names:
     allowed.append((scalar, 'numpy._core.multiarray.scalar'))
   return allowed
@@ -157,9 +162,9 @@ MODEL_SHAPE_FIELDS = ('model.name', 'model.nf', 'model.ch_mult', 'model.num_res_
                       'model.embedding_type', 'model.num_scales', 'data.image_size', 'data.num_channels')
 
 
-def _shown(items, limit=6):
+def _shown(items, limit=6, sep=', '):
   """At most `limit` items, then how many more: a mismatch of a whole model stays one readable line."""
-  text = ', '.join(items[:limit])
+  text = sep.join(items[:limit])
   return text + (f' and {len(items) - limit} more' if len(items) > limit else '')
 
 
@@ -233,9 +238,103 @@ def _entry_problems(loaded):
       or not all(isinstance(g, dict) and isinstance(g.get('params'), (list, tuple)) for g in groups)):
     problems.append("entry 'optimizer' is not an optimizer state dict ('state', and 'param_groups' with "
                     "'params')")
-  step = loaded['step']
+  if checkpoint_step(loaded['step']) is None:
+    problems.append(f"entry 'step' is {loaded['step']!r}, not an integer >= 0")
+  return problems
+
+
+def checkpoint_step(step):
+  """A checkpoint's `step` as an int, or None if it is not an integer >= 0.
+
+  Score SDE saves a Python int; a numpy integer or a 0-dim integer tensor (what other training loops count
+  with) is the same step.
+  """
+  if isinstance(step, torch.Tensor):
+    if step.dim() != 0 or step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
+      return None
+    step = step.item()
   if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-    problems.append(f"entry 'step' is {step!r}, not an integer >= 0")
+    return None
+  return int(step)
+
+
+def _real(value):
+  """`value` as a float if it is a real number (bool excluded) or a 0-dim real tensor, else None."""
+  if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+    return float(value.item())
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    return float(value)
+  return None
+
+
+# The ranges torch.optim's constructors allow for the hyperparameters of a param group, as [low, high): a
+# checkpoint's param groups replace the optimizer's at `load_state_dict` (only `lr` is set again from the config,
+# at every step), so a NaN `eps` from a file would silently stop every update. `betas` applies to each beta.
+_HYPERPARAMETER_RANGES = {'lr': (0., math.inf), 'initial_lr': (0., math.inf), 'eps': (0., math.inf),
+                          'weight_decay': (0., math.inf), 'momentum': (0., math.inf), 'betas': (0., 1.)}
+
+# Optimizer state entries that are scalars rather than tensors of their parameter's shape: the step count (Adam
+# and most of torch.optim), NAdam's `mu_product`, ASGD's `eta` and `mu`.
+_SCALAR_STATE = ('step', 'mu_product', 'eta', 'mu')
+
+
+def _hyperparameter_problems(index, group):
+  """What is wrong with the hyperparameters of the saved param group `index` (a list of strings)."""
+  problems = []
+  for name, value in group.items():
+    if name == 'params':
+      continue
+    low, high = _HYPERPARAMETER_RANGES.get(name, (-math.inf, math.inf))
+    if name == 'betas':
+      values = [_real(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else [None]
+      allowed = f'two finite numbers in [{low:g}, {high:g})'
+    else:
+      values = [_real(value)]
+      if values[0] is None and name not in _HYPERPARAMETER_RANGES:
+        continue  # a flag (amsgrad, maximize, foreach...) or None: torch.optim's own
+      allowed = 'a finite number' + (f' >= {low:g}' if low > -math.inf else '')
+    if not all(v is not None and math.isfinite(v) and low <= v < high for v in values):
+      problems.append(f'optimizer param_groups[{index}].{name} is {value!r} (allowed: {allowed})')
+  return problems
+
+
+def _optimizer_problems(saved, optimizer):
+  """What keeps the saved optimizer state dict `saved` from fitting `optimizer` (a list of strings).
+
+  Checked here because `load_state_dict` checks only the number of parameters per group: a state tensor of
+  another shape, or a NaN hyperparameter, loads and fails (or silently stops training) steps later.
+  """
+  problems = []
+  for index, group in enumerate(saved['param_groups']):
+    problems += _hyperparameter_problems(index, group)
+  # load_state_dict pairs the saved parameter ids with the optimizer's parameters in order, over all groups.
+  ids = [i for g in saved['param_groups'] for i in g['params']]
+  params = [p for g in optimizer.param_groups for p in g['params']]
+  if len(set(ids)) != len(ids):
+    problems.append('optimizer param_groups list a parameter id more than once')
+  param_of = dict(zip(ids, params))
+  for key, entry in saved['state'].items():
+    field = f'optimizer state[{key!r}]'
+    if key not in param_of:
+      problems.append(f'{field} belongs to no parameter of its param_groups')
+      continue
+    if not isinstance(entry, dict):
+      problems.append(f'{field} is a {type(entry).__name__}, not a dict')
+      continue
+    shape = tuple(param_of[key].shape)
+    for name, value in entry.items():
+      if name in _SCALAR_STATE:
+        number = _real(value)
+        if number is None or not math.isfinite(number) or (name == 'step' and number < 0):
+          problems.append(f'{field}.{name} is {value!r}, not a finite number' + (' >= 0' if name == 'step' else ''))
+      elif value is None:
+        continue  # e.g. SGD's momentum_buffer before the first step with momentum
+      elif not isinstance(value, torch.Tensor):
+        problems.append(f'{field}.{name} is a {type(value).__name__}, not a tensor')
+      elif tuple(value.shape) != shape:
+        problems.append(f'{field}.{name} has shape {tuple(value.shape)}, its parameter {shape}')
+      elif not value.is_floating_point():
+        problems.append(f'{field}.{name} is of dtype {value.dtype}, not a floating-point type')
   return problems
 
 
@@ -274,6 +373,10 @@ def _check_checkpoint(path, loaded, state):
     raise CheckpointError(f"Checkpoint {str(path)!r}: 'optimizer' has parameter groups of sizes "
                           f'{[len(g["params"]) for g in saved_groups]}, the optimizer '
                           f'{[len(g["params"]) for g in groups]}.')
+  problems = _optimizer_problems(loaded['optimizer'], state['optimizer'])
+  if problems:
+    raise CheckpointError(f'Checkpoint {str(path)!r} has an optimizer state that does not fit the optimizer: '
+                          f'{_shown(problems, sep="; ")}.')
 
   bad = non_finite_entries(loaded)
   if bad:
@@ -326,7 +429,8 @@ def restore_checkpoint(ckpt_dir, state, device):
   state['model'].load_state_dict(loaded['model'], strict=True)
   state['ema'].load_state_dict(loaded['ema'])
   state['optimizer'].load_state_dict(loaded['optimizer'])
-  state['step'] = loaded['step']
+  # An int, whatever integer type the file holds: saved again as Score SDE saves it.
+  state['step'] = checkpoint_step(loaded['step'])
   return state
 
 
@@ -339,6 +443,9 @@ def save_checkpoint(ckpt_dir, state):
   Args:
     ckpt_dir: path of the checkpoint file (the name is Score SDE's).
     state: Score SDE's training state, `{'optimizer', 'model', 'ema', 'step'}`.
+
+  Raises:
+    WriteError: the file could not be written (a full disk, say); the previous file is intact.
   """
   saved_state = {
       'optimizer': state['optimizer'].state_dict(),
@@ -346,12 +453,81 @@ def save_checkpoint(ckpt_dir, state):
       'ema': state['ema'].state_dict(),
       'step': state['step'],
   }
-  with atomic_write(ckpt_dir) as f:
+  with atomic_write(ckpt_dir, description=f'checkpoint {ckpt_dir}') as f:
     torch.save(saved_state, f)
 
 
+class WriteError(OSError):
+  """A file that could not be written (a full disk, a quota, an I/O error): one line naming it and the OS error.
+
+  `errno`, `strerror` and `filename` are those of the OS error, which is the `__cause__`'s chain.
+  """
+
+  def __init__(self, description, error, filename=None):
+    super().__init__(error.errno, error.strerror or str(error), filename or error.filename)
+    detail = f'[Errno {error.errno}] {error.strerror}' if error.errno is not None else str(error)
+    self.message = f'Cannot write {description}: {detail}'
+
+  def __str__(self):
+    return self.message
+
+
+def os_error_in(error):
+  """The OSError `error` is or was caused by (the first in its `__cause__` / `__context__` chain), or None.
+
+  A writer reports a failed write in its own words: torch.save as `RuntimeError: [enforce fail at
+  inline_container.cc] unexpected pos`, zipfile (np.savez) as `ValueError: seek of closed file`; the OSError
+  (ENOSPC, EIO...) is only in the chain.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 @contextlib.contextmanager
-def atomic_write(path):
+def write_errors(description, filename=None):
+  """Re-raises an error of the body that an OSError caused as a `WriteError` naming `description`.
+
+  Args:
+    description: what was being written, for the message: `'checkpoint W/checkpoints/checkpoint_3.pth'`.
+    filename: the file, for the error's `filename` (default: the OS error's).
+  """
+  try:
+    yield
+  except WriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    cause = os_error_in(e)
+    if cause is None:
+      raise
+    raise WriteError(description, cause, filename) from e
+
+
+def _abandon_zip_writers(error, file):
+  """Detaches `file` from the `zipfile.ZipFile`s a failed write left in its traceback's frames.
+
+  np.savez does not close its ZipFile when a write fails: when the traceback is freed, `ZipFile.__del__` would
+  finish the archive in the closed temporary file and print 'Exception ignored ... seek of closed file' with a
+  traceback on the console, after the one-line error.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      for value in list(tb.tb_frame.f_locals.values()):
+        if isinstance(value, zipfile.ZipFile) and value.fp is file:
+          value.fp = None  # its close() (and __del__) then does nothing
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+
+
+@contextlib.contextmanager
+def atomic_write(path, description=None):
   """Opens a binary file that replaces `path` only once the body has written it completely.
 
   The data go to a temporary file in the same directory, are flushed to disk, then renamed over `path`
@@ -360,18 +536,31 @@ def atomic_write(path):
   never sees half a file. An exception (KeyboardInterrupt included) removes the temporary file; a process
   killed outright (SIGKILL, power loss) cannot, and leaves `.<name>.<32 hex digits>.tmp` behind, which
   `remove_stale_temp_files` removes (training does at its next start). Parent directories are created.
+
+  Args:
+    path: the file.
+    description: what the file is, for errors (default: its path), e.g. `'checkpoint W/checkpoints-meta/...'`.
+
+  Raises:
+    WriteError: an OSError (a full disk, a quota, an I/O error) stopped the write, however the writer reported
+      it: one line naming the file and the OS error; the previous file is intact, the temporary file removed.
   """
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
   try:
-    # O_EXCL: never write through a file someone else created; mode 0o666 lets the umask apply as for open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
-    with os.fdopen(fd, 'wb') as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with write_errors(description or str(path), str(path)):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      # O_EXCL: never write through a file someone else created; mode 0o666 lets the umask apply as for open().
+      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+      with os.fdopen(fd, 'wb') as f:
+        try:
+          yield f
+          f.flush()
+          os.fsync(f.fileno())
+        except Exception as e:
+          _abandon_zip_writers(e, f)
+          raise
+      os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)

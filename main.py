@@ -39,6 +39,8 @@ flags.DEFINE_enum('mode', None, ['train', 'eval', 'fid_stats', 'compare'],
                   'Running mode: train, eval, fid_stats (compute the dataset statistics file for FID), or compare '
                   '(the evaluation results of --workdir against those of --baseline_workdir).')
 flags.DEFINE_string('eval_folder', 'eval', 'The folder name for storing evaluation results')
+flags.DEFINE_bool('allow_outside_workdir', False, 'Allow --eval_folder to resolve outside --workdir (an absolute '
+                  'path, \'..\', or a symbolic link): results are written there.')
 flags.DEFINE_string('baseline_workdir', None, '--mode compare: the baseline\'s work directory (its <eval_folder> '
                     'holds the evaluation results compared against those of --workdir).')
 flags.DEFINE_integer('ckpt', None, '--mode compare: the checkpoint of --workdir to compare (default: the last '
@@ -200,6 +202,7 @@ def report_failure(mode, file_handler, show_traceback):
 
 def run_compare(config):
   """--mode compare: the evaluation results of --workdir against those of --baseline_workdir (compare.py)."""
+  run_lib.eval_dir_in(FLAGS.workdir, FLAGS.eval_folder, FLAGS.allow_outside_workdir)  # the table is written there
   text = compare.compare_workdirs(config, FLAGS.workdir, FLAGS.baseline_workdir, FLAGS.eval_folder,
                                   ckpt=FLAGS.ckpt, baseline_ckpt=FLAGS.baseline_ckpt)
   logging.info('Comparison:\n%s', text)
@@ -223,15 +226,15 @@ def main(argv):
     if FLAGS.mode == 'train':
       run_lib.train(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'eval':
-      run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
+      run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder, FLAGS.allow_outside_workdir)
     elif ctx.is_main and FLAGS.mode == 'compare':
       run_compare(FLAGS.config)
     elif ctx.is_main:
       # The statistics of the data set are one pass of Inception over it: rank 0 alone.
       compute_fid_stats(FLAGS.config)
   except preemption.TrainingInterrupted as e:
-    # Stopped by SIGTERM / SIGINT: an expected end, no traceback. EXIT_STOPPED after a clean stop (resume with
-    # the same command), 128 + signal number after a second signal (as if killed).
+    # Stopped by SIGTERM / SIGINT / SIGHUP: an expected end, no traceback. EXIT_STOPPED after a clean stop (resume
+    # with the same command), 128 + signal number after a second signal (as if killed).
     logging.warning('%s', e)
     sys.exit(e.exit_code)
   except KeyboardInterrupt:

@@ -1,20 +1,22 @@
-"""How a training run survives the ways jobs die: the workdir lock, and a clean stop on SIGTERM / SIGINT.
+"""How a training run survives the ways jobs die: the workdir lock, and a clean stop on a signal.
 
 Workdir lock. While `run_lib.train` runs, it holds `W/train.lock`, a small JSON file naming the process that
 holds it (PID, host, process start time, command, a random token). The file is created atomically (written
 in full under a temporary name, then hard-linked to its name, which fails if it exists), so a second trainer
 on the same workdir is refused with an error naming the holder, instead of both writing checkpoints. A lock
 left by a process that no longer runs (SIGKILL, a machine reboot) is detected on the same host (the PID is
-gone, or belongs to a newer process) and taken over, with a warning. A lock held from another host cannot be
-checked from here: the trainer is refused and told to delete the file if that run is over. Under torchrun,
-rank 0 holds the lock. Evaluation reads the lock to tell whether a trainer will still write the checkpoint
-it waits for (`trainer_status`).
+gone, or belongs to a newer process) and taken over, with a warning; so is a lock that is a symbolic link to
+nothing (a copied or restored workdir). A lock held from another host cannot be checked from here: the trainer
+is refused and told to delete the file if that run is over. Under torchrun, rank 0 holds the lock. Evaluation
+reads the lock to tell whether a trainer will still write the checkpoint it waits for (`trainer_status`).
 
-Stop on a signal. `StopOnSignal` turns the first SIGTERM (what Slurm and Kubernetes send before a kill) or
-SIGINT (Ctrl-C) into a request that the training loop sees at its next step boundary: it saves the resume
-point at that step and exits with `EXIT_STOPPED`. A second signal, a second or more after the first, raises
-`TrainingInterrupted` at once, without saving (a signal repeated within that second is the same request
-delivered twice: torchrun forwards the terminal's Ctrl-C to workers that received it already).
+Stop on a signal. `StopOnSignal` turns the first SIGTERM (what Slurm and Kubernetes send before a kill), SIGINT
+(Ctrl-C) or SIGHUP (the terminal closed, an ssh session dropped) into a request that the training loop sees at
+its next step boundary: it saves the resume point at that step and exits with `EXIT_STOPPED`. A process started
+with SIGHUP ignored (`nohup`) keeps ignoring it: the user asked the run to outlive the terminal. A second
+signal, a second or more after the first, raises `TrainingInterrupted` at once, without saving (a signal
+repeated within that second is the same request delivered twice: torchrun forwards the terminal's Ctrl-C to
+workers that received it already).
 """
 
 import contextlib
@@ -24,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -31,13 +34,15 @@ import uuid
 
 LOCK_NAME = 'train.lock'
 
-# The exit status of a training run stopped by SIGTERM / SIGINT after saving its resume point: EX_TEMPFAIL of
+# The exit status of a training run stopped by a stop signal after saving its resume point: EX_TEMPFAIL of
 # sysexits.h ("a temporary failure; the user is invited to retry"): run the same command again to resume. A
-# run killed outright exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as the shell
-# reports it.
+# run killed outright exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP), as
+# the shell reports it.
 EXIT_STOPPED = 75
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The signals that stop training at the next step boundary with the resume point saved. SIGHUP does not exist
+# on Windows.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hasattr(signal, 'SIGHUP') else ())
 
 
 class WorkdirLocked(RuntimeError):
@@ -45,7 +50,7 @@ class WorkdirLocked(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-  """Training stopped on SIGTERM / SIGINT.
+  """Training stopped on a stop signal (`STOP_SIGNALS`).
 
   Attributes:
     signum: the signal's number.
@@ -136,12 +141,19 @@ class Unreadable:
 def read_holder(path):
   """The `Holder` a lock file names; None if there is no lock file; an `Unreadable` if it is not a record."""
   try:
-    with open(path, 'rb') as f:
-      data = f.read(65536)
+    # O_NONBLOCK: a FIFO planted as the lock would block the open until something writes into it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
   except FileNotFoundError:
-    return None
+    return None  # no lock, or a symbolic link to nothing (`WorkdirLock` takes that over)
   except OSError as e:
     return Unreadable(f'it cannot be read: {e.strerror}')
+  with os.fdopen(fd, 'rb') as f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      return Unreadable('it is not a regular file')
+    try:
+      data = f.read(65536)
+    except OSError as e:
+      return Unreadable(f'it cannot be read: {e.strerror}')
   try:
     record = json.loads(data.decode())
     return Holder(pid=int(record['pid']), host=str(record['host']), token=str(record['token']),
@@ -170,6 +182,11 @@ def trainer_status(workdir):
   if alive:
     return True, f'{path} is held by {holder.describe()}, which is running'
   return False, f'{path} was left by {holder.describe()}, which no longer runs'
+
+
+def _token(holder):
+  """The token of a `read_holder` result, or None if it names no holder."""
+  return holder.token if isinstance(holder, Holder) else None
 
 
 def _own_record():
@@ -258,7 +275,9 @@ class WorkdirLock:
   def _refuse_or_take_over(self):
     holder = read_holder(self.path)
     if holder is None:
-      return  # released in the meantime: try again
+      if os.path.islink(self.path):
+        self._take_over_dangling_link()
+      return  # released in the meantime (or taken over): try again
     if isinstance(holder, Unreadable):
       raise WorkdirLocked(f'The workdir lock {self.path} exists but {holder.reason}. If no trainer runs on this '
                           'workdir, delete the file and start again.')
@@ -271,23 +290,39 @@ class WorkdirLock:
       raise WorkdirLocked(f'The workdir lock {self.path} is held by {holder.describe()}, another machine: whether '
                           'that trainer still runs cannot be checked from here. If it has stopped, delete the '
                           'file and start again.')
-    # Move the stale lock aside, then check that what was moved is the lock judged stale: another process may
-    # have taken it over in between, and its lock must be put back.
+    if self._remove_if(lambda moved: _token(read_holder(moved)) == holder.token):
+      logging.warning('Took over the stale workdir lock %s left by %s: that process no longer runs (killed, or '
+                      'its machine restarted).', self.path, holder.describe())
+
+  def _take_over_dangling_link(self):
+    """Removes the lock if it is a symbolic link to nothing: no process can hold it (a copied workdir)."""
+    try:
+      target = os.readlink(self.path)
+    except OSError:
+      return  # not a link (any more): try again
+    if self._remove_if(lambda moved: os.path.islink(moved) and not os.path.exists(moved)):
+      logging.warning('Took over the workdir lock %s, a symbolic link to %r, which does not exist: no trainer can '
+                      'hold it, so it is treated as a stale lock.', self.path, target)
+
+  def _remove_if(self, stale):
+    """Removes the lock file if `stale(path)` holds for it once moved aside; returns whether it did.
+
+    Moved first, then judged: another process may have taken the lock over between the caller's look and the
+    move, and its lock is put back.
+    """
     moved = os.path.join(self.workdir, f'.{LOCK_NAME}.stale.{uuid.uuid4().hex}.tmp')
     try:
       os.rename(self.path, moved)
     except FileNotFoundError:
-      return
-    moved_holder = read_holder(moved)
-    if not isinstance(moved_holder, Holder) or moved_holder.token != holder.token:
+      return False
+    if not stale(moved):
       with contextlib.suppress(OSError):
         os.link(moved, self.path)
       with contextlib.suppress(FileNotFoundError):
         os.unlink(moved)
-      return
+      return False
     os.unlink(moved)
-    logging.warning('Took over the stale workdir lock %s left by %s: that process no longer runs (killed, or '
-                    'its machine restarted).', self.path, holder.describe())
+    return True
 
   def check_held(self):
     """None while the lock file is still ours, else what happened to it (a sentence)."""
@@ -326,7 +361,7 @@ class WorkdirLock:
 
 
 class StopOnSignal:
-  """A context manager that turns SIGTERM / SIGINT into a stop request (see the module docstring).
+  """A context manager that turns the `STOP_SIGNALS` into a stop request (see the module docstring).
 
   While active, the first signal only sets `signum` (the handler does nothing else: it may run in the middle
   of any Python code, logging included); the training loop reads it at step boundaries. A second signal at
@@ -343,9 +378,12 @@ class StopOnSignal:
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
-      logging.info('Not in the main thread: SIGTERM / SIGINT keep their default action (no save on a signal).')
+      logging.info('Not in the main thread: SIGTERM / SIGINT / SIGHUP keep their default action (no save on a '
+                   'signal).')
       return self
     for signum in STOP_SIGNALS:
+      if signum == getattr(signal, 'SIGHUP', None) and signal.getsignal(signum) == signal.SIG_IGN:
+        continue  # started under nohup: the terminal closing must not stop the run
       self._previous[signum] = signal.signal(signum, self._handle)
     return self
 

@@ -306,8 +306,10 @@ def _save_sample_snapshot(run, step):
   finally:
     ema.restore(params())
   this_sample_dir = os.path.join(run.sample_dir, f'iter_{step}')
-  os.makedirs(this_sample_dir, exist_ok=True)
-  run.data.save_snapshot(sample, this_sample_dir, step)
+  # The data set writes the files (several, in its formats): a full disk is named by their folder.
+  with checkpoints.write_errors(f'the snapshot samples of step {step} into {this_sample_dir}'):
+    os.makedirs(this_sample_dir, exist_ok=True)
+    run.data.save_snapshot(sample, this_sample_dir, step)
 
 
 def _training_loop(run, writer, stop):
@@ -350,9 +352,10 @@ def train(config, workdir):
   a released Score SDE checkpoint copied there is fine-tuned from its step. Resuming at or past
   `training.n_iters` logs so and returns. Under torchrun, every rank runs this; rank 0 writes.
 
-  While it runs, rank 0 holds the workdir lock `workdir/train.lock` (`preemption.WorkdirLock`). SIGTERM or
-  SIGINT stops training at the next step boundary with the resume point saved at that step
-  (`preemption.TrainingInterrupted`, exit code `preemption.EXIT_STOPPED`); a second signal stops at once.
+  While it runs, rank 0 holds the workdir lock `workdir/train.lock` (`preemption.WorkdirLock`). SIGTERM,
+  SIGINT or SIGHUP (`preemption.STOP_SIGNALS`) stops training at the next step boundary with the resume point
+  saved at that step (`preemption.TrainingInterrupted`, exit code `preemption.EXIT_STOPPED`); a second signal
+  stops at once.
 
   Args:
     config: Configuration to use.
@@ -365,7 +368,9 @@ def train(config, workdir):
     preemption.WorkdirLocked: another trainer holds the workdir lock; nothing was written.
     FloatingPointError: the training loss or gradient norm became NaN or infinite, or the parameters exploded;
       the error names the step and the last good checkpoint, which is intact.
-    preemption.TrainingInterrupted: SIGTERM / SIGINT; the error says what was saved.
+    checkpoints.WriteError: a checkpoint or sample could not be written (a full disk): the message names it;
+      the previous resume point is intact.
+    preemption.TrainingInterrupted: a stop signal; the error says what was saved.
   """
   lock = distributed.on_main_rank(lambda: preemption.WorkdirLock(workdir).acquire())
   try:
@@ -695,8 +700,30 @@ def _check_conservativity_dim(settings, dim):
                      'e.g. 4.')
 
 
-def setup_evaluation(config, workdir, eval_folder):
-  """Builds and validates everything evaluation needs (an `Evaluation`); writes nothing."""
+def eval_dir_in(workdir, eval_folder, allow_outside_workdir=False):
+  """The results folder `workdir/eval_folder`, refused if it is outside the workdir (unless allowed).
+
+  An absolute `eval_folder`, one with '..', or a symbolic link in the path can put it anywhere: evaluation creates
+  the folder, probes it with a file and writes its results there, so it stays inside the workdir unless the
+  user passes `--allow_outside_workdir`. Judged on the resolved paths (symbolic links followed).
+
+  Raises:
+    ValueError: naming `--eval_folder`, where it resolves to, and the flag that allows it.
+  """
+  eval_dir = os.path.join(workdir, eval_folder)
+  root, target = os.path.realpath(workdir), os.path.realpath(eval_dir)
+  if not allow_outside_workdir and os.path.commonpath([root, target]) != root:
+    raise ValueError(f'--eval_folder={eval_folder!r} resolves to {target}, outside the workdir {root}: evaluation '
+                     'results are written inside --workdir. Pass --allow_outside_workdir to write there anyway.')
+  return eval_dir
+
+
+def setup_evaluation(config, workdir, eval_folder, allow_outside_workdir=False):
+  """Builds and validates everything evaluation needs (an `Evaluation`); writes nothing.
+
+  The results folder is checked first (`eval_dir_in`).
+  """
+  eval_dir = eval_dir_in(workdir, eval_folder, allow_outside_workdir)
   settings = _eval_settings(config)
   utils.config_value(config, 'seed')
   sde = sde_lib.sde_from_config(config)
@@ -705,7 +732,6 @@ def setup_evaluation(config, workdir, eval_folder):
   data = datasets.get_data(config)
   _check_eval_batch_fits(data, settings)
   trainer = make_trainer(config, sde, state)
-  eval_dir = os.path.join(workdir, eval_folder)
   parts = {}
   if settings['enable_bpd']:
     # The data set says which bits/dim apply: Score SDE's (dequantized 8-bit images, Rademacher trace
@@ -730,7 +756,7 @@ def setup_evaluation(config, workdir, eval_folder):
       eval_dir=eval_dir, summaries=_LazySummaryWriter(os.path.join(eval_dir, 'tensorboard')), **parts)
 
 
-def evaluate(config, workdir, eval_folder='eval'):
+def evaluate(config, workdir, eval_folder='eval', allow_outside_workdir=False):
   """Evaluates checkpoints `eval.begin_ckpt..eval.end_ckpt` of `workdir/checkpoints/`.
 
   For each checkpoint (waiting for it if training has not written it yet; see `checkpoints.await_checkpoint`),
@@ -759,10 +785,12 @@ def evaluate(config, workdir, eval_folder='eval'):
     config: Configuration to use.
     workdir: Working directory holding `checkpoints/` (it must exist).
     eval_folder: The subfolder for storing evaluation results.
+    allow_outside_workdir: allow `eval_folder` to resolve outside `workdir` (`eval_dir_in`).
 
   Raises:
-    ValueError: a config value does not fit (e.g. `eval.batch_size` larger than a split an enabled pass reads);
-      nothing was written.
+    ValueError: a config value does not fit (e.g. `eval.batch_size` larger than a split an enabled pass reads),
+      or `eval_folder` is outside the workdir; nothing was written.
+    checkpoints.WriteError: a result file could not be written (a full disk): the message names it.
     FileNotFoundError: the workdir does not exist; `checkpoints.MissingCheckpointError` (a FileNotFoundError):
       a checkpoint is missing and no trainer will write it.
     TimeoutError: a checkpoint did not appear within `eval.wait_limit_seconds`.
@@ -771,7 +799,7 @@ def evaluate(config, workdir, eval_folder='eval'):
     FloatingPointError: a result of a checkpoint (loss, bits/dim, samples, metrics, residual) is not finite;
       it is not written.
   """
-  ev = setup_evaluation(config, workdir, eval_folder)
+  ev = setup_evaluation(config, workdir, eval_folder, allow_outside_workdir)
   if not os.path.isdir(workdir):
     # Not created: a mistyped --workdir would otherwise wait for checkpoints that nothing writes.
     raise FileNotFoundError(f'The workdir {workdir!r} does not exist: evaluation reads checkpoints from '

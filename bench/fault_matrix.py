@@ -5,12 +5,14 @@
   python bench/fault_matrix.py --only faults --kills 4
 
 Faults run the tiny 2-D config of tests/configs_tiny.py in real subprocesses (main.py, or tests/fault_worker.py
-where a fault must hit an exact moment): SIGKILL at random moments and at the worst moments of a save, SIGTERM,
-Ctrl-C, a second signal, two trainers, stale locks, damaged checkpoints, exploding and NaN weights, evaluation
-with nothing to wait for. A fault is *survived* when its oracle holds: no work lost beyond what the kind of
-death allows (a resumed run ends with every snapshot and nothing left over), no hang, and an exit status and
-message that say what happened. Bad inputs are config values and data that must be *refused* before anything is
-written, by an error naming the field (or the file) and the value. Prints one table row per case and the totals.
+where a fault must hit an exact moment, tests/full_disk.py for a full disk): SIGKILL at random moments and at the
+worst moments of a save, SIGTERM, Ctrl-C, SIGHUP, a second signal, two trainers, stale and dangling locks, damaged
+checkpoints, exploding and NaN weights, evaluation with nothing to wait for, full disks (a simulated ENOSPC, and a
+real EFBIG from a file size limit). A fault is *survived* when its oracle holds: no work lost beyond what the kind
+of death allows (a resumed run ends with every snapshot and nothing left over), no hang, and an exit status and
+message that say what happened. Bad inputs are config values, data, result folders outside the workdir and
+damaged optimizer states that must be *refused* before anything is written, by an error naming the field (or the
+file) and the value. Prints one table row per case and the totals.
 """
 
 import argparse
@@ -60,8 +62,8 @@ def _flags(overrides):
   return [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
-def _main(workdir, mode, overrides, *extra):
-  return [sys.executable, 'main.py', f'--config={TINY}:toy', f'--workdir={workdir}', f'--mode={mode}',
+def _main(workdir, mode, overrides, *extra, script='main.py'):
+  return [sys.executable, script, f'--config={TINY}:toy', f'--workdir={workdir}', f'--mode={mode}',
           *_flags(overrides), *extra]
 
 
@@ -73,8 +75,9 @@ def _popen(cmd):
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _run(cmd, timeout=300):
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd, timeout=300, env=None):
+  return subprocess.run(cmd, cwd=ROOT, env=dict(_env(), **(env or {})), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def _config(overrides):
@@ -192,11 +195,13 @@ def _signal_run(workdir, signum, cmd=None):
   return int(match.group(1))
 
 
-def fault_sigterm(workdir, rng):
-  step = _signal_run(workdir, signal.SIGTERM)
-  run_lib.train(_config(dict(FOREVER, **{'training.n_iters': step + 2})), workdir)
-  assert _step(_meta(workdir)) == step + 2
-  return f'exit 75, saved at step {step}, resumed from it'
+def _fault_stop_and_resume(signum):
+  def fault(workdir, rng):
+    step = _signal_run(workdir, signum)
+    run_lib.train(_config(dict(FOREVER, **{'training.n_iters': step + 2})), workdir)
+    assert _step(_meta(workdir)) == step + 2
+    return f'exit 75, saved at step {step}, resumed from it'
+  return fault
 
 
 def fault_sigint(workdir, rng):
@@ -427,6 +432,80 @@ def fault_torchrun_sigterm(workdir, rng):
   return f'2 ranks stopped at step {match.group(1)}, rank 0 saved (torchrun exit {proc.returncode})'
 
 
+def fault_sighup_under_nohup(workdir, rng):
+  proc = subprocess.Popen(_main(workdir, 'train', FOREVER), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+  _wait_for(lambda: _logged_step(workdir, 10) or proc.poll() is not None)
+  proc.send_signal(signal.SIGHUP)
+  _wait_for(lambda: _logged_step(workdir, 20) or proc.poll() is not None)
+  assert proc.poll() is None, 'SIGHUP stopped a run started under nohup'
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=120)
+  assert proc.returncode == preemption.EXIT_STOPPED and 'Stopped by SIGTERM' in _log(workdir)
+  return 'SIGHUP ignored as nohup asks; SIGTERM then stops it'
+
+
+def _one_error_line(result, mode, text):
+  """Asserts that a failed main.py run printed exactly one error line, holding `text`, and no traceback."""
+  errors = [line for line in result.stderr.splitlines() if f'{mode} failed:' in line]
+  assert result.returncode == 1 and len(errors) == 1 and text in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr and 'Exception ignored' not in result.stderr, result.stderr[-2000:]
+
+
+def fault_full_disk_resume_point(workdir, rng):
+  run_lib.train(_config(dict(QUICK, **{'training.n_iters': 8})), workdir)
+  # The toy checkpoint is 72 KB: the disk fills in the middle of torch.save of the resume point of step 10.
+  result = _run(_main(workdir, 'train', QUICK, script='tests/full_disk.py'), env={'FULL_DISK_BYTES': '20000'})
+  _one_error_line(result, 'train', f'WriteError: Cannot write checkpoint {_meta(workdir)}: [Errno 28] No space left '
+                                   'on device')
+  assert _step(_meta(workdir)) == 8 and not _temp_files(workdir)
+  _resume(workdir)
+  return 'one line naming the file; resume point kept at step 8; resumed to the end'
+
+
+def fault_file_size_limit(workdir, rng):
+  """A real OS error, not a simulated one: RLIMIT_FSIZE makes the kernel refuse writes past 40 KB (EFBIG)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))  # noqa: E731
+  result = subprocess.run(_main(workdir, 'train', QUICK), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+  # The first save: the resume point of step 2.
+  _one_error_line(result, 'train', f'WriteError: Cannot write checkpoint {_meta(workdir)}: [Errno 27] File too large')
+  assert not _temp_files(workdir)
+  _resume(workdir)
+  return 'EFBIG: one line naming the file, no temporary file; resumed to the end'
+
+
+def fault_full_disk_eval(workdir, rng):
+  run_lib.train(_config(QUICK), workdir)
+  result = _run(_main(workdir, 'eval', dict(QUICK, **{
+      'eval.begin_ckpt': 1, 'eval.end_ckpt': 1, 'eval.enable_bpd': False, 'eval.enable_sampling': False,
+      'eval.enable_fp_residual': False}), script='tests/full_disk.py'), env={'FULL_DISK_BYTES': '0'})
+  loss_file = os.path.join(workdir, 'eval', 'ckpt_1_loss.npz')
+  _one_error_line(result, 'eval', f'WriteError: Cannot write {loss_file}: [Errno 28] No space left on device')
+  assert os.listdir(os.path.dirname(loss_file)) == []
+  return 'one line naming the npz, nothing left in the folder'
+
+
+def fault_dangling_lock(workdir, rng):
+  os.makedirs(workdir)
+  os.symlink(os.path.join(workdir, 'gone'), os.path.join(workdir, preemption.LOCK_NAME))
+  result = _run(_main(workdir, 'train', dict(QUICK, **{'training.n_iters': 4})))
+  assert result.returncode == 0 and 'which does not exist: no trainer can hold it' in _log(workdir), \
+      result.stderr[-2000:]
+  return 'taken over as a stale lock, with a log line'
+
+
+def fault_numpy_integer_step(workdir, rng):
+  run_lib.train(_config(dict(QUICK, **{'training.n_iters': 8})), workdir)
+  loaded = checkpoints.load_checkpoint_file(_meta(workdir))
+  loaded['step'] = np.int64(loaded['step'])  # a step counted with numpy, as other training loops save it
+  torch.save(loaded, _meta(workdir))
+  _resume(workdir)
+  return 'resumed from step 8 (np.int64) to the end'
+
+
 def faults(num_kills):
   cases = [(f'SIGKILL at a random moment #{i + 1}', fault_random_kill) for i in range(num_kills)]
   cases += [
@@ -434,7 +513,7 @@ def faults(num_kills):
       ('SIGKILL in the middle of writing the resume point', fault_kill_during_meta_save),
       ('SIGKILL in the middle of writing a snapshot', fault_kill_during_snapshot_save),
       ('SIGKILL in the middle of the final save', fault_kill_during_final_meta_save),
-      ('SIGTERM', fault_sigterm),
+      ('SIGTERM', _fault_stop_and_resume(signal.SIGTERM)),
       ('SIGINT (Ctrl-C)', fault_sigint),
       ('a second SIGINT during the save', fault_double_sigint),
       ('SIGTERM as soon as the lock is taken', fault_sigterm_during_setup),
@@ -458,6 +537,13 @@ def faults(num_kills):
       ('resume point a directory', _fault_damaged_meta('directory', 'is a directory')),
       ('checkpoints-meta not writable', fault_unwritable_meta_dir),
       ('SIGTERM under torchrun (2 ranks, gloo)', fault_torchrun_sigterm),
+      ('SIGHUP (terminal closed, ssh session dropped)', _fault_stop_and_resume(signal.SIGHUP)),
+      ('SIGHUP to a run started under nohup', fault_sighup_under_nohup),
+      ('full disk (ENOSPC) while writing the resume point', fault_full_disk_resume_point),
+      ('file size limit (a real EFBIG) while writing the resume point', fault_file_size_limit),
+      ('full disk (ENOSPC) while writing an eval result', fault_full_disk_eval),
+      ('a train.lock that is a symbolic link to nothing', fault_dangling_lock),
+      ('resume point whose step is a numpy integer', fault_numpy_integer_step),
   ]
   return cases
 
@@ -623,9 +709,60 @@ DATA_CASES = ['npz_missing', 'npz_empty_path', 'npz_float', 'npz_size', 'npz_cha
               'npz_not_zip', 'train_batch_too_large', 'eval_batch_too_large', 'bpd_batch_too_large']
 
 
+def _eval_folder_case(kind):
+  def case(workdir):
+    tmp = os.path.dirname(workdir)
+    os.makedirs(os.path.join(workdir, 'checkpoints'))
+    folder = {'absolute': os.path.join(tmp, 'outside'), 'dotdot': '../outside', 'dotdot_inside': 'eval/../../outside',
+              'symlink': 'link/eval'}[kind]
+    os.symlink(os.path.join(tmp, 'outside'), os.path.join(workdir, 'link'))
+    config = _config(dict(QUICK, **{'eval.begin_ckpt': 1, 'eval.end_ckpt': 1, 'eval.wait_limit_seconds': 0.}))
+    before = sorted(os.listdir(tmp))
+    message = _expect_error(lambda: run_lib.evaluate(config, workdir, folder), 'outside the workdir')
+    assert f'--eval_folder={folder!r}' in message and '--allow_outside_workdir' in message, message
+    assert sorted(os.listdir(tmp)) == before, 'created something'
+    return message[:90]
+  return case
+
+
+# A trained toy resume point, damaged in one field of its optimizer state: (what, damage of the loaded dict, the
+# field the error must name).
+OPTIMIZER_DAMAGE = [
+    ('Adam exp_avg of the wrong shape', lambda o: o['state'][0].update(exp_avg=torch.zeros(7)), 'state[0].exp_avg'),
+    ('Adam exp_avg_sq of an integer dtype',
+     lambda o: o['state'][0].update(exp_avg_sq=o['state'][0]['exp_avg_sq'].long()), 'state[0].exp_avg_sq'),
+    ('a state for no parameter', lambda o: o['state'].update({99: {'step': torch.tensor(1.)}}), 'state[99]'),
+    ('step NaN', lambda o: o['state'][0].update(step=torch.tensor(float('nan'))), 'state[0].step'),
+    ('eps NaN', lambda o: o['param_groups'][0].update(eps=float('nan')), 'param_groups[0].eps is nan'),
+    ('betas (NaN, 0.999)', lambda o: o['param_groups'][0].update(betas=(float('nan'), 0.999)),
+     'param_groups[0].betas is (nan, 0.999)'),
+    ('weight_decay inf', lambda o: o['param_groups'][0].update(weight_decay=float('inf')),
+     'param_groups[0].weight_decay is inf'),
+    ('lr inf', lambda o: o['param_groups'][0].update(lr=float('inf')), 'param_groups[0].lr is inf'),
+]
+_TRAINED = {}
+
+
+def _optimizer_case(damage, field):
+  def case(workdir):
+    if 'dir' not in _TRAINED:  # trained once, copied for each case
+      _TRAINED['dir'] = tempfile.mkdtemp(prefix='fault_matrix_trained_')
+      run_lib.train(_config(dict(QUICK, **{'training.n_iters': 4})), os.path.join(_TRAINED['dir'], 'w'))
+    shutil.copytree(os.path.join(_TRAINED['dir'], 'w'), workdir)
+    loaded = checkpoints.load_checkpoint_file(_meta(workdir))
+    damage(loaded['optimizer'])
+    torch.save(loaded, _meta(workdir))
+    return _refused(workdir, _config(QUICK), 'train', repr(_meta(workdir)), field)
+  return case
+
+
 def inputs():
   cases = [(f'config.{case[0]}={case[1]!r} ({case[2]})', _bad_value_case(*case)) for case in BAD_VALUES]
   cases += [(f'data: {kind}', _data_case(kind)) for kind in DATA_CASES]
+  cases += [(f'--eval_folder outside the workdir: {kind}', _eval_folder_case(kind))
+            for kind in ('absolute', 'dotdot', 'dotdot_inside', 'symlink')]
+  cases += [(f'resume point optimizer: {what}', _optimizer_case(damage, field))
+            for what, damage, field in OPTIMIZER_DAMAGE]
   return cases
 
 
@@ -673,6 +810,8 @@ def main():
   if args.only in (None, 'inputs'):
     totals['inputs'] = _run_cases('Bad inputs (refused = ok)', inputs(), lambda case, workdir: case(workdir),
                                   args.verbose, args.filter)
+  if 'dir' in _TRAINED:
+    shutil.rmtree(_TRAINED['dir'], ignore_errors=True)
   print()
   if 'faults' in totals:
     print(f'faults injected: {totals["faults"][1]}, survived: {totals["faults"][0]}')

@@ -1,9 +1,12 @@
 """Checkpoint I/O (utils.save_checkpoint / utils.restore_checkpoint): Score SDE's format, safe, strict, atomic."""
 
+import errno
+import gc
 import io
 import logging
 import os
 import re
+import sys
 import zipfile
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 import checkpoints
 import utils
 from models.ema import ExponentialMovingAverage as EMA
+from tests import full_disk
 
 
 class _RunsCode:
@@ -104,8 +108,10 @@ def test_allow_list_is_minimal_and_covers_both_numpy_names():
   for entry in checkpoints.checkpoint_safe_globals():
     obj, name = entry if isinstance(entry, tuple) else (entry, f'{entry.__module__}.{entry.__name__}')
     names.add(name)
-  expected = {'numpy.dtype', f'{type(np.dtype(np.float64)).__module__}.{type(np.dtype(np.float64)).__name__}',
-              'numpy.core.multiarray.scalar'}
+  # The dtype classes of numpy's integer and float scalars (a float64 learning rate, an integer step), no more.
+  dtype_classes = {type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                                               np.uint64, np.float16, np.float32, np.float64)}
+  expected = {'numpy.dtype', 'numpy.core.multiarray.scalar', *(f'{c.__module__}.{c.__name__}' for c in dtype_classes)}
   try:
     import numpy._core.multiarray  # noqa: F401  (numpy 2.x, and numpy 1.26's alias)
     expected.add('numpy._core.multiarray.scalar')
@@ -433,3 +439,120 @@ def test_a_deeper_checkpoint_names_the_shape_fields(tmp_path):
   message = str(info.value)
   assert 'another architecture or size' in message and 'model.num_res_blocks' in message and 'model.nf' in message
   assert len(message) < 1500
+
+
+def _saved(state):
+  return {'optimizer': state['optimizer'].state_dict(), 'model': state['model'].state_dict(),
+          'ema': state['ema'].state_dict(), 'step': state['step']}
+
+
+def _set(path, value):
+  """Sets `value` at `path` (a tuple of keys and indices) of a nested checkpoint dict, in place."""
+  return lambda saved: _set_in(saved, path, value)
+
+
+def _set_in(node, path, value):
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = value
+
+
+@pytest.mark.parametrize('damage, message', [
+    (_set(('optimizer', 'state', 0, 'exp_avg'), torch.zeros(7)),
+     r'optimizer state\[0\]\.exp_avg has shape \(7,\), its parameter \(4, 3, 3, 3\)'),
+    (_set(('optimizer', 'state', 1, 'exp_avg_sq'), torch.zeros(4, dtype=torch.long)),
+     r'optimizer state\[1\]\.exp_avg_sq is of dtype torch\.int64, not a floating-point type'),
+    (_set(('optimizer', 'state', 0, 'step'), torch.tensor(float('nan'))),
+     r'optimizer state\[0\]\.step is tensor\(nan\)'),
+    (_set(('optimizer', 'state', 0, 'step'), -3), r'optimizer state\[0\]\.step is -3, not a finite number >= 0'),
+    (_set(('optimizer', 'state', 99), {'step': torch.tensor(1.)}), r'state\[99\] belongs to no parameter'),
+    (_set(('optimizer', 'state', 0), [1, 2]), r'state\[0\] is a list, not a dict'),
+    (_set(('optimizer', 'param_groups', 0, 'eps'), float('nan')), r'optimizer param_groups\[0\]\.eps is nan'),
+    (_set(('optimizer', 'param_groups', 0, 'betas'), (float('nan'), 0.999)),
+     r'param_groups\[0\]\.betas is \(nan, 0\.999\) \(allowed: two finite numbers in \[0, 1\)\)'),
+    (_set(('optimizer', 'param_groups', 0, 'betas'), (0.9, 1.0)), r'param_groups\[0\]\.betas is \(0\.9, 1\.0\)'),
+    (_set(('optimizer', 'param_groups', 0, 'weight_decay'), float('inf')),
+     r'param_groups\[0\]\.weight_decay is inf \(allowed: a finite number >= 0\)'),
+    (_set(('optimizer', 'param_groups', 0, 'lr'), np.float64('inf')), r'param_groups\[0\]\.lr is .*inf'),
+    (_set(('optimizer', 'param_groups', 0, 'lr'), -1.), r'param_groups\[0\]\.lr is -1\.0'),
+    (_set(('optimizer', 'param_groups', 0, 'eps'), 'small'), r"param_groups\[0\]\.eps is 'small'"),
+    (_set(('optimizer', 'param_groups', 0, 'params'), [0, 0, 2, 3, 4, 5]), 'list a parameter id more than once'),
+])
+def test_optimizer_state_that_does_not_fit_is_refused_naming_the_file_and_field(tmp_path, damage, message):
+  path = tmp_path / 'ckpt.pth'
+  saved = _saved(_state(0))
+  damage(saved)
+  torch.save(saved, path)
+  fresh, reference = _state(1), _state(1)
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    utils.restore_checkpoint(str(path), fresh, 'cpu')
+  text = str(info.value)
+  assert text.startswith(f"Checkpoint '{path}' has an optimizer state that does not fit") and '\n' not in text
+  assert re.search(message, text), text
+  _assert_same_state(fresh, reference)  # nothing was loaded
+
+
+@pytest.mark.parametrize('step', [np.int64(7), np.int32(7), np.uint16(7), torch.tensor(7),
+                                  torch.tensor(7, dtype=torch.int32)],
+                         ids=['np.int64', 'np.int32', 'np.uint16', 'tensor int64', 'tensor int32'])
+def test_an_integer_step_of_any_numeric_type_restores_as_an_int(tmp_path, step):
+  path = tmp_path / 'ckpt.pth'
+  saved = _saved(_state(0))
+  saved['step'] = step
+  torch.save(saved, path)
+  restored = utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
+  assert restored['step'] == 7 and type(restored['step']) is int  # saved again as Score SDE saves it
+  utils.save_checkpoint(str(path), restored)
+  assert type(checkpoints.load_checkpoint_file(path)['step']) is int
+
+
+@pytest.mark.parametrize('step', [torch.tensor(7.), torch.tensor([7]), np.float64(7.), torch.tensor(True)])
+def test_a_step_that_is_not_an_integer_is_refused(tmp_path, step):
+  path = tmp_path / 'ckpt.pth'
+  saved = _saved(_state(0))
+  saved['step'] = step
+  torch.save(saved, path)
+  with pytest.raises(checkpoints.CheckpointError, match=r"entry 'step' is .*, not an integer >= 0"):
+    utils.restore_checkpoint(str(path), _state(1, trained=False), 'cpu')
+
+
+# A checkpoint of `_state(0)` is about 11 KB: a disk full from the start fails at the first write under Python's
+# 8 KiB buffer, one full after 9000 bytes in the middle of torch.save (its RuntimeError wraps the OSError).
+@pytest.mark.parametrize('limit', [0, 9000])
+def test_a_full_disk_is_one_line_naming_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch, limit):
+  path = tmp_path / 'checkpoints' / 'checkpoint_3.pth'
+  utils.save_checkpoint(str(path), _state(0))
+  before = path.read_bytes()
+  full_disk.install(monkeypatch, limit)
+  with pytest.raises(OSError) as info:
+    utils.save_checkpoint(str(path), _state(5))
+  monkeypatch.undo()
+  assert isinstance(info.value, checkpoints.WriteError) and info.value.errno == errno.ENOSPC
+  assert str(info.value) == f'Cannot write checkpoint {path}: [Errno 28] No space left on device'
+  assert info.value.filename == str(path)
+  assert path.read_bytes() == before and os.listdir(path.parent) == ['checkpoint_3.pth']  # no temporary file
+
+
+@pytest.mark.parametrize('writer', [np.savez, np.savez_compressed])
+def test_a_full_disk_while_writing_an_npz_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, writer):
+  path = tmp_path / 'eval' / 'ckpt_1_loss.npz'
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  full_disk.install(monkeypatch, 20000)
+  with pytest.raises(checkpoints.WriteError) as info:
+    with checkpoints.atomic_write(path) as f:
+      writer(f, all_losses=np.random.default_rng(0).random(100000))
+  assert str(info.value) == f'Cannot write {path}: [Errno 28] No space left on device'
+  assert os.listdir(path.parent) == []
+  # np.savez leaves its ZipFile behind in the failed frame: freed, it must not print 'Exception ignored ... seek of
+  # closed file' under the one-line error.
+  del info
+  gc.collect()
+  assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+def test_errors_that_no_os_error_caused_pass_unchanged(tmp_path):
+  with pytest.raises(TypeError, match='not picklable'):
+    with checkpoints.atomic_write(tmp_path / 'x.pth') as f:
+      raise TypeError('not picklable')
+  assert os.listdir(tmp_path) == []

@@ -9,6 +9,7 @@ tiny 2-D config of tests/configs_tiny.py; bench/fault_matrix.py runs the wider m
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,6 +161,126 @@ def test_a_second_sigint_exits_at_once_without_saving(tmp_path):
   assert worker.returncode == 128 + signal.SIGINT, stderr[-3000:]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth'))  # nothing saved
   assert not os.path.exists(os.path.join(workdir, preemption.LOCK_NAME))  # released on the way out
+
+
+def _main_cmd(workdir, mode, overrides, *extra, script='main.py'):
+  return [sys.executable, script, f'--config={ROOT}/tests/configs_tiny.py:toy', f'--workdir={workdir}',
+          f'--mode={mode}', *[f'--config.{k}={v}' for k, v in overrides.items()], *extra]
+
+
+def _stop_with(workdir, signum, ignore_sighup=False):
+  """Trains without end in main.py, sends `signum` at step 5 or later; returns (the process, its stderr)."""
+  overrides = dict(QUICK, **{'training.n_iters': 10 ** 6, 'training.snapshot_freq': 10 ** 6,
+                             'training.snapshot_freq_for_preemption': 10 ** 6, 'training.log_freq': 5})
+  # As nohup starts a command: SIGHUP ignored, which the child inherits across exec.
+  preexec = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_sighup else None
+  trainer = subprocess.Popen(_main_cmd(workdir, 'train', overrides), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+  try:
+    _wait_for(lambda: _log_has(workdir, 'step: 5, training_loss'), 'training to run')
+    trainer.send_signal(signum)
+    if ignore_sighup:
+      log_size = os.path.getsize(os.path.join(workdir, 'stdout.txt'))
+      _wait_for(lambda: os.path.getsize(os.path.join(workdir, 'stdout.txt')) > log_size + 500, 'training to go on')
+      assert trainer.poll() is None
+      trainer.send_signal(signal.SIGTERM)
+    _, stderr = trainer.communicate(timeout=120)
+  finally:
+    if trainer.poll() is None:
+      trainer.kill()
+  return trainer, stderr
+
+
+def test_sighup_stops_like_sigterm_unless_started_under_nohup(tmp_path):
+  # Under nohup, a closed terminal does not stop the run: SIGHUP stays ignored (SIGTERM stops it here).
+  workdir = str(tmp_path / 'nohup')
+  trainer, stderr = _stop_with(workdir, signal.SIGHUP, ignore_sighup=True)
+  assert trainer.returncode == preemption.EXIT_STOPPED, stderr[-3000:]
+  assert 'Stopped by SIGTERM' in open(os.path.join(workdir, 'stdout.txt')).read()
+
+  # Otherwise SIGHUP (a closed terminal, a dropped ssh session) saves the resume point at the step boundary.
+  workdir = str(tmp_path / 'w')
+  meta = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+  trainer, stderr = _stop_with(workdir, signal.SIGHUP)
+  assert trainer.returncode == preemption.EXIT_STOPPED == 75, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  line = next(line for line in open(os.path.join(workdir, 'stdout.txt')).read().splitlines()
+              if 'Stopped by SIGHUP at step' in line)
+  step = int(line.split('Stopped by SIGHUP at step ')[1].split(':')[0])
+  assert step >= 5 and 'saved the resume point' in line and _step(meta) == step
+  assert not os.path.exists(os.path.join(workdir, preemption.LOCK_NAME))
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file_and_keeps_the_resume_point(tmp_path):
+  workdir = str(tmp_path / 'w')
+  meta = os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth')
+  run_lib.train(_config(training__n_iters=4), workdir)
+  # Training on: the resume point of step 5 (72 KB) hits the full disk in the middle of torch.save.
+  env = dict(_env(), FULL_DISK_BYTES='20000')
+  result = subprocess.run(_main_cmd(workdir, 'train', dict(QUICK, **{'training.n_iters': 8}),
+                                    script='tests/full_disk.py'), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if 'failed:' in line]
+  assert len(errors) == 1 and (f'train failed: WriteError: Cannot write checkpoint {meta}: [Errno 28] No space left '
+                              'on device (traceback in') in errors[0], errors
+  assert 'Traceback' not in result.stderr and 'unexpected pos' not in result.stderr
+  assert _step(meta) == 4 and os.listdir(os.path.dirname(meta)) == ['checkpoint.pth']
+
+  # Evaluation: its first result file.
+  env['FULL_DISK_BYTES'] = '0'
+  result = subprocess.run(_main_cmd(workdir, 'eval', dict(QUICK, **{
+      'eval.begin_ckpt': 1, 'eval.end_ckpt': 1, 'eval.enable_bpd': False, 'eval.enable_sampling': False,
+      'eval.enable_fp_residual': False}), script='tests/full_disk.py'), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  loss_file = os.path.join(workdir, 'eval', 'ckpt_1_loss.npz')
+  errors = [line for line in result.stderr.splitlines() if 'failed:' in line]
+  assert len(errors) == 1 and f'eval failed: WriteError: Cannot write {loss_file}: [Errno 28] No space left on ' \
+                              'device' in errors[0], errors
+  assert 'Traceback' not in result.stderr and 'Exception ignored' not in result.stderr
+  assert os.listdir(os.path.join(workdir, 'eval')) == []
+
+
+def test_an_eval_folder_outside_the_workdir_is_refused_unless_allowed(tmp_path):
+  workdir = str(tmp_path / 'w')
+  run_lib.train(_config(training__n_iters=2, training__snapshot_freq=2), workdir)
+  before = sorted(os.listdir(tmp_path))
+  (tmp_path / 'w' / 'link').symlink_to(tmp_path / 'elsewhere')
+  for folder in (str(tmp_path / 'outside'), '../outside', 'eval/../../outside', 'link/eval'):
+    with pytest.raises(ValueError, match=rf"^--eval_folder={re.escape(repr(folder))} resolves to .*, outside the "
+                                         r'workdir .*Pass --allow_outside_workdir'):
+      run_lib.evaluate(_eval_config(_config(), 1, 1), workdir, folder)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created
+  # Inside, however spelled, or outside when asked explicitly.
+  run_lib.evaluate(_eval_config(_config(), 1, 1), workdir, os.path.join(workdir, 'sub', '..', 'abs'))
+  run_lib.evaluate(_eval_config(_config(), 1, 1), workdir, '../outside', allow_outside_workdir=True)
+  assert os.listdir(tmp_path / 'w' / 'abs') == os.listdir(tmp_path / 'outside') == ['ckpt_1_loss.npz']
+
+  # main.py: one line naming the flag, before anything runs.
+  result = subprocess.run(_main_cmd(workdir, 'eval', {}, '--eval_folder=/etc'), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "eval failed: ValueError: --eval_folder='/etc' resolves to /etc" in result.stderr
+
+
+def test_a_lock_that_links_to_nothing_is_taken_over_and_a_fifo_is_refused(tmp_path, caplog):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  lock_path = workdir / preemption.LOCK_NAME
+  lock_path.symlink_to(tmp_path / 'gone')
+  with caplog.at_level(logging.WARNING):
+    lock = preemption.WorkdirLock(str(workdir)).acquire()
+  assert f"Took over the workdir lock {lock_path}, a symbolic link to '{tmp_path / 'gone'}', which does not exist" \
+         in caplog.text
+  assert not lock_path.is_symlink() and preemption.read_holder(str(lock_path)).pid == os.getpid()
+  lock.release()
+
+  # A FIFO as the lock: refused at once (opening it for reading would wait for a writer forever).
+  os.mkfifo(lock_path)
+  start = time.time()
+  with pytest.raises(preemption.WorkdirLocked, match='exists but it is not a regular file'):
+    preemption.WorkdirLock(str(workdir)).acquire()
+  assert time.time() - start < 10
 
 
 # ----------------------------------------------------------------------------------------------------------

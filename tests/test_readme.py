@@ -101,13 +101,15 @@ def readme_commands(names=None):
 def main_flag_values(argv):
   """A registry with main.py's flags, to parse `argv` as main.py does (config overrides read from `argv`)."""
   assert {f.name for f in flags.FLAGS.get_flags_for_module('main')} == {
-      'config', 'workdir', 'mode', 'eval_folder', 'baseline_workdir', 'ckpt', 'baseline_ckpt', 'traceback'}
+      'config', 'workdir', 'mode', 'eval_folder', 'allow_outside_workdir', 'baseline_workdir', 'ckpt', 'baseline_ckpt',
+      'traceback'}
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', flag_values=fv, lock_config=True,
                                   sys_argv=argv)
   flags.DEFINE_string('workdir', None, '', flag_values=fv)
   flags.DEFINE_enum('mode', None, flags.FLAGS['mode'].parser.enum_values, '', flag_values=fv)
   flags.DEFINE_string('eval_folder', flags.FLAGS['eval_folder'].default, '', flag_values=fv)
+  flags.DEFINE_bool('allow_outside_workdir', False, '', flag_values=fv)
   flags.DEFINE_string('baseline_workdir', None, '', flag_values=fv)
   flags.DEFINE_integer('ckpt', None, '', flag_values=fv)
   flags.DEFINE_integer('baseline_ckpt', None, '', flag_values=fv)

@@ -145,6 +145,17 @@ def _stop(agents):
     agent.wait()
 
 
+def _last_errors(tmp, num_agents):
+  """The last error line of each agent's output (where a failed restart says why)."""
+  lines = []
+  for i in range(num_agents):
+    with open(os.path.join(tmp, f'agent{i}.txt'), errors='replace') as f:
+      errors = [line.strip() for line in f if re.search(r'Error|failed|Timeout', line)]
+    if errors:
+      lines.append(f'agent {i}: {errors[-1][:300]}')
+  return lines
+
+
 def check_finished(workdir, n_iters, snapshot_freq):
   """Problems with a run that should have finished (an empty list: every snapshot, nothing left over)."""
   problems = []
@@ -207,6 +218,8 @@ def run_once(workdir, args, rng, tmp):
   problems += check_finished(workdir, n_iters, snapshot_freq)
   if len(kills) < args.kills_per_run:
     problems.append(f'only {len(kills)} kill(s): the run ended first')
+  if codes != [0] * len(agents):
+    problems += _last_errors(tmp, len(agents))
   return not problems, kills, '; '.join(problems) or f'finished at step {n_iters}'
 
 

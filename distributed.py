@@ -23,7 +23,7 @@ Restarts and dead peers (docs/workflow.md, "When a worker, a node or the launche
     torchrun's agent keeps for the whole run: the keys of the previous attempt are still there (torch 2.5 and
     later share that store between attempts and prefix nothing per attempt). Gloo and NCCL then read a dead
     process's address and fail (`connectFullMesh failed ... Connection refused`) or wait for it (a hang).
-    `init_from_env` therefore joins the process group under a prefix fresh for each attempt (`_attempt_store`);
+    `init_from_env` therefore joins the process group under a prefix fresh for each attempt (`attempt_store`);
   - every collective waits at most the process group's timeout (`training.dist_timeout_seconds`), and a
     collective that fails because a peer died or stopped answering raises `RankLost`, naming the lost rank
     where it can be told (a rank on this host whose process is gone).
@@ -118,7 +118,7 @@ def init_from_env(device, timeout_seconds=None):
   timeout = None if timeout_seconds is None else datetime.timedelta(seconds=timeout_seconds)
   if not dist.is_initialized():
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-      store = _attempt_store(rank, world_size, timeout or datetime.timedelta(minutes=30))
+      store = attempt_store(rank, world_size, timeout or datetime.timedelta(minutes=30))
       dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
       dist.init_process_group(backend=backend, timeout=timeout)
@@ -133,10 +133,10 @@ def init_from_env(device, timeout_seconds=None):
 
 
 # Keys of the attempt handshake, in the agent's store (beside torch's own keys, which carry no such prefix).
-_HANDSHAKE = 'score_sde_fp/attempts'
+ATTEMPT_KEYS = 'score_sde_fp/attempts'
 
 
-def _attempt_store(rank, world_size, timeout):
+def attempt_store(rank, world_size, timeout):
   """The agent's store, under a key prefix that the ranks of this attempt share and no earlier attempt used.
 
   Nothing in a worker's environment tells the attempts apart on every node (TORCHELASTIC_RESTART_COUNT counts
@@ -153,25 +153,25 @@ def _attempt_store(rank, world_size, timeout):
   nonce = uuid.uuid4().hex
   deadline = time.monotonic() + timeout.total_seconds()
   if rank != 0:
-    store.queue_push(f'{_HANDSHAKE}/hello', nonce)
+    store.queue_push(f'{ATTEMPT_KEYS}/hello', nonce)
     try:
-      attempt = store.get(f'{_HANDSHAKE}/reply/{nonce}').decode()
+      attempt = store.get(f'{ATTEMPT_KEYS}/reply/{nonce}').decode()
     except dist.DistError as e:
       raise RankLost(f'Rank 0 did not start within {timeout.total_seconds():g} s (training.dist_timeout_seconds) '
                      f'to join this attempt ({_first_line(e)}).') from e
-    store.add(f'{_HANDSHAKE}/{attempt}/joined', 1)
+    store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 1)
   else:
     attempt = nonce
-    while store.add(f'{_HANDSHAKE}/{attempt}/joined', 0) < world_size - 1:
+    while store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 0) < world_size - 1:
       # Replies to hellos of earlier attempts too: nobody waits for those, and they cannot be told apart.
-      while store.queue_len(f'{_HANDSHAKE}/hello'):
-        store.set(f'{_HANDSHAKE}/reply/{store.queue_pop(f"{_HANDSHAKE}/hello").decode()}', attempt)
+      while store.queue_len(f'{ATTEMPT_KEYS}/hello'):
+        store.set(f'{ATTEMPT_KEYS}/reply/{store.queue_pop(f"{ATTEMPT_KEYS}/hello").decode()}', attempt)
       if time.monotonic() > deadline:
-        joined = store.add(f'{_HANDSHAKE}/{attempt}/joined', 0)
+        joined = store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 0)
         raise RankLost(f'Only {joined} of the {world_size - 1} other ranks joined within '
                        f'{timeout.total_seconds():g} s (training.dist_timeout_seconds).')
       time.sleep(0.05)
-  return dist.PrefixStore(f'{_HANDSHAKE}/{attempt}/', store)
+  return dist.PrefixStore(f'{ATTEMPT_KEYS}/{attempt}/', store)
 
 
 def _first_line(error):
@@ -194,10 +194,10 @@ def _process_gone(pid):
   return stat[stat.rindex(b')') + 2:][:1] in (b'Z', b'X')
 
 
-def _lost_peers(wait_seconds=2.):
+def _lost_peers(peers, wait_seconds=2.):
   """The ranks on this host whose process has ended (waiting up to `wait_seconds` for a dying one to end)."""
   host = socket.gethostname()
-  local = [(r, pid) for r, (h, pid) in enumerate(_PEERS) if h == host and pid != os.getpid()]
+  local = [(r, pid) for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid()]
   deadline = time.monotonic() + wait_seconds
   while True:
     gone = [(r, pid) for r, pid in local if _process_gone(pid)]
@@ -206,10 +206,17 @@ def _lost_peers(wait_seconds=2.):
     time.sleep(0.1)
 
 
-def _lost_message(what, error):
-  """The one-line `RankLost` message for collective `what` that failed with the backend's `error`."""
+def lost_rank_message(what, error, peers=None):
+  """The one-line `RankLost` message for collective `what` that failed with the backend's `error`.
+
+  Args:
+    what: the collective, as the message names it (e.g. 'the gradient all_reduce').
+    error: the backend's exception.
+    peers: every rank's (host, PID), in rank order; default: those gathered by `init_from_env`.
+  """
+  peers = _PEERS if peers is None else peers
   reason = _first_line(error)
-  gone = _lost_peers() if _PEERS else []
+  gone = _lost_peers(peers) if peers else []
   if gone:
     who = ', '.join(f'rank {r} (PID {pid} on host {socket.gethostname()})' for r, pid in gone)
     cause = f'{who} ended (killed or crashed)'
@@ -217,7 +224,7 @@ def _lost_message(what, error):
     cause = (f'a rank did not answer within {_TIMEOUT_SECONDS:g} s (training.dist_timeout_seconds): it hangs, or '
              'its host is unreachable' if _TIMEOUT_SECONDS else 'a rank did not answer within the timeout')
   else:
-    hosts = sorted({h for h, _ in _PEERS} - {socket.gethostname()})
+    hosts = sorted({h for h, _ in peers} - {socket.gethostname()})
     cause = 'a peer rank ended or its host is unreachable' + (
         f' (ranks on {", ".join(hosts)} cannot be checked from here)' if hosts else '')
   return (f'{what} failed on rank {context().rank}: {cause}. Every rank stops; under torchrun --max-restarts all '
@@ -238,7 +245,7 @@ def _collective(what):
     # Gloo reports a lost connection as a plain RuntimeError: tell it from a misuse (e.g. mismatched shapes) by
     # the transport words in its message.
     if isinstance(e, dist.DistError) or _TRANSPORT_WORDS.search(str(e)):
-      raise RankLost(_lost_message(what, e)) from e
+      raise RankLost(lost_rank_message(what, e)) from e
     raise
 
 

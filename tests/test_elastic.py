@@ -1,7 +1,7 @@
 """Elastic runs under torchrun: restarts after a worker dies, a dead peer, two agents joined by a c10d rendezvous.
 
 The restarts failed before because torchrun's agent keeps one store for every attempt, so the restarted workers
-read the addresses of the dead ones (`distributed._attempt_store`). The longer loop of kills is
+read the addresses of the dead ones (`distributed.attempt_store`). The longer loop of kills is
 `bench/elastic_kill_loop.py` (its result is in docs/workflow.md).
 """
 
@@ -38,12 +38,12 @@ def _free_port():
 
 
 def _attempt(world_size):
-  """`_attempt_store` on every rank of one attempt (threads); returns the stores, each after its rank set a key."""
+  """`attempt_store` on every rank of one attempt (threads); returns the stores, each after its rank set a key."""
   stores, errors = [None] * world_size, []
 
   def rank(r):
     try:
-      stores[r] = distributed._attempt_store(r, world_size, datetime.timedelta(seconds=30))
+      stores[r] = distributed.attempt_store(r, world_size, datetime.timedelta(seconds=30))
       stores[r].set(f'from_rank_{r}', str(r))
     except Exception as e:  # pylint: disable=broad-except  (reported by the assertion below)
       errors.append(e)
@@ -69,7 +69,7 @@ def test_each_attempt_meets_under_a_fresh_prefix_of_the_agents_store(monkeypatch
   first = _attempt(3)
   first[0].set('only_in_the_first_attempt', 'x')
   # A worker killed before rank 0 answered leaves its hello behind: the next attempt is not misled by it.
-  server.queue_push(f'{distributed._HANDSHAKE}/hello', 'a-dead-workers-id')
+  server.queue_push(f'{distributed.ATTEMPT_KEYS}/hello', 'a-dead-workers-id')
   second = _attempt(3)
   # Within an attempt every rank sees the others' keys; the next attempt sees none of the first's (stale keys
   # made gloo connect to dead workers).
@@ -78,26 +78,26 @@ def test_each_attempt_meets_under_a_fresh_prefix_of_the_agents_store(monkeypatch
   assert len([k for k in server.list_keys() if k.endswith('from_rank_1')]) == 2
 
 
-def test_attempt_store_names_the_ranks_that_did_not_join(monkeypatch):
+def testattempt_store_names_the_ranks_that_did_not_join(monkeypatch):
   server = _agent_store(monkeypatch)
   with pytest.raises(distributed.RankLost, match=r'Only 0 of the 2 other ranks joined within 0.5 s'):
-    distributed._attempt_store(0, 3, datetime.timedelta(seconds=0.5))
+    distributed.attempt_store(0, 3, datetime.timedelta(seconds=0.5))
   del server
 
 
-def test_lost_rank_message_names_a_local_rank_whose_process_ended(monkeypatch):
+def test_lost_rank_message_names_a_local_rank_whose_process_ended():
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
-  monkeypatch.setattr(distributed, '_PEERS', ((socket.gethostname(), os.getpid()), (socket.gethostname(), dead.pid)))
+  peers = ((socket.gethostname(), os.getpid()), (socket.gethostname(), dead.pid))
   error = RuntimeError('[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:26004. This is '
                        'typically caused by a remote worker crashing.')
-  text = distributed._lost_message('the gradient all_reduce', error)
+  text = distributed.lost_rank_message('the gradient all_reduce', error, peers)
   assert re.fullmatch(rf'the gradient all_reduce failed on rank 0: rank 1 \(PID {dead.pid} on host .*\) ended '
                       r'\(killed or crashed\)\. Every rank stops; .* Backend: Connection closed by peer '
                       r'\[127\.0\.0\.1\]:26004', text), text
   # A remote rank cannot be checked: the message says which hosts.
-  monkeypatch.setattr(distributed, '_PEERS', ((socket.gethostname(), os.getpid()), ('node7', 123)))
-  assert 'ranks on node7 cannot be checked from here' in distributed._lost_message('barrier', error)
+  peers = ((socket.gethostname(), os.getpid()), ('node7', 123))
+  assert 'ranks on node7 cannot be checked from here' in distributed.lost_rank_message('barrier', error, peers)
 
 
 @pytest.mark.parametrize('value', [0, -1., float('nan'), float('inf'), '60', True])

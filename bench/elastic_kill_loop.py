@@ -48,11 +48,13 @@ CONFIGS = {
 }
 
 
-def _env():
+def worker_env():
+  """The environment of the launched processes: CPU only, one thread each, the repository importable."""
   return dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2', OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
 
 
-def _free_port():
+def free_port():
+  """A TCP port free on localhost now (for a rendezvous endpoint)."""
   with socket.socket() as s:
     s.bind(('localhost', 0))
     return s.getsockname()[1]
@@ -81,10 +83,10 @@ def _start(workdir, args, tmp):
     commands = [[*launcher, '--standalone', '--nproc_per_node=2', *train]]
   else:
     rdzv = [f'--nnodes={args.nnodes}', '--nproc_per_node=1', '--rdzv-backend=c10d',
-            f'--rdzv-endpoint=localhost:{_free_port()}', f'--rdzv-id=kill-loop-{os.getpid()}-{time.time_ns()}']
+            f'--rdzv-endpoint=localhost:{free_port()}', f'--rdzv-id=kill-loop-{os.getpid()}-{time.time_ns()}']
     commands = [[*launcher, *rdzv, *train] for _ in range(args.nnodes)]
   logs = [open(os.path.join(tmp, f'agent{i}.txt'), 'w') for i in range(len(commands))]
-  return [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+  return [subprocess.Popen(c, cwd=ROOT, env=worker_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
           for c, f in zip(commands, logs)]
 
 

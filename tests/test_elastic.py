@@ -21,20 +21,13 @@ import torch.distributed as dist
 import distributed
 import main
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+from elastic_kill_loop import free_port, worker_env  # noqa: E402  pylint: disable=g-import-not-at-top
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'configs_tiny.py')
 QUICK = ['--config.training.snapshot_sampling=False', '--config.training.eval_freq=1000000', '--config.optim.warmup=0',
          '--config.training.log_freq=1']
-
-
-def _env():
-  return dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2', OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def _attempt(world_size):
@@ -58,7 +51,7 @@ def _attempt(world_size):
 
 
 def _agent_store(monkeypatch):
-  port = _free_port()
+  port = free_port()
   monkeypatch.setenv('MASTER_ADDR', 'localhost')
   monkeypatch.setenv('MASTER_PORT', str(port))
   return dist.TCPStore('localhost', port, is_master=True, wait_for_workers=False)
@@ -115,10 +108,10 @@ def _log(workdir):
 def test_two_torchrun_agents_joined_by_a_c10d_rendezvous_train_to_the_end(tmp_path):
   workdir = str(tmp_path / 'w')
   rdzv = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
-          f'--rdzv-endpoint=localhost:{_free_port()}', f'--rdzv-id=test-{os.getpid()}']
+          f'--rdzv-endpoint=localhost:{free_port()}', f'--rdzv-id=test-{os.getpid()}']
   train = ['main.py', f'--config={TINY}:toy', f'--workdir={workdir}', '--mode=train', *QUICK,
            '--config.training.n_iters=6', '--config.training.snapshot_freq=3']
-  agents = [subprocess.Popen([*rdzv, *train], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  agents = [subprocess.Popen([*rdzv, *train], cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True) for _ in range(2)]
   outputs = [agent.communicate(timeout=120)[0] for agent in agents]
   assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -137,7 +130,7 @@ def test_a_dead_peer_stops_the_other_rank_at_once_with_a_line_naming_it(tmp_path
          'main.py', f'--config={TINY}:toy', f'--workdir={workdir}', '--mode=train', *QUICK,
          '--config.training.n_iters=1000000', '--config.training.snapshot_freq=1000000',
          '--config.training.snapshot_freq_for_preemption=1000000', '--config.training.dist_timeout_seconds=600']
-  agent = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  agent = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
   try:
     start = time.monotonic()
@@ -164,6 +157,6 @@ def test_a_dead_peer_stops_the_other_rank_at_once_with_a_line_naming_it(tmp_path
 def test_killed_workers_restart_and_finish_with_every_snapshot():
   # Two SIGKILLs of random workers at random steps of one torchrun --max-restarts=2 run (the 2-D config).
   proc = subprocess.run([sys.executable, 'bench/elastic_kill_loop.py', '--kills', '2', '--config', 'toy', '--seed',
-                         '1', '--run_timeout', '150'], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         '1', '--run_timeout', '150'], cwd=ROOT, env=worker_env(), capture_output=True, text=True,
                         timeout=200)
   assert proc.returncode == 0 and '1/1 runs finished' in proc.stdout, proc.stdout + proc.stderr[-3000:]

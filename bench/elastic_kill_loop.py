@@ -139,6 +139,12 @@ def _wait(predicate, agents, deadline):
 
 
 def _stop(agents):
+  # torchrun starts each worker in a process group of its own: a hung run's workers are killed one by one.
+  for pid, _ in _workers(agents):
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
   for agent in agents:
     try:
       os.killpg(agent.pid, signal.SIGKILL)

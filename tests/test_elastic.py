@@ -111,8 +111,8 @@ def test_two_torchrun_agents_joined_by_a_c10d_rendezvous_train_to_the_end(tmp_pa
           f'--rdzv-endpoint=localhost:{free_port()}', f'--rdzv-id=test-{os.getpid()}']
   train = ['main.py', f'--config={TINY}:toy', f'--workdir={workdir}', '--mode=train', *QUICK,
            '--config.training.n_iters=6', '--config.training.snapshot_freq=3']
-  agents = [subprocess.Popen([*rdzv, *train], cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True) for _ in range(2)]
+  agents = [subprocess.Popen([*rdzv, *train], cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
   outputs = [agent.communicate(timeout=120)[0] for agent in agents]
   assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   log = _log(workdir)

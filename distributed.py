@@ -17,11 +17,27 @@ What the ranks share and how (docs/workflow.md, "Multi-GPU"):
   - a global batch is split into contiguous shares (`share`, `check_divisible`), a sequence of evaluation work
     (batches, sampling rounds) is dealt round-robin (`is_mine`, `over_ranks`). This module owns that rank
     arithmetic: other modules ask it which part is theirs rather than slicing by rank themselves.
+
+Restarts and dead peers (docs/workflow.md, "When a worker, a node or the launcher dies"):
+  - torchrun (`--max-restarts`) restarts every worker after one dies, and the new workers meet in the store
+    torchrun's agent keeps for the whole run: the keys of the previous attempt are still there (torch 2.5 and
+    later share that store between attempts and prefix nothing per attempt). Gloo and NCCL then read a dead
+    process's address and fail (`connectFullMesh failed ... Connection refused`) or wait for it (a hang).
+    `init_from_env` therefore joins the process group under a prefix fresh for each attempt (`attempt_store`);
+  - every collective waits at most the process group's timeout (`training.dist_timeout_seconds`), and a
+    collective that fails because a peer died or stopped answering raises `RankLost`, naming the lost rank
+    where it can be told (a rank on this host whose process is gone).
 """
 
+import contextlib
 import dataclasses
+import datetime
 import logging
 import os
+import re
+import socket
+import time
+import uuid
 
 import torch
 
@@ -29,6 +45,13 @@ _CONTEXT = None
 # A gloo group beside an NCCL default group, for small host-side values (`max_over_ranks`): agreeing on them
 # then neither waits for the GPU nor copies to it.
 _CPU_GROUP = None
+# Every rank's (host, PID) in rank order, gathered at `init_from_env`: names a lost peer in `RankLost`.
+_PEERS = ()
+_TIMEOUT_SECONDS = None
+
+
+class RankLost(RuntimeError):
+  """A collective failed because another rank died (killed, crashed) or stopped answering within the timeout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +82,22 @@ def _env_int(name, default):
     raise ValueError(f'The environment variable {name}={value!r} must be an integer (torchrun sets it).') from e
 
 
-def init_from_env(device):
+def init_from_env(device, timeout_seconds=None):
   """Joins the process group torchrun describes, or returns a single-process context.
 
   Args:
     device: `config.device`; under torchrun on CUDA each rank uses `cuda:LOCAL_RANK` instead.
+    timeout_seconds: how long a collective (and joining the group) may wait for the other ranks before it fails:
+      `training.dist_timeout_seconds`, validated by the caller (main.py); None keeps torch's default (30 min
+      with gloo, 10 with NCCL).
 
   Returns:
     The `Context`; also kept for `context()`.
+
+  Raises:
+    RankLost: a rank did not join within the timeout.
   """
-  global _CONTEXT
+  global _CONTEXT, _CPU_GROUP, _PEERS, _TIMEOUT_SECONDS
   device = torch.device(device)
   world_size = _env_int('WORLD_SIZE', 1)
   if world_size <= 1:
@@ -85,13 +114,139 @@ def init_from_env(device):
     backend = 'nccl'
   else:
     backend = 'gloo'
+  _TIMEOUT_SECONDS = timeout_seconds
+  timeout = None if timeout_seconds is None else datetime.timedelta(seconds=timeout_seconds)
   if not dist.is_initialized():
-    dist.init_process_group(backend=backend)
-  global _CPU_GROUP
-  _CPU_GROUP = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+      store = attempt_store(rank, world_size, timeout or datetime.timedelta(minutes=30))
+      dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    else:
+      dist.init_process_group(backend=backend, timeout=timeout)
+  _CPU_GROUP = dist.new_group(backend='gloo', timeout=timeout) if dist.get_backend() != 'gloo' else None
   _CONTEXT = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+  peers = [None] * world_size
+  with _collective('joining the process group'):
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=_CPU_GROUP)
+  _PEERS = tuple(peers)
   logging.info('Process group: rank %d of %d (%s, %s).', rank, world_size, backend, device)
   return _CONTEXT
+
+
+# Keys of the attempt handshake, in the agent's store (beside torch's own keys, which carry no such prefix).
+ATTEMPT_KEYS = 'score_sde_fp/attempts'
+
+
+def attempt_store(rank, world_size, timeout):
+  """The agent's store, under a key prefix that the ranks of this attempt share and no earlier attempt used.
+
+  Nothing in a worker's environment tells the attempts apart on every node (TORCHELASTIC_RESTART_COUNT counts
+  each agent's own restarts), so rank 0 names the attempt with a fresh random id and hands it to each rank in
+  reply to a fresh random id of that rank: a reply can only come from this attempt's rank 0 (torchrun stops
+  every worker of an attempt before it starts the next). Rank 0 replies until every rank has confirmed.
+
+  Raises:
+    RankLost: not every rank joined (or rank 0 did not answer) within `timeout`.
+  """
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                        timeout=timeout)
+  nonce = uuid.uuid4().hex
+  deadline = time.monotonic() + timeout.total_seconds()
+  if rank != 0:
+    store.queue_push(f'{ATTEMPT_KEYS}/hello', nonce)
+    try:
+      attempt = store.get(f'{ATTEMPT_KEYS}/reply/{nonce}').decode()
+    except dist.DistError as e:
+      raise RankLost(f'Rank 0 did not start within {timeout.total_seconds():g} s (training.dist_timeout_seconds) '
+                     f'to join this attempt ({_first_line(e)}).') from e
+    store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 1)
+  else:
+    attempt = nonce
+    while store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 0) < world_size - 1:
+      # Replies to hellos of earlier attempts too: nobody waits for those, and they cannot be told apart.
+      while store.queue_len(f'{ATTEMPT_KEYS}/hello'):
+        store.set(f'{ATTEMPT_KEYS}/reply/{store.queue_pop(f"{ATTEMPT_KEYS}/hello").decode()}', attempt)
+      if time.monotonic() > deadline:
+        joined = store.add(f'{ATTEMPT_KEYS}/{attempt}/joined', 0)
+        raise RankLost(f'Only {joined} of the {world_size - 1} other ranks joined within '
+                       f'{timeout.total_seconds():g} s (training.dist_timeout_seconds).')
+      time.sleep(0.05)
+  return dist.PrefixStore(f'{ATTEMPT_KEYS}/{attempt}/', store)
+
+
+def _first_line(error):
+  """The backend error's first sentence, without gloo's source location (`[.../pair.cc:561] `)."""
+  text = str(error).strip()
+  if not text:
+    return type(error).__name__
+  return re.sub(r'^\[[^\]]*\]\s*', '', text.splitlines()[0]).split('. ')[0].rstrip('.')
+
+
+def _process_gone(pid):
+  """Whether process `pid` of this host has ended (no such process, or a zombie its parent has not reaped)."""
+  try:
+    with open(f'/proc/{pid}/stat', 'rb') as f:
+      stat = f.read()
+  except FileNotFoundError:
+    return True
+  except OSError:
+    return False
+  return stat[stat.rindex(b')') + 2:][:1] in (b'Z', b'X')
+
+
+def _lost_peers(peers, wait_seconds=2.):
+  """The ranks on this host whose process has ended (waiting up to `wait_seconds` for a dying one to end)."""
+  host = socket.gethostname()
+  local = [(r, pid) for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid()]
+  deadline = time.monotonic() + wait_seconds
+  while True:
+    gone = [(r, pid) for r, pid in local if _process_gone(pid)]
+    if gone or time.monotonic() > deadline:
+      return gone
+    time.sleep(0.1)
+
+
+def lost_rank_message(what, error, peers=None):
+  """The one-line `RankLost` message for collective `what` that failed with the backend's `error`.
+
+  Args:
+    what: the collective, as the message names it (e.g. 'the gradient all_reduce').
+    error: the backend's exception.
+    peers: every rank's (host, PID), in rank order; default: those gathered by `init_from_env`.
+  """
+  peers = _PEERS if peers is None else peers
+  reason = _first_line(error)
+  gone = _lost_peers(peers) if peers else []
+  if gone:
+    who = ', '.join(f'rank {r} (PID {pid} on host {socket.gethostname()})' for r, pid in gone)
+    cause = f'{who} ended (killed or crashed)'
+  elif 'timed out' in reason.lower() or 'timeout' in reason.lower():
+    cause = (f'a rank did not answer within {_TIMEOUT_SECONDS:g} s (training.dist_timeout_seconds): it hangs, or '
+             'its host is unreachable' if _TIMEOUT_SECONDS else 'a rank did not answer within the timeout')
+  else:
+    hosts = sorted({h for h, _ in peers} - {socket.gethostname()})
+    cause = 'a peer rank ended or its host is unreachable' + (
+        f' (ranks on {", ".join(hosts)} cannot be checked from here)' if hosts else '')
+  return (f'{what} failed on rank {context().rank}: {cause}. Every rank stops; under torchrun --max-restarts all '
+          f'restart from the resume point. Backend: {reason}')
+
+
+_TRANSPORT_WORDS = re.compile(r'connection|read error|write error|timed out|timeout|broken pipe|peer|socket',
+                              re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _collective(what):
+  """Turns the backend's error of a collective that lost a peer into `RankLost` (one line naming the peer)."""
+  import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except RuntimeError as e:
+    # Gloo reports a lost connection as a plain RuntimeError: tell it from a misuse (e.g. mismatched shapes) by
+    # the transport words in its message.
+    if isinstance(e, dist.DistError) or _TRANSPORT_WORDS.search(str(e)):
+      raise RankLost(lost_rank_message(what, e)) from e
+    raise
 
 
 def context():
@@ -101,8 +256,8 @@ def context():
 
 def shutdown():
   """Leaves the process group (if any) and forgets the context."""
-  global _CONTEXT, _CPU_GROUP
-  _CPU_GROUP = None
+  global _CONTEXT, _CPU_GROUP, _PEERS
+  _CPU_GROUP, _PEERS = None, ()
   if _CONTEXT is not None and _CONTEXT.distributed:
     import torch.distributed as dist  # pylint: disable=g-import-not-at-top
     if dist.is_initialized():
@@ -114,7 +269,8 @@ def barrier():
   """Waits for every rank (no-op in one process)."""
   if context().distributed:
     import torch.distributed as dist  # pylint: disable=g-import-not-at-top
-    dist.barrier()
+    with _collective('barrier'):
+      dist.barrier()
 
 
 def _all_reduce(tensor, op):
@@ -122,7 +278,8 @@ def _all_reduce(tensor, op):
     return tensor
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   out = tensor.detach().clone()
-  dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
+  with _collective(f'all_reduce ({op.lower()})'):
+    dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
   return out
 
 
@@ -146,7 +303,8 @@ def max_over_ranks(value):
     return value
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   box = torch.tensor([int(value)], dtype=torch.long)
-  dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+  with _collective('the step-boundary agreement (max_over_ranks)'):
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
   return int(box.item())
 
 
@@ -183,7 +341,8 @@ def all_reduce_gradients(parameters):
       p.grad = torch.zeros_like(p)
   for bucket in _buckets(params):
     flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    with _collective('the gradient all_reduce'):
+      dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= ctx.world_size
     offset = 0
     for p in bucket:
@@ -198,7 +357,8 @@ def gather_objects(obj):
     return [obj]
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   out = [None] * ctx.world_size if ctx.is_main else None
-  dist.gather_object(obj, out, dst=0)
+  with _collective('gather_objects (results of a wave of work)'):
+    dist.gather_object(obj, out, dst=0)
   return out
 
 
@@ -208,7 +368,8 @@ def broadcast_object(obj):
     return obj
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
   box = [obj]
-  dist.broadcast_object_list(box, src=0)
+  with _collective('broadcast_object (rank 0\'s outcome)'):
+    dist.broadcast_object_list(box, src=0)
   return box[0]
 
 

@@ -18,6 +18,7 @@ off the GPU.
 
 import difflib
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ import compare
 import distributed
 import preemption
 import run_lib
+import utils
 
 FLAGS = flags.FLAGS
 
@@ -208,9 +210,20 @@ def run_compare(config):
   logging.info('Comparison:\n%s', text)
 
 
+def dist_timeout_seconds(config):
+  """`training.dist_timeout_seconds`, validated: how long a rank waits for the others in a collective."""
+  return utils.check_number('training.dist_timeout_seconds', config.training.dist_timeout_seconds, low=0,
+                            low_open=True, high=math.inf, high_open=True)
+
+
 def main(argv):
   del argv
-  ctx = distributed.init_from_env(FLAGS.config.device)
+  try:
+    ctx = distributed.init_from_env(FLAGS.config.device, timeout_seconds=dist_timeout_seconds(FLAGS.config))
+  except (ValueError, RuntimeError) as error:
+    # Before the log file exists: one line on the console, as the failures below.
+    logging.error('%s failed: %s', FLAGS.mode, _one_line(error))
+    sys.exit(1)
   if ctx.distributed:
     # Each rank computes on its own device (cuda:LOCAL_RANK); the config must say so for models and samplers.
     FLAGS.config.device = ctx.device

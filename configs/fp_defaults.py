@@ -49,6 +49,11 @@ def add_fp_diffusion_fields(config):
   # factor (relative to max(1, its value then)): an exploded update. NaN/inf are always refused; inf disables
   # the growth bound.
   training.max_param_growth = 1e3
+  # Under torchrun: how long a collective (and joining the process group) waits for the other ranks before the
+  # run stops with an error naming what was lost. It must exceed the longest time one rank works while the
+  # others wait: rank 0's checkpoint save and snapshot sampling in training, one sampling round or bits/dim
+  # batch of one rank in evaluation. A peer that dies is noticed at once whatever this is; it bounds hangs.
+  training.dist_timeout_seconds = 3600.
 
   evaluate = config.eval
   evaluate.bpd_num_repeats = 5  # Score SDE hard-codes 5 passes over the test split (1 over train)

@@ -887,7 +887,7 @@ class MissingCheckpointError(FileNotFoundError):
     self.reason = reason
 
 
-def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_status=None):
+def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_status=None, logged=None):
   """Waits until `path` exists, as Score SDE's evaluation waits for training to write a checkpoint.
 
   Args:
@@ -897,6 +897,7 @@ def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_sta
     trainer_status: optional callable returning `(alive, description)`, e.g. `preemption.trainer_status` of
       the workdir: while the file is missing, `alive` False stops the wait (nothing will write it), None
       (cannot tell) waits on.
+    logged: optional set shared by successive calls for one checkpoint, so that each message is logged once.
 
   Raises:
     MissingCheckpointError: the checkpoint does not exist and `trainer_status` says no trainer runs.
@@ -905,7 +906,7 @@ def wait_for_checkpoint(path, poll_seconds=None, limit_seconds=None, trainer_sta
   poll_seconds = CHECKPOINT_POLL_SECONDS if poll_seconds is None else poll_seconds
   limit_seconds = CHECKPOINT_WAIT_LIMIT_SECONDS if limit_seconds is None else limit_seconds
   start = time.time()
-  logged = set()
+  logged = set() if logged is None else logged
   description = ''
   # lexists: a dangling symbolic link is there, and restoring it says what is wrong with it.
   while not os.path.lexists(path):
@@ -949,11 +950,23 @@ def await_checkpoint(path, workdir, limit_seconds, skip_missing):
   """
   if CHECKPOINT_WAIT_LIMIT_SECONDS is not None:
     limit_seconds = min(limit_seconds, CHECKPOINT_WAIT_LIMIT_SECONDS)
+  start, logged = time.time(), set()
 
-  def wait():
+  def wait_a_while():
+    # Rank 0 waits at most one poll interval per call: the other ranks wait for its verdict inside a collective,
+    # which must end well within training.dist_timeout_seconds however long training takes to write the file.
+    left = limit_seconds - (time.time() - start)
+    last = left <= CHECKPOINT_POLL_SECONDS
     try:
-      wait_for_checkpoint(path, limit_seconds=limit_seconds,
-                          trainer_status=lambda: preemption.trainer_status(workdir))
+      wait_for_checkpoint(path, limit_seconds=max(0., left if last else CHECKPOINT_POLL_SECONDS),
+                          trainer_status=lambda: preemption.trainer_status(workdir), logged=logged)
+    except TimeoutError as e:
+      if last:
+        # The message of the whole wait, with what the last poll learned about the trainer.
+        said = str(e).split('(eval.wait_limit_seconds)', 1)[-1]
+        raise TimeoutError(f'Checkpoint {path} did not appear within {limit_seconds:g} s (eval.wait_limit_seconds)'
+                           f'{said}') from e
+      return None  # not yet: ask again
     except MissingCheckpointError as e:
       if not skip_missing:
         raise
@@ -962,4 +975,8 @@ def await_checkpoint(path, workdir, limit_seconds, skip_missing):
       return False
     return True
 
-  return distributed.broadcast_object(distributed.on_main_rank(wait))
+  while True:
+    verdict = distributed.broadcast_object(distributed.on_main_rank(wait_a_while))
+    if verdict is not None:
+      return verdict
+

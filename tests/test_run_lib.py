@@ -412,3 +412,19 @@ def test_skipped_checkpoint_warning_does_not_advise_the_setting_in_force(tmp_pat
     run_lib.evaluate(config, workdir)
   assert 'Skipping checkpoint' in caplog.text and 'no trainer will write it' in caplog.text
   assert 'set eval.skip_missing_ckpts=True' not in caplog.text
+
+
+def test_await_checkpoint_asks_the_ranks_once_per_poll_interval(tmp_path, monkeypatch):
+  """Under torchrun the other ranks wait in a broadcast while rank 0 polls: each broadcast must cover one poll
+  interval, not the whole wait, or a long wait would exceed training.dist_timeout_seconds."""
+  monkeypatch.setattr(checkpoints, 'CHECKPOINT_POLL_SECONDS', 0.05)
+  monkeypatch.setattr(preemption, 'trainer_status', lambda workdir: (True, 'a trainer runs'))
+  verdicts = []
+  real = checkpoints.distributed.broadcast_object
+  monkeypatch.setattr(checkpoints.distributed, 'broadcast_object', lambda obj: verdicts.append(obj) or real(obj))
+  path = tmp_path / 'checkpoints' / 'checkpoint_1.pth'
+  threading.Timer(0.4, lambda: (path.parent.mkdir(), path.write_bytes(b'x'))).start()
+  assert checkpoints.await_checkpoint(str(path), str(tmp_path), 10., skip_missing=False)
+  assert verdicts[-1] is True and verdicts.count(None) >= 3
+  with pytest.raises(TimeoutError, match=r'checkpoint_2.pth did not appear within 0.2 s \(eval.wait_limit_seconds\)'):
+    checkpoints.await_checkpoint(str(tmp_path / 'checkpoints' / 'checkpoint_2.pth'), str(tmp_path), 0.2, False)

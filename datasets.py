@@ -399,8 +399,23 @@ def npz_split_sizes(path):
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
+def _is_regular_file(path):
+  """Whether `path` is a regular file (a symlink: its target); warns about, and so skips, anything else (a FIFO
+  would block the read, a device never end it), without opening it."""
+  try:
+    kind = file_kind(path)
+  except FileNotFoundError as e:
+    kind = str(e)
+  if kind != 'file':
+    logging.warning('Skipping %s: %s, not a regular file.', path, kind)
+  return kind == 'file'
+
+
 def list_image_files(image_dir):
   """The image files under `image_dir` (recursively, hidden files and folders skipped), sorted by path.
+
+  Only regular files (judged by their target, for a symlink) count: a FIFO, socket or device with an image's
+  name is skipped with a warning, and never opened.
 
   Raises:
     FileNotFoundError: `image_dir` is not a directory.
@@ -411,8 +426,9 @@ def list_image_files(image_dir):
   files = []
   for folder, subfolders, names in os.walk(image_dir):
     subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
-    files += [os.path.join(folder, n) for n in names
+    files += [os.path.join(folder, n) for n in sorted(names)
               if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]
+  files = [f for f in files if _is_regular_file(f)]
   if not files:
     raise ValueError(f'{image_dir!r} holds no images (files ending in {", ".join(IMAGE_EXTENSIONS)}, in it or '
                      'its subfolders).')
@@ -554,31 +570,24 @@ def _prepare_tfds(builder, config):
         'with tfds elsewhere and point config.data.data_dir at the directory.') from e
 
 
-# A tfds data set whose two splits take at most this many bytes as decoded uint8 images is read into memory for
-# training (CIFAR-10: 184 MB, SVHN: 305 MB; not ImageNet 32x32: 3.9 GB, nor CelebA or LSUN), so that its batch
-# order is a function of the seed and a resumed run is the same run (`ImageData.train_batches`).
-TFDS_IN_MEMORY_BYTES = 2 ** 30
+# The tfds data sets read into memory for training (CIFAR-10: 184 MB of uint8 images, SVHN: 305 MB; not ImageNet
+# 32x32: 3.9 GB, nor CelebA or LSUN), so that their batch order is a function of the seed and a resumed run is the
+# same run (`ImageData.train_batches`).
+TFDS_IN_MEMORY = ('CIFAR10', 'SVHN')
 
 
 def _tfds_in_memory(config):
-  """The uint8 images of the training and eval splits of a small tfds data set (`TFDS_IN_MEMORY_BYTES`), in the
-  files' order, and the function that maps a batch of them to float32 images of the configured size; None for
-  a data set too large for that, or with images of varying size, or not from tfds."""
-  source, train_split, eval_split, op = _image_resize_ops(config)
+  """The uint8 images of the training and eval splits of a `TFDS_IN_MEMORY` data set, in the files' order, and
+  the function that maps a batch of them to float32 images of the configured size; None for another data set."""
+  if config.data.dataset not in TFDS_IN_MEMORY:
+    return None
   tf = import_tensorflow()
-  if isinstance(source, tf.data.Dataset):
-    return None  # TFRecords: no split sizes without reading them
-  _prepare_tfds(source, config)
-  image_shape = source.info.features['image'].shape
-  if None in image_shape:
-    return None
-  num_images = sum(int(source.info.splits[name].num_examples) for name in (train_split, eval_split))
-  if num_images * math.prod(image_shape) > TFDS_IN_MEMORY_BYTES:
-    return None
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, train_split, eval_split, op = _image_resize_ops(config)
+  _prepare_tfds(builder, config)
   images = {}
   for split, name in (('train', train_split), ('eval', eval_split)):
-    ds = source.as_dataset(split=name, shuffle_files=False).map(lambda d: d['image']).batch(4096)
+    ds = builder.as_dataset(split=name, shuffle_files=False).map(lambda d: d['image']).batch(4096)
     images[split] = np.concatenate(list(tfds.as_numpy(ds)))
   resize_batch = tf.function(lambda batch: tf.map_fn(op, batch, fn_output_signature=tf.float32))
   return images, lambda batch: resize_batch(tf.constant(batch)).numpy()
@@ -881,8 +890,8 @@ class ImageData:
     """`(images, to_float)` where the data set is held in memory, else None (read once, then kept).
 
     `images` maps 'train' and 'eval' to the split's uint8 NHWC images, in a fixed order; `to_float` maps a
-    batch of them to float32 images in [0, 1] of the configured size. In memory: 'NPZ', 'DIGITS', and a tfds
-    data set of at most `TFDS_IN_MEMORY_BYTES` (CIFAR-10, SVHN). Streamed: the others.
+    batch of them to float32 images in [0, 1] of the configured size. In memory: 'NPZ', 'DIGITS' and the tfds
+    data sets of `TFDS_IN_MEMORY` (CIFAR-10, SVHN). Streamed: the others.
     """
     if self._in_memory is False:
       if self.dataset == 'NPZ':

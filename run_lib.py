@@ -297,6 +297,10 @@ def _training_loop(run, writer, stop):
       signum = distributed.max_over_ranks(stop.signum or 0)
       if signum:
         _stop_on_signal(run, signum)
+      # Dropout draws from the global generator: seeded by (rank, step) before every step, so that a resumed run
+      # draws what the uninterrupted run drew, whatever sampling or evaluation drew in between.
+      torch.manual_seed(utils.seed_for(run.config.seed, 'global', distributed.context().rank,
+                                        int(run.state['step'])))
       terms = run.trainer.train_step(run.state, next(run.batches))
       step = int(run.state['step'])  # the step has incremented it: `step` updates are done
       ckpt.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)

@@ -52,21 +52,6 @@ def _train(config, workdir, n_iters):
   return checkpoints.load_checkpoint_file(os.path.join(workdir, 'checkpoints-meta', 'checkpoint.pth'))
 
 
-def _assert_bitwise_equal(a, b, where=''):
-  if isinstance(a, torch.Tensor):
-    assert torch.equal(a, b), f'{where}: differs by {(a.double() - b.double()).abs().max().item():.3g}'
-  elif isinstance(a, dict):
-    assert a.keys() == b.keys(), where
-    for key in a:
-      _assert_bitwise_equal(a[key], b[key], f'{where}.{key}')
-  elif isinstance(a, (list, tuple)):
-    assert len(a) == len(b), where
-    for i, (x, y) in enumerate(zip(a, b)):
-      _assert_bitwise_equal(x, y, f'{where}[{i}]')
-  else:
-    assert a == b, where
-
-
 @pytest.mark.parametrize('kind, n_iters, stop', [('NPZ', 5, 3), ('DIGITS', 4, 1), ('TOY', 4, 3),
                                                  ('CIFAR10', 3, 1)])
 def test_a_resumed_run_is_the_uninterrupted_run(kind, n_iters, stop, tmp_path):
@@ -76,7 +61,7 @@ def test_a_resumed_run_is_the_uninterrupted_run(kind, n_iters, stop, tmp_path):
     resumed = _train(_config(kind, tmp_path), str(tmp_path / 'resumed'), n_iters)
   assert int(resumed['step']) == int(straight['step']) == n_iters
   for part in ('model', 'ema', 'optimizer'):
-    _assert_bitwise_equal(straight[part], resumed[part], part)
+    helpers.assert_bitwise_equal(straight[part], resumed[part], part)
 
 
 @pytest.mark.parametrize('start', [0, 1, 2, 5])
@@ -100,6 +85,5 @@ def test_each_epoch_shows_every_image_once(tmp_path):
   images, _ = data.in_memory()
   for _ in range(3):  # three epochs of 6 images, 2 batches each
     epoch = torch.cat([next(stream), next(stream)])
-    # Centered to [-1, 1] by the scaler: back to levels 0..255.
-    levels = torch.round((epoch + 1.) / 2. * 255.).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    levels = torch.round(data.inverse_scaler(epoch) * 255.).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert sorted(x.tobytes() for x in levels) == sorted(x.tobytes() for x in images['train'])

@@ -806,8 +806,9 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
 class ImageData:
   """An image data set (every `data.dataset` but 'TOY') as run_lib uses it.
 
-  Batches come from the tf.data pipelines of `get_dataset`, in an order that is a function of `config.seed` (and
-  of the step a training run starts at); random flips and uniform dequantization are drawn in torch, for the
+  Training batches of a data set held in memory (`in_memory`) come in an order that is a function of
+  (`config.seed`, epoch), the others from the tf.data pipelines of `get_dataset`, in an order that is a function
+  of `config.seed` and of the step a training run starts at (`train_batches`); random flips and uniform dequantization are drawn in torch, for the
   global batch, from generators seeded by the step, so that a batch is the same however it is split over
   ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`), scored by FID/IS/KID of Inception
   features against the data set's statistics file; bits/dim are Score SDE's: dequantized data, Rademacher

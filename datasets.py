@@ -13,9 +13,14 @@ metrics, and `compute_dataset_stats` writes the statistics file they are measure
 
 import functools
 import gc
+import collections
+import itertools
 import logging
+import math
 import os
+import stat
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -137,8 +142,169 @@ def _batch_size(config, evaluation):
   return utils.config_value(config, 'training.batch_size')
 
 
+def file_kind(path):
+  """What `path` is, judged by its target when it is a symlink (`os.stat`), without opening it.
+
+  Returns:
+    'file', 'directory', 'FIFO (named pipe)', 'socket', 'character device', 'block device' or 'other'.
+
+  Raises:
+    FileNotFoundError: nothing is there, or a symlink whose target is missing (the message, which does not
+      name the path, says which).
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    if os.path.lexists(path):
+      raise FileNotFoundError(f'a symlink to {os.readlink(path)!r}, which does not exist') from None
+    raise FileNotFoundError('no such file or directory') from None
+  for test, kind in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'directory'), (stat.S_ISFIFO, 'FIFO (named pipe)'),
+                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device')):
+    if test(mode):
+      return kind
+  return 'other'
+
+
+def check_input_path(path, what, expected='file'):
+  """Raises unless `path` is a regular file (or, with `expected='directory'`, a directory), judged by its target.
+
+  Called before any input is opened: a device such as /dev/zero reads forever and a FIFO blocks the open.
+
+  Args:
+    path: the path.
+    what: how the message names it, e.g. `'config.data.path'`.
+    expected: 'file' or 'directory'.
+
+  Returns:
+    `path`, unchanged.
+
+  Raises:
+    FileNotFoundError: nothing (or a dangling symlink) is there. ValueError: something else than `expected` is.
+  """
+  try:
+    kind = file_kind(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{what}={path!r}: {e}.') from None
+  if kind != expected:
+    wanted = 'a regular file' if expected == 'file' else 'a directory'
+    raise ValueError(f'{what}={path!r} is {"an" if kind[0] in "aeiou" else "a"} {kind}, not {wanted}.')
+  return path
+
+
+# What a member's .npy header says: the array's shape and dtype, and the bytes the member holds after the header.
+NpyHeader = collections.namedtuple('NpyHeader', ('shape', 'dtype', 'data_bytes'))
+
+
+def read_npz_headers(path, what='config.data.path'):
+  """The header of every array of an `.npz` file, read from the zip directory and each member's .npy header.
+
+  No array is read (`np.load(..., mmap_mode=...)` still inflates compressed members), so neither a header that
+  claims 10^9 images nor an object array costs memory or runs code.
+
+  Args:
+    path: the file; checked with `check_input_path` before it is opened.
+    what: how messages name it.
+
+  Returns:
+    A dict array name -> `NpyHeader`.
+
+  Raises:
+    FileNotFoundError: no such file. ValueError: not a regular file, or not a readable .npz file (empty,
+      truncated, not a zip, a bad .npy header); one line naming the file.
+  """
+  check_input_path(path, what)
+  headers = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for info in archive.infolist():
+        if not info.filename.endswith('.npy'):
+          continue
+        with archive.open(info) as f:
+          version = np.lib.format.read_magic(f)
+          read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)
+          shape, _, dtype = read_header(f)
+          headers[info.filename[:-len('.npy')]] = NpyHeader(shape, dtype, info.file_size - f.tell())
+  except (OSError, EOFError, ValueError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+    with open(path, 'rb') as f:  # a regular file (checked above): reading 6 bytes cannot block
+      if f.read(6) == b'\x93NUMPY':
+        raise ValueError(f'{what}={path!r} holds a single array (.npy), not an .npz archive of arrays.') from None
+    raise ValueError(f'{what}={path!r} could not be read as an .npz file ({type(e).__name__}: {e}).') from None
+  if not headers:
+    raise ValueError(f'{what}={path!r} is not an .npz archive of arrays (it holds no .npy member).')
+  return headers
+
+
+def memory_bytes():
+  """This machine's physical memory in bytes, or None where the OS does not say."""
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _gib(n):
+  return f'{n / 2 ** 30:.3g} GiB'
+
+
+def check_npz_headers(path, image_size, num_channels):
+  """Checks the arrays of a `data.dataset = 'NPZ'` file from their headers (`read_npz_headers`), before any load.
+
+  Args:
+    path: the `.npz` file (`config.data.path`).
+    image_size: the expected height and width (`config.data.image_size`).
+    num_channels: the expected number of channels (`config.data.num_channels`).
+
+  Returns:
+    A dict split name -> number of images.
+
+  Raises:
+    ValueError: an array is missing, is not uint8 (object arrays included), is not N x H x W x C, holds no
+      image or images of another size, its header does not match the bytes stored, or the arrays do not fit in
+      this machine's memory. The message names the file, the array, what was found and what was expected.
+    FileNotFoundError: `path` does not exist.
+  """
+  if not path:
+    raise ValueError("config.data.path='' is empty; data.dataset='NPZ' needs the path of an .npz file holding "
+                     "uint8 arrays 'train' and 'test' of shape N x H x W x C.")
+  headers = read_npz_headers(path)
+  sizes, total = {}, 0
+  for split, key in NPZ_ARRAYS.items():
+    if key not in headers:
+      raise ValueError(f'{path}: array {key!r} is missing; the file holds {sorted(headers)!r}, expected uint8 '
+                       f'arrays {sorted(NPZ_ARRAYS.values())!r} of shape N x H x W x C.')
+    shape, dtype, data_bytes = headers[key]
+    if dtype != np.uint8:
+      raise ValueError(f'{path}: array {key!r} has dtype {dtype}; expected uint8 (pixel values 0..255).')
+    if len(shape) != 4:
+      raise ValueError(f'{path}: array {key!r} has shape {shape} ({len(shape)} dimensions); expected N x H x W x C '
+                       '(4 dimensions; C = 1 for grey images).')
+    n, h, w, c = shape
+    if n == 0:
+      raise ValueError(f'{path}: array {key!r} has shape {shape}: no images.')
+    if (h, w) != (image_size, image_size):
+      raise ValueError(f'{path}: array {key!r} holds {h} x {w} images (shape {shape}); expected '
+                       f'{image_size} x {image_size} (config.data.image_size={image_size}).')
+    if c != num_channels:
+      raise ValueError(f'{path}: array {key!r} holds images with {c} channels (shape {shape}); expected '
+                       f'{num_channels} (config.data.num_channels={num_channels}).')
+    size = math.prod(shape) * dtype.itemsize
+    if size != data_bytes:
+      raise ValueError(f'{path}: array {key!r}: its header says shape {shape} ({size} bytes), but the file holds '
+                       f'{data_bytes} bytes of it: the file is truncated or corrupt.')
+    sizes[split] = n
+    total += size
+  memory = memory_bytes()
+  if memory is not None and total > memory:
+    raise ValueError(f'{path}: arrays {sorted(NPZ_ARRAYS.values())!r} take {_gib(total)} in memory, more than '
+                     f"this machine's {_gib(memory)}; data.dataset='NPZ' reads them into memory.")
+  return sizes
+
+
 def load_npz_dataset(path, image_size, num_channels):
   """Loads and validates the arrays of a `data.dataset = 'NPZ'` file.
+
+  The headers are checked first (`check_npz_headers`), so that a bad file is refused before anything is read.
 
   Args:
     path: the `.npz` file (`config.data.path`).
@@ -149,49 +315,21 @@ def load_npz_dataset(path, image_size, num_channels):
     A dict split name ('train', 'test') -> uint8 array of shape (N, H, W, C).
 
   Raises:
-    ValueError: if `path` is empty, is not an `.npz` file, or an array is missing or has the wrong dtype or
-      shape. The message names the file, the array, what was found and what was expected.
+    ValueError: if `path` is empty, is not a regular file or not an `.npz` file, or an array is missing, has
+      the wrong dtype or shape, or cannot be read. The message names the file, the array, what was found and
+      what was expected.
     FileNotFoundError: if `path` does not exist.
   """
-  if not path:
-    raise ValueError("config.data.path='' is empty; data.dataset='NPZ' needs the path of an .npz file holding "
-                     "uint8 arrays 'train' and 'test' of shape N x H x W x C.")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.data.path={path!r}: no such file (data.dataset=\'NPZ\' needs an .npz file '
-                            "holding uint8 arrays 'train' and 'test' of shape N x H x W x C).")
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'config.data.path={path!r} could not be read as an .npz file: {e}') from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    npz_kind = type(npz).__name__
-    raise ValueError(f'config.data.path={path!r} holds a single array ({npz_kind}), not an .npz archive with '
-                     "arrays 'train' and 'test'.")
+  check_npz_headers(path, image_size, num_channels)
   arrays = {}
-  with npz:
-    for split, key in NPZ_ARRAYS.items():
-      if key not in npz.files:
-        raise ValueError(f'{path}: array {key!r} is missing; the file holds {sorted(npz.files)!r}, expected '
-                         f'uint8 arrays {sorted(NPZ_ARRAYS.values())!r} of shape N x H x W x C.')
-      try:
-        array = npz[key]
-      except ValueError as e:  # object arrays need pickle, which we never allow
-        raise ValueError(f'{path}: array {key!r} could not be read ({e}); expected a uint8 array.') from e
-      if array.dtype != np.uint8:
-        raise ValueError(f'{path}: array {key!r} has dtype {array.dtype}; expected uint8 (pixel values 0..255).')
-      if array.ndim != 4:
-        raise ValueError(f'{path}: array {key!r} has shape {array.shape} ({array.ndim} dimensions); expected '
-                         'N x H x W x C (4 dimensions).')
-      n, h, w, c = array.shape
-      if n == 0:
-        raise ValueError(f'{path}: array {key!r} has shape {array.shape}: no images.')
-      if (h, w) != (image_size, image_size):
-        raise ValueError(f'{path}: array {key!r} holds {h} x {w} images (shape {array.shape}); expected '
-                         f'{image_size} x {image_size} (config.data.image_size={image_size}).')
-      if c != num_channels:
-        raise ValueError(f'{path}: array {key!r} holds images with {c} channels (shape {array.shape}); '
-                         f'expected {num_channels} (config.data.num_channels={num_channels}).')
-      arrays[split] = array
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      for split, key in NPZ_ARRAYS.items():
+        arrays[split] = npz[key]
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    # The headers were fine: the data behind them are not (a truncated or corrupt member).
+    raise ValueError(f'config.data.path={path!r}: array {key!r} could not be read ({type(e).__name__}: {e}).') \
+        from None
   return arrays
 
 
@@ -243,22 +381,14 @@ def npz_split_sizes(path):
   """The number of images of each split of a `data.dataset = 'NPZ'` file, read from the array headers only.
 
   Returns:
-    A dict split name -> number of images, or None if the file cannot be read that way (`load_npz_dataset`
+    A dict split name -> number of images, or None if the file cannot be read that way (`check_npz_headers`
     then says what is wrong with it).
   """
-  sizes = {}
   try:
-    with zipfile.ZipFile(path) as archive:
-      for split, key in NPZ_ARRAYS.items():
-        with archive.open(f'{key}.npy') as f:
-          version = np.lib.format.read_magic(f)
-          read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                         else np.lib.format.read_array_header_2_0)
-          shape = read_header(f)[0]
-        sizes[split] = int(shape[0]) if shape else None
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    headers = read_npz_headers(path)
+    return {split: int(headers[key].shape[0]) for split, key in NPZ_ARRAYS.items()}
+  except (OSError, KeyError, IndexError, ValueError):
     return None
-  return sizes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,8 +399,23 @@ def npz_split_sizes(path):
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
+def _is_regular_file(path):
+  """Whether `path` is a regular file (a symlink: its target); warns about, and so skips, anything else (a FIFO
+  would block the read, a device never end it), without opening it."""
+  try:
+    kind = file_kind(path)
+  except FileNotFoundError as e:
+    kind = str(e)
+  if kind != 'file':
+    logging.warning('Skipping %s: %s, not a regular file.', path, kind)
+  return kind == 'file'
+
+
 def list_image_files(image_dir):
   """The image files under `image_dir` (recursively, hidden files and folders skipped), sorted by path.
+
+  Only regular files (judged by their target, for a symlink) count: a FIFO, socket or device with an image's
+  name is skipped with a warning, and never opened.
 
   Raises:
     FileNotFoundError: `image_dir` is not a directory.
@@ -281,8 +426,9 @@ def list_image_files(image_dir):
   files = []
   for folder, subfolders, names in os.walk(image_dir):
     subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
-    files += [os.path.join(folder, n) for n in names
+    files += [os.path.join(folder, n) for n in sorted(names)
               if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]
+  files = [f for f in files if _is_regular_file(f)]
   if not files:
     raise ValueError(f'{image_dir!r} holds no images (files ending in {", ".join(IMAGE_EXTENSIONS)}, in it or '
                      'its subfolders).')
@@ -411,6 +557,40 @@ def _tfds_builder(name, config):
     raise ValueError(f'config.data.data_dir={data_dir!r} must be a string (a directory, or \'\' for the tfds '
                      'default).')
   return tfds.builder(name, data_dir=data_dir or None)
+
+
+def _prepare_tfds(builder, config):
+  """Downloads and prepares a tfds data set if needed; a failure is one `RuntimeError` naming `data.data_dir`."""
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # tfds raises many kinds; all mean "the data are not there"
+    raise RuntimeError(
+        f'tfds could not prepare {builder.name!r} (data.dataset={config.data.dataset!r}) in '
+        f'config.data.data_dir={config.data.get("data_dir", "")!r}: {e}. Without network, prepare the data '
+        'with tfds elsewhere and point config.data.data_dir at the directory.') from e
+
+
+# The tfds data sets read into memory for training (CIFAR-10: 184 MB of uint8 images, SVHN: 305 MB; not ImageNet
+# 32x32: 3.9 GB, nor CelebA or LSUN), so that their batch order is a function of the seed and a resumed run is the
+# same run (`ImageData.train_batches`).
+TFDS_IN_MEMORY = ('CIFAR10', 'SVHN')
+
+
+def _tfds_in_memory(config):
+  """The uint8 images of the training and eval splits of a `TFDS_IN_MEMORY` data set, in the files' order, and
+  the function that maps a batch of them to float32 images of the configured size; None for another data set."""
+  if config.data.dataset not in TFDS_IN_MEMORY:
+    return None
+  tf = import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder, train_split, eval_split, op = _image_resize_ops(config)
+  _prepare_tfds(builder, config)
+  images = {}
+  for split, name in (('train', train_split), ('eval', eval_split)):
+    ds = builder.as_dataset(split=name, shuffle_files=False).map(lambda d: d['image']).batch(4096)
+    images[split] = np.concatenate(list(tfds.as_numpy(ds)))
+  resize_batch = tf.function(lambda batch: tf.map_fn(op, batch, fn_output_signature=tf.float32))
+  return images, lambda batch: resize_batch(tf.constant(batch)).numpy()
 
 
 def _image_resize_ops(config):
@@ -592,13 +772,7 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
       ds = tf.data.Dataset.from_tensor_slices({'image': npz_arrays[split]}).with_options(options)
     elif not isinstance(dataset_builder, tf.data.Dataset):  # a tfds builder
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      try:
-        dataset_builder.download_and_prepare()
-      except Exception as e:  # tfds raises many kinds; all mean "the data are not there"
-        raise RuntimeError(
-            f'tfds could not prepare {dataset_builder.name!r} (data.dataset={dataset!r}) in '
-            f'config.data.data_dir={config.data.get("data_dir", "")!r}: {e}. Without network, prepare the data '
-            'with tfds elsewhere and point config.data.data_dir at the directory.') from e
+      _prepare_tfds(dataset_builder, config)
       ds = dataset_builder.as_dataset(split=split, shuffle_files=True,
                                       read_config=tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed))
     else:
@@ -632,8 +806,9 @@ def _image_pipelines(config, *, batch_size, evaluation, flip, uniform_dequantiza
 class ImageData:
   """An image data set (every `data.dataset` but 'TOY') as run_lib uses it.
 
-  Batches come from the tf.data pipelines of `get_dataset`, in an order that is a function of `config.seed` (and
-  of the step a training run starts at); random flips and uniform dequantization are drawn in torch, for the
+  Training batches of a data set held in memory (`in_memory`) come in an order that is a function of
+  (`config.seed`, epoch), the others from the tf.data pipelines of `get_dataset`, in an order that is a function
+  of `config.seed` and of the step a training run starts at (`train_batches`); random flips and uniform dequantization are drawn in torch, for the
   global batch, from generators seeded by the step, so that a batch is the same however it is split over
   ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`), scored by FID/IS/KID of Inception
   features against the data set's statistics file; bits/dim are Score SDE's: dequantized data, Rademacher
@@ -659,6 +834,7 @@ class ImageData:
     self.device = torch.device(config.device)
     self._inception = None
     self._inceptionv3 = False
+    self._in_memory = False  # not read yet (`in_memory`)
 
   @property
   def likelihood_options(self):
@@ -711,17 +887,72 @@ class ImageData:
       flip, noise = self._global_draws(shape, tag, index, ctx, self.random_flip, self.uniform_dequantization)
       yield self.to_model_input(batch['image'], flip, noise)
 
+  def in_memory(self):
+    """`(images, to_float)` where the data set is held in memory, else None (read once, then kept).
+
+    `images` maps 'train' and 'eval' to the split's uint8 NHWC images, in a fixed order; `to_float` maps a
+    batch of them to float32 images in [0, 1] of the configured size. In memory: 'NPZ', 'DIGITS' and the tfds
+    data sets of `TFDS_IN_MEMORY` (CIFAR-10, SVHN). Streamed: the others.
+    """
+    if self._in_memory is False:
+      if self.dataset == 'NPZ':
+        arrays = load_npz_dataset(self.config.data.path, self.image_size, self.num_channels)
+        self._in_memory = ({'train': arrays['train'], 'eval': arrays['test']},
+                           lambda x: x.astype(np.float32) * np.float32(1. / 255.))  # as tf.image.convert_image_dtype
+      elif self.dataset == 'DIGITS':
+        arrays = _digits_arrays(self.image_size, self.num_channels)
+        self._in_memory = ({'train': arrays['train'], 'eval': arrays['test']},
+                           lambda x: x.astype(np.float32) / np.float32(self.num_levels - 1.))
+      else:
+        self._in_memory = _tfds_in_memory(self.config)
+    return self._in_memory
+
+  def _epoch_order(self, tag, epoch, n):
+    """The order of the n images of a split in epoch `epoch` of the stream `tag`: a function of (seed, epoch)."""
+    return np.random.default_rng(utils.seed_for(self.seed, tag, 'epoch', epoch)).permutation(n)
+
+  def _memory_stream(self, split, start, ctx, tag):
+    """This rank's share of each training-size batch of a split held in memory, from batch `start` on.
+
+    The epochs are fresh permutations of the split (`_epoch_order`), laid end to end; batch k is the images at
+    positions k B .. (k + 1) B - 1, so the stream can start at any batch and stays the same stream.
+    """
+    images, to_float = self.in_memory()
+    images = images[split]
+    n, global_batch = len(images), self.train_batch_size
+    part = distributed.share(global_batch, ctx)
+    shape = self.sample_shape(global_batch)
+
+    def batches():
+      orders = {}
+      for index in itertools.count(start):
+        epochs, offsets = np.divmod(np.arange(index * global_batch, (index + 1) * global_batch)[part], n)
+        orders = {e: orders[e] if e in orders else self._epoch_order(tag, e, n) for e in np.unique(epochs)}
+        indices = np.empty_like(offsets)
+        for epoch, order in orders.items():
+          indices[epochs == epoch] = order[offsets[epochs == epoch]]
+        flip, noise = self._global_draws(shape, tag, index, ctx, self.random_flip, self.uniform_dequantization)
+        yield self.to_model_input(to_float(images[indices]), flip, noise)
+
+    return batches()
+
   def train_batches(self, start_step, ctx):
     """This rank's share of the training batch of every step from `start_step` on (an endless iterator).
 
-    The order of the images is a function of (seed, start_step): a resumed run shuffles anew, as Score SDE's
-    tf.data pipeline does on every start.
+    For a data set held in memory (`in_memory`) the order is a function of (seed, epoch) and the flips and noise
+    of (seed, step): a run resumed at step s trains on exactly the batches of the uninterrupted run. A streamed
+    data set shuffles anew from (seed, start_step), as Score SDE's tf.data pipeline does on every start: a
+    resumed run sees the images in another order.
     """
+    if self.in_memory() is not None:
+      return self._memory_stream('train', start_step, ctx, 'train')
     return self._stream('train', self.train_batch_size, start_step, ctx, 'train')
 
   def eval_stream(self, ctx):
     """Batches of the eval split for the training loop's periodic eval step (Score SDE: of the training batch
     size, repeated, flipped and dequantized like the training data)."""
+    if self.in_memory() is not None:
+      return self._memory_stream('eval', 0, ctx, 'eval_stream')
     return self._stream('eval', self.train_batch_size, 0, ctx, 'eval_stream')
 
   def eval_batches(self, split, dequantize=None, repeat=0, only=None):
@@ -764,9 +995,8 @@ class ImageData:
     (TFRecords; a tfds data set not prepared yet)."""
     if self.dataset == 'DIGITS':
       return len(load_digits_splits()[split][0])
-    if self.dataset == 'NPZ':
-      sizes = npz_split_sizes(self.config.data.path)
-      return None if sizes is None else sizes[split]
+    if self.dataset == 'NPZ':  # the headers, checked against the config: a bad file stops the run here
+      return check_npz_headers(self.config.data.path, self.image_size, self.num_channels)[split]
     if self.dataset in ('FFHQ', 'CelebAHQ'):
       return None  # one TFRecords file: counting its records means reading it
     try:

@@ -138,7 +138,7 @@ def _training_settings(config):
       batch_size=utils.config_value(config, 'training.batch_size'),
       grad_accum_steps=utils.config_value(config, 'training.grad_accum_steps'),
       max_param_growth=utils.check_number('training.max_param_growth', t.max_param_growth, low=1,
-                                          low_open=True),
+                                          low_open=True, allow_inf=True),
   )
   # The global batch splits evenly over ranks, then micro-batches: every share has the same weight.
   world_size, k = distributed.context().world_size, settings['grad_accum_steps']
@@ -328,6 +328,10 @@ def _training_loop(run, writer, stop):
       signum = distributed.max_over_ranks(stop.signum or 0)
       if signum:
         _stop_on_signal(run, signum)
+      # Dropout draws from the global generator: seeded by (rank, step) before every step, so that a resumed run
+      # draws what the uninterrupted run drew, whatever sampling or evaluation drew in between.
+      torch.manual_seed(utils.seed_for(run.config.seed, 'global', distributed.context().rank,
+                                        int(run.state['step'])))
       terms = run.trainer.train_step(run.state, next(run.batches))
       step = int(run.state['step'])  # the step has incremented it: `step` updates are done
       ckpt.monitor.update(terms['loss'], step, run.trainer.last_grad_norm if check_grad_norm else None)
@@ -431,7 +435,8 @@ def _eval_settings(config):
       enable_conservativity=utils.check_bool('eval.enable_conservativity', e.enable_conservativity),
       conservativity_num_probes=utils.check_number('eval.conservativity_num_probes', e.conservativity_num_probes,
                                                    low=0, integer=True),
-      wait_limit_seconds=utils.check_number('eval.wait_limit_seconds', e.wait_limit_seconds, low=0),
+      wait_limit_seconds=utils.check_number('eval.wait_limit_seconds', e.wait_limit_seconds, low=0,
+                                            allow_inf=True),
       skip_missing_ckpts=utils.check_bool('eval.skip_missing_ckpts', e.skip_missing_ckpts),
   )
   end = utils.check_number('eval.end_ckpt', e.end_ckpt, integer=True)

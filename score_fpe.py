@@ -648,6 +648,11 @@ def fpe_from_config(config, sde, eps=1e-5):
 
 
 SCALAR_FP = ('False', 'True', 'both')
+# The largest weight `training.alpha` and `training.beta` take. The recipes use 0.001 to 0.15; the loss is
+# DSM + weight x residual in float32, whose 24-bit mantissa drops the DSM term once the weighted residual
+# exceeds it about 1.7e7 times, and a weight of 1e30 overflows the first gradient (a FloatingPointError that
+# looked like a learning-rate problem): above this bound the run would no longer train a score model.
+MAX_FP_WEIGHT = 1e6
 FP_DISTS = ('pert', 'x', 'random')
 
 
@@ -697,8 +702,8 @@ class ScoreFPERegularizer:
     self.scalar_fp = utils.check_choice('training.scalar_fp', scalar_fp, SCALAR_FP)
     self.fp_dist = utils.check_choice('training.fp_dist', fp_dist, FP_DISTS)
     self.fp_wgt_type = _fp_weighting(fp_wgt_type)
-    self.alpha = utils.check_number('training.alpha', alpha, low=0.)
-    self.beta = utils.check_number('training.beta', beta, low=0.)
+    self.alpha = utils.check_number('training.alpha', alpha, low=0., high=MAX_FP_WEIGHT)
+    self.beta = utils.check_number('training.beta', beta, low=0., high=MAX_FP_WEIGHT)
     self.m = utils.check_number('training.m', m, low=0., low_open=True)
     self.fp_batch_fraction = utils.check_number('training.fp_batch_fraction', fp_batch_fraction, low=0., high=1.,
                                                 low_open=True)

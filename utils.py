@@ -55,8 +55,12 @@ def _same_choice(value, choice):
   return isinstance(value, bool) == isinstance(choice, bool) and value == choice
 
 
-def check_number(field, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
-  """Raises `ValueError` unless `value` is a real (or integer) number in the given range.
+def check_number(field, value, *, low=None, high=None, low_open=False, high_open=False, integer=False,
+                 allow_inf=False):
+  """Raises `ValueError` unless `value` is a finite real (or integer) number in the given range.
+
+  NaN is always refused, and so are +-inf unless `allow_inf`: an infinite weight, rate or epsilon passes every
+  ordering test but turns the first loss or update into NaN (or, for `optim.eps`, into zero updates).
 
   Args:
     field: the config field's dotted name.
@@ -64,6 +68,8 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
     low, high: bounds, `None` for unbounded.
     low_open, high_open: whether the bound itself is excluded.
     integer: whether the value must be an integer.
+    allow_inf: accept +-inf (within the bounds), for the fields where inf means "no bound" (e.g.
+      `eval.wait_limit_seconds`).
 
   Returns:
     `value`, unchanged.
@@ -73,11 +79,15 @@ def check_number(field, value, *, low=None, high=None, low_open=False, high_open
     raise ValueError(f'config.{field}={value!r} must be {"an integer" if integer else "a real number"}.')
   too_low = low is not None and (value <= low if low_open else value < low)
   too_high = high is not None and (value >= high if high_open else value > high)
-  if too_low or too_high or value != value:  # value != value catches NaN
-    lo = '(' if low_open else '['
-    hi = ')' if high_open else ']'
+  # value != value catches NaN; abs() of a huge int stays exact, unlike math.isfinite's float conversion.
+  not_finite = value != value or (not allow_inf and abs(value) == math.inf)
+  if too_low or too_high or not_finite:
+    # An unbounded side shows inf as excluded unless it is allowed.
+    lo = '[' if low is not None and not low_open or low is None and allow_inf else '('
+    hi = ']' if high is not None and not high_open or high is None and allow_inf else ')'
     interval = f'{lo}{"-inf" if low is None else low}, {"inf" if high is None else high}{hi}'
-    raise ValueError(f'config.{field}={value!r} is out of range; allowed: {interval}.')
+    problem = 'is not a finite number' if not_finite and not (too_low or too_high) else 'is out of range'
+    raise ValueError(f'config.{field}={value!r} {problem}; allowed: {interval}.')
   return value
 
 

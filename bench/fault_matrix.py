@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,12 +39,15 @@ sys.path.insert(0, ROOT)
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
+import datasets  # noqa: E402
 import preemption  # noqa: E402
 import run_lib  # noqa: E402
 import utils  # noqa: E402
 from tests import configs_tiny  # noqa: E402
+from tests import helpers  # noqa: E402
 from tests import torchrun_worker  # noqa: E402
 
 TINY = os.path.join(ROOT, 'tests', 'configs_tiny.py')
@@ -544,6 +548,7 @@ def faults(num_kills):
       ('full disk (ENOSPC) while writing an eval result', fault_full_disk_eval),
       ('a train.lock that is a symbolic link to nothing', fault_dangling_lock),
       ('resume point whose step is a numpy integer', fault_numpy_integer_step),
+      ('SIGTERM on image data, resumed: bitwise the straight run', fault_exact_resume_after_sigterm),
   ]
   return cases
 
@@ -763,7 +768,142 @@ def inputs():
             for kind in ('absolute', 'dotdot', 'dotdot_inside', 'symlink')]
   cases += [(f'resume point optimizer: {what}', _optimizer_case(damage, field))
             for what, damage, field in OPTIMIZER_DAMAGE]
+  cases += hostile_inputs()
   return cases
+
+
+# Issue 24's bad inputs: non-finite (and absurd) numbers, input paths that are not regular files, NPZ files whose
+# headers lie, and a folder of images holding a FIFO. Each is refused (or, for images_to_npz, skipped) at once,
+# with one line naming the field or the file; a deadline turns a hang into a failure.
+NON_FINITE_VALUES = [
+    ('training.alpha', float('inf'), 'train'), ('training.beta', float('inf'), 'train'),
+    ('training.alpha', 1e30, 'train'), ('training.m', float('inf'), 'train'), ('optim.lr', float('inf'), 'train'),
+    ('optim.eps', float('inf'), 'train'), ('optim.weight_decay', float('inf'), 'train'),
+    ('optim.grad_clip', float('inf'), 'train'), ('optim.beta1', float('nan'), 'train'),
+    ('model.ema_rate', float('nan'), 'train'), ('model.sigma_max', float('inf'), 'train'),
+    ('model.fourier_scale', float('inf'), 'train'), ('model.dropout', float('nan'), 'train', {'npz': True}),
+    ('sampling.snr', float('inf'), 'train', SAMPLING), ('training.max_param_growth', float('nan'), 'train'),
+    ('eval.wait_limit_seconds', float('nan'), 'eval'),
+]
+
+
+def _hostile_data_case(kind):
+
+  def case(workdir):
+    tmp = os.path.dirname(workdir)
+    config, path = _npz_config(tmp)
+    os.remove(path)
+    test = helpers.npy_member((4, 8, 8, 3), data=bytes(4 * 192))
+    if kind == 'data.path -> /dev/zero':
+      os.symlink('/dev/zero', path)
+      needles = (path, 'character device')
+    elif kind == 'data.path a FIFO':
+      os.mkfifo(path)
+      needles = (path, 'FIFO')
+    elif kind == 'data.path a directory':
+      os.mkdir(path)
+      needles = (path, 'directory')
+    elif kind == 'data.path a dangling symlink':
+      os.symlink(os.path.join(tmp, 'gone.npz'), path)
+      needles = (path, 'gone.npz', 'does not exist')
+    elif kind == 'npz 5-D array':
+      np.savez(path, train=np.zeros((16, 8, 8, 3, 1), np.uint8), test=np.zeros((4, 8, 8, 3), np.uint8))
+      needles = (path, "'train'", '5 dimensions')
+    elif kind == 'npz 0 training images':
+      np.savez(path, train=np.zeros((0, 8, 8, 3), np.uint8), test=np.zeros((4, 8, 8, 3), np.uint8))
+      needles = (path, "'train'", 'no images')
+    elif kind == 'npz 1-row object array':
+      np.savez(path, train=np.array([None], dtype=object), test=np.zeros((4, 8, 8, 3), np.uint8))
+      needles = (path, "'train'", 'dtype object')
+    elif kind == 'npz empty file':
+      open(path, 'wb').close()
+      needles = (path, 'could not be read as an .npz')
+    elif kind == 'npz truncated':
+      helpers.write_npz(path)
+      with open(path, 'r+b') as f:
+        f.truncate(300)
+      needles = (path, 'could not be read as an .npz')
+    elif kind == 'npz header claiming 10^9 images':
+      helpers.write_zip(path, {'train.npy': helpers.npy_member((10 ** 9, 8, 8, 3), data=bytes(192)),
+                               'test.npy': test}, zipfile.ZIP_DEFLATED)
+      needles = (path, "'train'", '(1000000000, 8, 8, 3)', 'truncated or corrupt')
+    elif kind == 'npz larger than memory':
+      helpers.write_npz(path)
+      needles = (path, 'in memory')
+    else:
+      raise AssertionError(kind)
+    memory_bytes = datasets.memory_bytes
+    if kind == 'npz larger than memory':
+      datasets.memory_bytes = lambda: 1000
+    try:
+      with helpers.deadline(120):
+        return _refused(workdir, config, 'train', *needles)
+    finally:
+      datasets.memory_bytes = memory_bytes
+  return case
+
+
+def _images_to_npz_with_a_fifo(workdir):
+  folder = os.path.join(os.path.dirname(workdir), 'images')
+  os.makedirs(folder)
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(os.path.join(folder, f'{i}.png'))
+  os.mkfifo(os.path.join(folder, 'pipe.png'))
+  os.symlink('/dev/zero', os.path.join(folder, 'zero.png'))
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  root, level = logging.getLogger(), logging.getLogger().level
+  root.addHandler(handler)
+  root.setLevel(logging.WARNING)  # main() silences everything below errors
+  try:
+    with helpers.deadline(120):
+      counts = datasets.images_to_npz(folder, os.path.join(folder, 'out.npz'), test_fraction=0.25)
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+  skipped = [r.getMessage() for r in records if 'Skipping' in r.getMessage()]
+  assert counts == {'train': 3, 'test': 1} and len(skipped) == 2, (counts, skipped)
+  return 'skipped with warnings: ' + '; '.join(m[m.index('images'):] for m in skipped)[:90]
+
+
+HOSTILE_DATA_CASES = ['data.path -> /dev/zero', 'data.path a FIFO', 'data.path a directory',
+                      'data.path a dangling symlink', 'npz 5-D array', 'npz 0 training images',
+                      'npz 1-row object array', 'npz empty file', 'npz truncated', 'npz header claiming 10^9 images',
+                      'npz larger than memory']
+
+
+def hostile_inputs():
+  """Issue 24's bad-input cases: (name, case(workdir)) pairs."""
+  cases = [(f'config.{case[0]}={case[1]!r} ({case[2]})', _bad_value_case(*case)) for case in NON_FINITE_VALUES]
+  cases += [(f'data: {kind}', _hostile_data_case(kind)) for kind in HOSTILE_DATA_CASES]
+  cases.append(('images_to_npz: a FIFO named pipe.png, a link to /dev/zero', _images_to_npz_with_a_fifo))
+  return cases
+
+
+def fault_exact_resume_after_sigterm(workdir, rng):
+  """Image data (NPZ): stopped by SIGTERM at a random step and resumed, the run ends with bitwise the weights of
+  the uninterrupted run (every run in a subprocess of the same settings: one thread, as the others here)."""
+  del rng
+  _, path = _npz_config(os.path.dirname(workdir), train=np.random.default_rng(1).integers(
+      0, 256, (6, 8, 8, 3), dtype=np.uint8))  # 6 images in batches of 4: batches straddle epochs
+  overrides = {'data.path': path, 'training.alpha': 0., 'training.beta': 0., 'training.snapshot_sampling': False,
+               'training.eval_freq': 1000, 'training.log_freq': 1, 'training.snapshot_freq_for_preemption': 1000,
+               'training.n_iters': 10 ** 6, 'training.snapshot_freq': 10 ** 6}
+
+  def cmd(where, **more):
+    return [sys.executable, 'main.py', f'--config={TINY}', f'--workdir={where}', '--mode=train',
+            *_flags(dict(overrides, **more))]
+
+  stopped = _signal_run(workdir, signal.SIGTERM, cmd(workdir))
+  straight = os.path.join(os.path.dirname(workdir), 'straight')
+  for where in (workdir, straight):
+    proc = _run(cmd(where, **{'training.n_iters': stopped + 3}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  resumed, uninterrupted = (checkpoints.load_checkpoint_file(_meta(w)) for w in (workdir, straight))
+  for part in ('model', 'ema', 'optimizer'):
+    helpers.assert_bitwise_equal(resumed[part], uninterrupted[part], part)
+  return f'stopped at step {stopped}, resumed to {stopped + 3}: weights bitwise those of the straight run'
 
 
 # ----------------------------------------------------------------------------------------------------------

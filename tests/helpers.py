@@ -5,10 +5,15 @@ with a(t) and sigma(t) the mean coefficient and std of `marginal_prob`, so its s
 at every t. The SDE, sampler, likelihood and controllable-generation tests check against these.
 
 `tiny_ncsnpp_config` is the one NCSN++ configuration the model and sampler tests shrink (CPU, seconds);
-`write_npz` and `save_tiny_inception` are the tiny stand-ins of a data set and of TF-GAN's Inception module.
+`write_npz` and `save_tiny_inception` are the tiny stand-ins of a data set and of TF-GAN's Inception module;
+`npy_member`, `write_zip` and `deadline` make hostile NPZ files and bound the time a refusal may take.
 """
 
+import contextlib
+import io
 import math
+import signal
+import zipfile
 
 import numpy as np
 import torch
@@ -186,6 +191,56 @@ def write_npz(path, num_train=16, num_test=4, size=8, channels=3, seed=0):
   np.savez(path, train=rng.integers(0, 256, (num_train, size, size, channels), dtype=np.uint8),
            test=rng.integers(0, 256, (num_test, size, size, channels), dtype=np.uint8))
   return str(path)
+
+
+def npy_member(shape, dtype='|u1', data=b''):
+  """The bytes of an .npy file whose header claims `shape` and `dtype`, followed by `data` (whatever it is)."""
+  f = io.BytesIO()
+  np.lib.format.write_array_header_1_0(f, {'descr': dtype, 'fortran_order': False, 'shape': shape})
+  return f.getvalue() + data
+
+
+def write_zip(path, members, compression=zipfile.ZIP_STORED):
+  """Writes a zip (an .npz when its members are .npy files) of `members`, name -> bytes; returns `path`."""
+  with zipfile.ZipFile(path, 'w', compression=compression) as z:
+    for name, data in members.items():
+      z.writestr(name, data)
+  return path
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+  """Raises TimeoutError in the body after `seconds` (main thread only): a blocked open of a FIFO, or a read of
+  /dev/zero, then fails its check instead of hanging it."""
+
+  def expire(signum, frame):
+    del signum, frame
+    raise TimeoutError(f'still running after {seconds} s')
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def assert_bitwise_equal(a, b, where=''):
+  """Asserts that two (nested dicts, lists or tuples of) tensors and values are bitwise equal; names the first
+  tensor that is not, and by how much it differs."""
+  if isinstance(a, torch.Tensor):
+    assert torch.equal(a, b), f'{where}: differs by {(a.double() - b.double()).abs().max().item():.3g}'
+  elif isinstance(a, dict):
+    assert a.keys() == b.keys(), where
+    for key in a:
+      assert_bitwise_equal(a[key], b[key], f'{where}.{key}')
+  elif isinstance(a, (list, tuple)):
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b)):
+      assert_bitwise_equal(x, y, f'{where}[{i}]')
+  else:
+    assert a == b, where
 
 
 def _call_tiny_inception(module, images):

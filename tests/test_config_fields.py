@@ -115,12 +115,12 @@ def test_every_table_field_exists_and_its_default_passes_its_rule(field):
 
 
 @pytest.mark.parametrize('field, bad, message', [
-    ('data.image_size', 0, r'config.data.image_size=0 is out of range; allowed: \[1, inf\]'),
+    ('data.image_size', 0, r'config.data.image_size=0 is out of range; allowed: \[1, inf\)'),
     ('data.image_size', 32.0, r'config.data.image_size=32.0 must be an integer'),
     ('training.continuous', 1, r'config.training.continuous=1 is not allowed; choose one of \(True, False\)'),
     ('seed', -1, r'config.seed=-1 is out of range'),
     # Zero frequencies make every Fourier feature constant in time (NCSN++ used to accept 0, the MLP not).
-    ('model.fourier_scale', 0., r'config.model.fourier_scale=0.0 is out of range; allowed: \(0, inf\]'),
+    ('model.fourier_scale', 0., r'config.model.fourier_scale=0.0 is out of range; allowed: \(0, inf\)'),
 ])
 def test_bad_table_values_are_refused_with_the_field_named(field, bad, message):
   with pytest.raises(ValueError, match=message):
@@ -143,7 +143,7 @@ def test_consumers_narrow_the_table_rule():
   config.training.sde = 'vesde'
   config.model.sigma_min = 60.
   # The VE SDE's own bound, set by another field, on top of the table's rule.
-  with pytest.raises(ValueError, match=r'config.model.sigma_max=50 is out of range; allowed: \(60.0, inf\]'):
+  with pytest.raises(ValueError, match=r'config.model.sigma_max=50 is out of range; allowed: \(60.0, inf\)'):
     sde_lib.sde_from_config(config)
 
 

@@ -1,0 +1,136 @@
+"""Hostile input files (issue 24, items 1 and 5): every input path is judged (by its target) before it is opened,
+and an NPZ file is checked from its headers before any array is read; each refusal is one line naming the file."""
+
+import logging
+import os
+import socket
+import zipfile
+
+import numpy as np
+import pytest
+
+import datasets
+import run_lib
+from tests import configs_tiny
+from tests import helpers
+
+
+def _train(tmp_path, path, **data):
+  config = configs_tiny.get_config()
+  config.data.path = str(path)
+  config.training.n_iters = 1
+  for name, value in data.items():
+    setattr(config.data, name, value)
+  with helpers.deadline(60):
+    run_lib.train(config, str(tmp_path / 'w'))
+
+
+def _fifo(tmp_path, name='data.npz'):
+  path = tmp_path / name
+  os.mkfifo(path)
+  return path
+
+
+@pytest.mark.parametrize('kind', ['dev_zero_symlink', 'fifo', 'directory'])
+def test_data_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+  if kind == 'dev_zero_symlink':
+    path = tmp_path / 'data.npz'
+    os.symlink('/dev/zero', path)  # judged by its target
+    what = 'character device'
+  elif kind == 'fifo':
+    path, what = _fifo(tmp_path), r'FIFO \(named pipe\)'
+  else:
+    path, what = tmp_path / 'folder.npz', 'directory'
+    path.mkdir()
+  with pytest.raises(ValueError, match=rf"^config.data.path='{path}' is an? {what}, not a regular file.$"):
+    _train(tmp_path, path)
+
+
+def test_dangling_symlink_names_its_target(tmp_path):
+  path = tmp_path / 'data.npz'
+  os.symlink(tmp_path / 'gone.npz', path)
+  with pytest.raises(FileNotFoundError, match=r"config.data.path=.*data.npz.*a symlink to .*gone.npz.*not exist"):
+    _train(tmp_path, path)
+
+
+def _good(shape):
+  return np.zeros(shape, np.uint8)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('five_dims', r"array 'train' has shape \(6, 8, 8, 3, 1\) \(5 dimensions\); expected N x H x W x C"),
+    ('no_training_images', r"array 'train' has shape \(0, 8, 8, 3\): no images"),
+    ('object_array', r"array 'train' has dtype object; expected uint8"),
+    ('billion_images', r"array 'train': its header says shape \(1000000000, 8, 8, 3\) \(192000000000 bytes\), "
+                       r'but the file holds 192 bytes of it: the file is truncated or corrupt'),
+    ('compressed_billion', r"array 'train': its header says shape \(1000000000, 8, 8, 3\)"),
+    ('empty_file', r'could not be read as an .npz file \(BadZipFile'),
+    ('truncated', r'could not be read as an .npz file'),
+    ('no_arrays', r'is not an .npz archive of arrays'),
+])
+def test_bad_npz_files_are_refused_from_their_headers_naming_the_file(tmp_path, case, message):
+  path = tmp_path / 'data.npz'
+  test = _good((4, 8, 8, 3))
+  if case == 'five_dims':
+    np.savez(path, train=_good((6, 8, 8, 3, 1)), test=test)
+  elif case == 'no_training_images':
+    np.savez(path, train=_good((0, 8, 8, 3)), test=test)
+  elif case == 'object_array':
+    np.savez(path, train=np.array([None], dtype=object), test=test)  # loading it would need pickle
+  elif case in ('billion_images', 'compressed_billion'):
+    # 715 GiB claimed, 192 bytes stored: the old loader tried to allocate the claim.
+    compression = zipfile.ZIP_DEFLATED if case == 'compressed_billion' else zipfile.ZIP_STORED
+    helpers.write_zip(path, {'train.npy': helpers.npy_member((10 ** 9, 8, 8, 3), data=bytes(192)),
+                      'test.npy': helpers.npy_member((4, 8, 8, 3), data=test.tobytes())}, compression)
+  elif case == 'empty_file':
+    path.write_bytes(b'')
+  elif case == 'truncated':
+    helpers.write_npz(path)
+    path.write_bytes(path.read_bytes()[:300])
+  else:
+    helpers.write_zip(path, {'readme.txt': b'no arrays here'})
+  with pytest.raises(ValueError, match=message) as error:
+    _train(tmp_path, path)
+  assert str(path) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_corrupt_member_data_behind_good_headers_names_the_file(tmp_path):
+  path = tmp_path / 'data.npz'
+  train = np.arange(6 * 8 * 8 * 3, dtype=np.uint8).reshape(6, 8, 8, 3)
+  helpers.write_zip(path, {'train.npy': helpers.npy_member(train.shape, data=train.tobytes()),
+                    'test.npy': helpers.npy_member((4, 8, 8, 3), data=bytes(192 * 4))}, zipfile.ZIP_DEFLATED)
+  raw = bytearray(path.read_bytes())
+  raw[200:260] = bytes(60)  # inside the first member's compressed data, after its header
+  path.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=rf"config.data.path='{path}'"):
+    datasets.load_npz_dataset(str(path), 8, 3)
+
+
+def test_arrays_larger_than_memory_are_refused_before_loading(tmp_path, monkeypatch):
+  path = helpers.write_npz(tmp_path / 'data.npz')
+  monkeypatch.setattr(datasets, 'memory_bytes', lambda: 1000)
+  with pytest.raises(ValueError, match=r"take 3.58e-06 GiB in memory, more than this machine's 9.31e-07 GiB"):
+    _train(tmp_path, path)
+
+
+def test_images_to_npz_skips_fifos_sockets_and_dangling_links(tmp_path, caplog):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f'img{i}.png')
+  os.symlink(folder / 'img0.png', folder / 'link.png')  # a symlink to an image is an image
+  _fifo(folder, 'pipe.png')
+  os.symlink(folder / 'gone.png', folder / 'dangling.png')
+  os.symlink('/dev/zero', folder / 'zero.png')
+  sock = socket.socket(socket.AF_UNIX)
+  try:
+    sock.bind(str(folder / 'sock.png'))
+    with caplog.at_level(logging.WARNING), helpers.deadline(60):
+      counts = datasets.images_to_npz(str(folder), str(tmp_path / 'out.npz'), test_fraction=0.2)
+  finally:
+    sock.close()
+  assert counts == {'train': 4, 'test': 1}
+  for name, kind in (('pipe.png', 'FIFO'), ('sock.png', 'socket'), ('dangling.png', 'symlink to'),
+                     ('zero.png', 'character device')):
+    assert any(name in r.getMessage() and kind in r.getMessage() for r in caplog.records), name

@@ -110,7 +110,7 @@ class TrainingRun:
   trainer), the position in `batches`, and what `checkpointer` remembers (the resume point).
   """
   config: typing.Any
-  settings: dict  # the loop's validated `training.*` fields (`_training_settings`)
+  settings: dict  # the loop's validated `training.*` fields (`training_settings`)
   sde: sde_lib.SDE
   state: dict  # Score SDE's `{'optimizer', 'model', 'ema', 'step'}`
   trainer: trainer_lib.Trainer
@@ -124,7 +124,7 @@ class TrainingRun:
   tb_dir: str
 
 
-def _training_settings(config):
+def training_settings(config):
   """The loop's own `training.*` fields, validated (the save policy's go to `checkpoints.Checkpointer`)."""
   t = config.training
   settings = dict(
@@ -185,7 +185,7 @@ def setup_training(config, workdir, lock=None):
     A `TrainingRun`.
   """
   ctx = distributed.context()
-  settings = _training_settings(config)
+  settings = training_settings(config)
   seed = utils.config_value(config, 'seed')
   # Every rank builds the same initial weights (then restores the same checkpoint, if any).
   torch.manual_seed(seed)
@@ -415,7 +415,7 @@ def _train(run, stop):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _eval_settings(config):
+def eval_settings(config):
   """The `eval.*` fields `evaluate` reads, validated."""
   e = config.eval
   settings = dict(
@@ -502,7 +502,7 @@ class Evaluation:
   `state` is restored in place from each checkpoint; the passes change nothing else.
   """
   config: typing.Any
-  settings: dict  # the validated `eval.*` fields (`_eval_settings`)
+  settings: dict  # the validated `eval.*` fields (`eval_settings`)
   sde: sde_lib.SDE
   state: dict
   continuous: bool
@@ -729,7 +729,7 @@ def setup_evaluation(config, workdir, eval_folder, allow_outside_workdir=False):
   The results folder is checked first (`eval_dir_in`).
   """
   eval_dir = eval_dir_in(workdir, eval_folder, allow_outside_workdir)
-  settings = _eval_settings(config)
+  settings = eval_settings(config)
   utils.config_value(config, 'seed')
   sde = sde_lib.sde_from_config(config)
   state = build_state(config)

@@ -91,7 +91,7 @@ def _sde(config):
 
 def _training_settings(config):
   import run_lib  # pylint: disable=g-import-not-at-top
-  return run_lib._training_settings(config)  # pylint: disable=protected-access
+  return run_lib.training_settings(config)
 
 
 def _state(config):
@@ -101,7 +101,7 @@ def _state(config):
 
 def _eval_settings(config):
   import run_lib  # pylint: disable=g-import-not-at-top
-  return run_lib._eval_settings(config)  # pylint: disable=protected-access
+  return run_lib.eval_settings(config)
 
 
 def _model(config):

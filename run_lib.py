@@ -211,10 +211,8 @@ def setup_training(config, workdir, lock=None):
                     '(docs/score_fpe.md).', ', '.join(type(r).__name__ for r in trainer.loss.regularizers),
                     checkpointer.meta_path)
   step = int(state['step'])
-  # Dropout and samplers draw from the global generator: a different stream per rank, and a resumed run does
-  # not replay the run it resumes. (The loss's noise comes from the trainer's per-step generator.)
-  torch.manual_seed(utils.seed_for(seed, 'global', ctx.rank, step))
-
+  # torch's global generator (dropout) is seeded per step by the training loop; the loss's noise comes from the
+  # trainer's per-step generator.
   batches = data.train_batches(step, ctx)
   # Read one batch now, so that data that do not fit the model stop the run before anything is written.
   first_batch = next(batches)
@@ -328,8 +326,9 @@ def _training_loop(run, writer, stop):
       signum = distributed.max_over_ranks(stop.signum or 0)
       if signum:
         _stop_on_signal(run, signum)
-      # Dropout draws from the global generator: seeded by (rank, step) before every step, so that a resumed run
-      # draws what the uninterrupted run drew, whatever sampling or evaluation drew in between.
+      # Dropout draws from the global generator: seeded by (rank, step) before every step (a different stream per
+      # rank), so that a resumed run draws what the uninterrupted run drew, whatever sampling or evaluation drew in
+      # between.
       torch.manual_seed(utils.seed_for(run.config.seed, 'global', distributed.context().rank,
                                         int(run.state['step'])))
       terms = run.trainer.train_step(run.state, next(run.batches))

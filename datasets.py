@@ -322,14 +322,15 @@ def load_npz_dataset(path, image_size, num_channels):
   """
   check_npz_headers(path, image_size, num_channels)
   arrays = {}
+  key = None  # np.load itself may fail, before any array is read
   try:
     with np.load(path, allow_pickle=False) as npz:
       for split, key in NPZ_ARRAYS.items():
         arrays[split] = npz[key]
   except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
     # The headers were fine: the data behind them are not (a truncated or corrupt member).
-    raise ValueError(f'config.data.path={path!r}: array {key!r} could not be read ({type(e).__name__}: {e}).') \
-        from None
+    what = 'the file' if key is None else f'array {key!r}'
+    raise ValueError(f'config.data.path={path!r}: {what} could not be read ({type(e).__name__}: {e}).') from None
   return arrays
 
 
@@ -375,20 +376,6 @@ def _digits_arrays(image_size, num_channels):
   utils.check_field('data.image_size', image_size, allowed=(DIGITS_IMAGE_SIZE,))
   utils.check_field('data.num_channels', num_channels, allowed=(1,))
   return {split: images for split, (images, _) in load_digits_splits().items()}
-
-
-def npz_split_sizes(path):
-  """The number of images of each split of a `data.dataset = 'NPZ'` file, read from the array headers only.
-
-  Returns:
-    A dict split name -> number of images, or None if the file cannot be read that way (`check_npz_headers`
-    then says what is wrong with it).
-  """
-  try:
-    headers = read_npz_headers(path)
-    return {split: int(headers[key].shape[0]) for split, key in NPZ_ARRAYS.items()}
-  except (OSError, KeyError, IndexError, ValueError):
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------------

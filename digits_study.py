@@ -1,29 +1,36 @@
-"""DSM vs DSM + FP fine-tuning on scikit-learn's digits (issue 13, "Real images, offline"), on CPU.
+"""The DIGITS study (docs/study.md): is the VP likelihood gain of DSM + FP fine-tuning the FP term's? On CPU.
 
-    python digits_study.py --workdir W [--sde ve] [--seeds 0 1 2] [--jobs 2]
+    python digits_study.py --workdir W [--sde vp ve] [--seeds 0 1 2] [--jobs 2] [--collect]
 
-For each SDE (`ve`: the small NCSN++ of configs/digits/ve_ncsnpp_continuous.py; `vp`: the small DDPM++):
-  1. pretrain with DSM (`main.py --mode train`, configs/digits/<sde>_..._continuous.py), and evaluate the
-     pretrained checkpoint (`main.py --mode eval`);
-  2. choose alpha and beta on training data only (`balanced_weights`): at the pretrained weights, on
-     `ALPHA_BATCHES` training batches, the FP terms together equal the DSM term of the fine-tuning loss, split
-     evenly between the vector and the scalar term;
-  3. fine-tune the pretrained checkpoint (configs/digits/fp_<sde>_..._continuous.py) with DSM alone
-     (alpha = beta = 0) and with DSM + FP, one run per seed, and evaluate each fine-tuned checkpoint: test
-     bits/dim for 17 levels, sample metrics (`datasets.DigitsData`), the score-FPE residual vs t and, where
-     `eval.enable_conservativity` exists, the conservativity vs t.
-Every command is a `main.py` command line run under `nice` with one thread (OMP_NUM_THREADS=1); each one's
-wall time is read from its log. A rerun keeps what is done (the pretraining, a run with results) and runs the
-rest; `--collect` only writes the outputs from the workdir. Results go to `W/digits_study.json` (the same as
-tables in `W/digits_study.md`): the commands and durations, per run `sde`,
-`variant`, `alpha`, `beta`, `seed`, `nll_bpd`, `fp_residual_mean`, `conservativity` (None where not measured)
-and the sample metrics, and per (sde, variant) the mean and 95% interval over seeds.
+The grid (`GRID`) crosses *settings* (an SDE, a pretraining seed, exact 17-level data or
+`data.uniform_dequantization`) with fine-tuning *arms* (`ARMS`: the pretrained model itself, DSM or DSM + FP,
+likelihood weighting or Score SDE's, the FP weights balanced for either weighting, a DSM run with the compute of
+an FP run, lazy FP steps). Per setting:
+  1. pretrain with DSM (`main.py --mode train`, configs/digits/<sde>_..._continuous.py with the setting's
+     overrides);
+  2. choose alpha and beta on training data only (`balanced_weights`), once per loss weighting: at the
+     pretrained weights, on `ALPHA_BATCHES` training batches, the FP terms together equal the DSM term of the
+     fine-tuning loss, split evenly between the vector and the scalar term;
+  3. per arm and seed: fine-tune the pretrained checkpoint (configs/digits/fp_<sde>_..._continuous.py with the
+     arm's overrides; the arm `pretrained` fine-tunes nothing) and evaluate the result with the same seed:
+     test bits/dim for 17 levels over `BPD_REPEATS` passes (mean and standard error), sample metrics
+     (`datasets.DigitsData`), the score-FPE residual vs t and the conservativity vs t. The seed fixes the
+     fine-tuning's data order and loss noise and the evaluation's dequantization noise and probes, so arms are
+     compared paired by seed.
+Every command is a `main.py` command line run under `nice` with one thread (OMP_NUM_THREADS=1); its wall time is
+read from its log. A rerun keeps what is done (a pretraining, the weights, a fine-tuned checkpoint, an
+evaluation) and runs the rest, most decisive cells first (`GRID`'s order); `--collect` only writes the outputs.
+Results go to `W/digits_study.json` and the same as tables in `W/digits_study.md`: every run's settings and
+results (`run_record`), per (setting, arm) the mean and 95% interval over seeds, and the paired differences of
+`COMPARISONS` with their 95% intervals and cost ratios.
 """
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -41,11 +48,116 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {'ve': 'configs/digits/ve_ncsnpp_continuous.py', 'vp': 'configs/digits/vp_ddpmpp_continuous.py'}
 FINE_TUNING_CONFIGS = {'ve': 'configs/digits/fp_ve_ncsnpp_continuous.py',
                        'vp': 'configs/digits/fp_vp_ddpmpp_continuous.py'}
+# The configs' `seed` (Score SDE's 42): the pretraining seed of a setting that does not override it.
+CONFIG_SEED = 42
+PRETRAINING_STEPS = 4000  # configs/digits/default_digits_configs.PRETRAINING_STEPS (checked by a test)
+FINE_TUNING_STEPS = 200  # configs/digits/fp_finetuning.FINE_TUNING_STEPS (checked by a test)
 # Training batches the FP weights are balanced on (batch 64 each).
 ALPHA_BATCHES = 4
 # Evaluation batches of 120 test images (3 bits/dim batches over the 360; one sampling round of 120): the ODE
 # solve of bits/dim (Score SDE's tolerances) dominates the study's time on CPU.
 EVAL_OVERRIDES = {'eval.batch_size': 120, 'eval.num_samples': 120}
+# Bits/dim passes per evaluation: two give every run a standard error of its own (one gives none,
+# `likelihood.bpd_summary`) and halve the variance of the dequantization and probe noise; the seeds cover the
+# fine-tuning's variance, which the paired comparisons need more.
+BPD_REPEATS = 2
+# Metrics summarized per (setting, arm) and differenced per comparison.
+METRICS = ('nll_bpd', 'fp_residual_mean', 'fp_residual_weighted_mean', 'conservativity', 'mmd', 'digit_score')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What a pretraining is: the SDE, its seed, and whether training images are dequantized."""
+  sde: str
+  pretrain_seed: int = CONFIG_SEED
+  uniform_dequantization: bool = False
+
+  @property
+  def name(self):
+    return f'{"dequantized" if self.uniform_dequantization else "levels"}_p{self.pretrain_seed}'
+
+  @property
+  def description(self):
+    data = 'dequantized training data' if self.uniform_dequantization else 'exact 17 levels'
+    return f'{self.sde.upper()}, pretraining seed {self.pretrain_seed}, {data}'
+
+  def data_overrides(self):
+    """The overrides every command of this setting carries (pretraining, fine-tuning, evaluation)."""
+    return {'data.uniform_dequantization': True} if self.uniform_dequantization else {}
+
+  def pretraining_overrides(self):
+    overrides = self.data_overrides()
+    if self.pretrain_seed != CONFIG_SEED:
+      overrides['seed'] = self.pretrain_seed
+    return overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One way of fine-tuning the pretrained checkpoint (or, `pretrained`, none)."""
+  name: str
+  description: str
+  fp: bool = False  # the FP terms on (alpha, beta balanced for `weights_for`), else alpha = beta = 0
+  likelihood_weighting: bool = True  # the paper's fine-tuning weighting; False: Score SDE's (the pretraining's)
+  weights_for: str = 'likelihood'  # which weighting's balanced alpha, beta an FP arm uses
+  steps: int = FINE_TUNING_STEPS
+  fp_every: int = 1
+  pretrained: bool = False
+
+
+# DSM steps with about the fine-tuning compute of one FP run's 200 steps: an FP step cost 3.5-3.7x a DSM step
+# on the digits (128-137 s against 36-39 s per 200 steps, docs/study.md); every run records its real cost.
+MATCHED_DSM_STEPS = 4 * FINE_TUNING_STEPS
+ARMS = {arm.name: arm for arm in (
+    Arm('pretrained', 'the pretrained model (no fine-tuning), evaluated with each seed', pretrained=True,
+        likelihood_weighting=False),
+    Arm('dsm', 'DSM, likelihood weighting (the paper\'s fine-tuning without the FP terms)'),
+    Arm('fp', 'DSM + FP, likelihood weighting (the paper\'s fine-tuning)', fp=True),
+    Arm('dsm_sw', 'DSM, Score SDE weighting (the pretraining\'s loss)', likelihood_weighting=False),
+    Arm('fp_sw', 'DSM + FP, Score SDE weighting, the alpha and beta of `fp`', fp=True,
+        likelihood_weighting=False),
+    Arm('fp_sw_bal', 'DSM + FP, Score SDE weighting, alpha and beta balanced for it', fp=True,
+        likelihood_weighting=False, weights_for='score_sde'),
+    Arm('dsm_4x', f'DSM, likelihood weighting, {MATCHED_DSM_STEPS} steps (the compute of `fp`)',
+        steps=MATCHED_DSM_STEPS),
+    Arm('fp_every4', 'DSM + FP, likelihood weighting, FP terms on every 4th step at 4x weight', fp=True,
+        fp_every=4),
+)}
+# The grid, most decisive cells first (a rerun or a cut-short run fills it in this order). VP carries the gain
+# to explain; VE (whose likelihood weighting is Score SDE's times a constant, so its weighting cells would
+# repeat `dsm` and `fp`) gets the cells that could change its null result: paired pretrained baseline and
+# dequantized data.
+GRID = (
+    (Setting('vp'), ('pretrained', 'dsm', 'fp', 'dsm_sw', 'fp_sw', 'fp_sw_bal')),
+    (Setting('vp', uniform_dequantization=True), ('pretrained', 'dsm', 'fp', 'dsm_sw', 'fp_sw_bal')),
+    (Setting('vp', pretrain_seed=43), ('pretrained', 'dsm', 'fp', 'dsm_sw')),
+    (Setting('vp'), ('dsm_4x', 'fp_every4')),
+    (Setting('ve'), ('pretrained', 'dsm', 'fp')),
+    (Setting('ve', uniform_dequantization=True), ('pretrained', 'dsm', 'fp')),
+)
+# Paired comparisons (first arm minus second, seed by seed within a setting) and the question each answers.
+COMPARISONS = (
+    ('fp', 'dsm', 'FP terms, likelihood weighting (the paper\'s comparison)'),
+    ('fp', 'dsm_sw', 'the paper\'s fine-tuning against the best-known DSM control'),
+    ('fp_sw', 'dsm_sw', 'FP terms under Score SDE weighting, same alpha, beta'),
+    ('fp_sw_bal', 'dsm_sw', 'FP terms under Score SDE weighting, balanced alpha, beta'),
+    ('fp', 'fp_sw', 'likelihood weighting under DSM + FP'),
+    ('dsm', 'dsm_sw', 'likelihood weighting under DSM'),
+    ('fp', 'pretrained', 'fine-tuning with FP against no fine-tuning'),
+    ('dsm', 'pretrained', 'fine-tuning with DSM against no fine-tuning'),
+    ('dsm_sw', 'pretrained', 'fine-tuning with the pretraining\'s loss against none'),
+    ('fp', 'dsm_4x', 'FP against DSM with the same compute'),
+    ('fp_every4', 'fp', 'lazy FP steps against every-step FP'),
+)
+
+
+def grid(sdes):
+  """The (setting, arm) cells of `GRID` for the SDEs `sdes`, in `GRID`'s order."""
+  return [(setting, ARMS[name]) for setting, names in GRID if setting.sde in sdes for name in names]
+
+
+def settings_of(cells):
+  return list(dict.fromkeys(setting for setting, _ in cells))
 
 
 def _printable(args):
@@ -90,59 +202,69 @@ def main_args(config, workdir, mode, overrides):
           [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
-def eval_overrides(has_conservativity):
-  overrides = {}
-  if has_conservativity:
-    # 8 Rademacher probes per sample (the exact Jacobian takes 64 backward passes per batch and t).
-    overrides.update({'eval.enable_conservativity': True, 'eval.conservativity_num_probes': 8})
-  return overrides
+def eval_overrides():
+  """What every evaluation adds to its run's overrides."""
+  # 8 Rademacher probes per sample for the conservativity (the exact Jacobian takes 64 backward passes per
+  # batch and t).
+  return dict(EVAL_OVERRIDES, **{'eval.enable_conservativity': True, 'eval.conservativity_num_probes': 8,
+                                 'eval.bpd_num_repeats': BPD_REPEATS})
+
+
+def load_config(path, overrides):
+  """The config of the file `path` (relative to the repository) with `overrides` ({'a.b': value}) applied, as
+  `main.py --config.a.b=value` would apply them."""
+  spec = importlib.util.spec_from_file_location('digits_study_config', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
 
 
 def read_results(workdir, ckpt):
   """The numbers `main.py --mode eval` wrote for checkpoint `ckpt` in `workdir/eval`."""
+  import likelihood  # pylint: disable=g-import-not-at-top
   eval_dir = os.path.join(workdir, 'eval')
   bpd_files = sorted(glob.glob(os.path.join(eval_dir, f'test_ckpt_{ckpt}_bpd_*.npz')),
                      key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
   bpds = np.load(bpd_files[-1])['all_bpds']
+  mean, stderr = likelihood.bpd_summary(bpds, BPD_REPEATS)
   residual = np.load(os.path.join(eval_dir, f'ckpt_{ckpt}_fp_residual.npz'))
   # The plain residual's mean over t is dominated by the smallest t; the lambda(t)-weighted one (what the loss
   # penalizes) is reported beside it.
-  out = {'nll_bpd': float(np.mean(bpds)), 'fp_residual_mean': float(np.mean(residual['residual'])),
+  out = {'nll_bpd': mean, 'nll_bpd_stderr': stderr, 'fp_residual_mean': float(np.mean(residual['residual'])),
          'fp_residual_weighted_mean': float(np.mean(residual['residual_weighted'])),
          'fp_residual_vs_t': {'t': residual['t'].tolist(), 'residual': residual['residual'].tolist(),
                               'residual_weighted': residual['residual_weighted'].tolist()}}
   report = np.load(os.path.join(eval_dir, f'report_{ckpt}.npz'))
   out.update({name: float(report[name]) for name in report.files})
-  out['conservativity'] = None
-  if 'conservativity' in residual.files:
-    out['conservativity'] = float(np.mean(residual['conservativity']))
-    out['conservativity_vs_t'] = residual['conservativity'].tolist()
+  out['conservativity'] = float(np.mean(residual['conservativity']))
+  out['conservativity_vs_t'] = residual['conservativity'].tolist()
   return out
 
 
-def balanced_weights(fine_tuning_config, checkpoint):
+def balanced_weights(fine_tuning_config, checkpoint, overrides=None):
   """alpha, beta such that, at the pretrained weights and on training data, alpha R_vec = beta R_sc = DSM / 2.
 
-  Measured with the fine-tuning loss (likelihood weighting, FP terms on `training.fp_batch_fraction` of each
-  batch, the training reductions) on `ALPHA_BATCHES` training batches of seed 0; only training images are
-  read.
+  Measured with the fine-tuning loss as `overrides` set it (its weighting, dequantization; FP terms on
+  `training.fp_batch_fraction` of each batch, the training reductions) on `ALPHA_BATCHES` training batches of
+  seed 0; only training images are read.
   """
-  sys.path.insert(0, ROOT)
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(1)
   import distributed  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
   import run_lib  # pylint: disable=g-import-not-at-top
   import sde_lib  # pylint: disable=g-import-not-at-top
   import utils  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('ft_config', os.path.join(ROOT, fine_tuning_config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  torch.set_num_threads(1)
+  config = load_config(fine_tuning_config, dict(overrides or {}, **{'seed': 0, 'training.alpha': 1.,
+                                                                     'training.beta': 1.}))
   config.device = torch.device('cpu')
-  config.seed = 0
-  config.training.alpha = config.training.beta = 1.
   sde = sde_lib.sde_from_config(config)
   state = utils.restore_checkpoint(checkpoint, run_lib.build_state(config), config.device)
   loss = losses.loss_from_config(config, sde)
@@ -159,132 +281,165 @@ def balanced_weights(fine_tuning_config, checkpoint):
           'terms_at_start': sums}
 
 
-def summarize(runs):
-  """Mean and 95% interval (Student's t over seeds, `study.t_interval`) per (sde, variant) and metric."""
-  groups = {}
-  for run in runs:
-    groups.setdefault((run['sde'], run['variant']), []).append(run)
-  summary = []
-  for (sde, variant), members in sorted(groups.items()):
-    row = {'sde': sde, 'variant': variant, 'num_seeds': len(members)}
-    for metric in ('nll_bpd', 'fp_residual_mean', 'fp_residual_weighted_mean', 'conservativity', 'mmd',
-                   'digit_score'):
-      values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
-      if not values.size:
-        continue
-      mean, half = study.t_interval(values)
-      row[metric] = {'mean': mean, 'ci95': half}
-    summary.append(row)
-  return summary
-
-
-def real_image_metrics(num_images=120):
-  """The sample metrics of `num_images` real training images (a fixed draw), as a reference for the models'."""
-  sys.path.insert(0, ROOT)
+@functools.lru_cache(maxsize=None)
+def forward_passes_per_step(fine_tuning_config, overrides):
+  """Samples through the network in one fine-tuning step: `(dsm_step, fp_step)`, counted by a forward hook on
+  the network in one call of the training loss on a training batch (a DSM-only step and a step with the FP
+  terms; a `torch.func.jvp` through the network counts as one pass). `overrides`: a tuple of (key, value)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from configs.digits.ve_ncsnpp_continuous import get_config  # pylint: disable=g-import-not-at-top
-  config = get_config()
-  config.device = torch.device('cpu')
-  images = datasets.load_digits_splits()['train'][0]
-  chosen = images[np.random.default_rng(0).choice(len(images), num_images, replace=False)]
-  arrays = np.clip(chosen.astype(np.float64) / 16. * 255., 0, 255).astype(np.uint8)
-  return datasets.DigitsData(config).sample_quality([(arrays, None)], num_images)
+  import distributed  # pylint: disable=g-import-not-at-top
+  import losses  # pylint: disable=g-import-not-at-top
+  import models.utils as mutils  # pylint: disable=g-import-not-at-top
+  import sde_lib  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for name, weight in (('dsm', 0.), ('fp', 1.)):
+    config = load_config(fine_tuning_config, dict(overrides, **{'training.alpha': weight, 'training.beta': weight}))
+    config.device = torch.device('cpu')
+    model = mutils.create_model(config)
+    loss = losses.loss_from_config(config, sde_lib.sde_from_config(config))
+    batch = next(datasets.get_data(config).train_batches(0, distributed.context()))
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    try:
+      loss.reduce(loss(model, batch, train=True), batch.shape[0])
+    finally:
+      hook.remove()
+    counts[name] = int(sum(seen))
+  return counts['dsm'], counts['fp']
 
 
-def _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity):
-  """The `main.py` arguments of one fine-tuning run and of its evaluation."""
-  overrides = {'seed': seed}
-  if variant == 'dsm':
-    overrides.update({'training.alpha': 0., 'training.beta': 0.})
-  else:
-    overrides.update({'training.alpha': weights['alpha'], 'training.beta': weights['beta']})
-  train_args = main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'train', overrides)
-  overrides.update(EVAL_OVERRIDES)
-  overrides.update(eval_overrides(has_conservativity))
-  return train_args, main_args(FINE_TUNING_CONFIGS[sde], run_dir, 'eval', overrides), overrides
+def network_evals(record):
+  """Forward passes of the network (samples through it) during a run's fine-tuning: DSM-only steps and FP
+  steps (with `fp_every` = k, the steps whose global step is a multiple of k) at their counted cost."""
+  if record['fine_tuning_steps'] == 0:
+    return 0
+  overrides = {'data.uniform_dequantization': record['uniform_dequantization'],
+               'training.likelihood_weighting': record['likelihood_weighting']}
+  dsm_step, fp_step = forward_passes_per_step(FINE_TUNING_CONFIGS[record['sde']], tuple(sorted(overrides.items())))
+  steps = range(PRETRAINING_STEPS, PRETRAINING_STEPS + record['fine_tuning_steps'])
+  fp_steps = sum(1 for step in steps if step % record['fp_every'] == 0) if record['alpha'] or record['beta'] else 0
+  return fp_steps * fp_step + (len(steps) - fp_steps) * dsm_step
 
 
-def fine_tune(workdir, sde, variant, seed, has_conservativity):
-  """Fine-tunes the pretrained checkpoint of `sde` (one variant, one seed) and evaluates it."""
-  base = os.path.join(workdir, sde)
-  with open(os.path.join(base, 'fp_weights.json')) as f:
-    weights = json.load(f)
-  run_dir = os.path.join(base, f'{variant}_seed{seed}')
-  os.makedirs(os.path.join(run_dir, 'checkpoints-meta'), exist_ok=True)
-  shutil.copyfile(os.path.join(base, 'pretrain', 'checkpoints', 'checkpoint_1.pth'),
-                  os.path.join(run_dir, 'checkpoints-meta', 'checkpoint.pth'))
-  train_args, eval_args, _ = _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity)
-  run_command(train_args, os.path.join(run_dir, 'train.log'))
-  run_command(eval_args, os.path.join(run_dir, 'eval.log'))
+def setting_dir(workdir, setting):
+  return os.path.join(workdir, setting.sde, setting.name)
 
 
-def collect(workdir, sde, seeds, has_conservativity, record):
-  """Reads what the commands of one SDE wrote (results, and durations from their logs) into `record`."""
-  base = os.path.join(workdir, sde)
-  pretrain = os.path.join(base, 'pretrain')
-  record['commands'].append({'what': f'{sde} DSM pretraining', 'command': _printable(main_args(
-      CONFIGS[sde], pretrain, 'train', {})), 'seconds': _logged_seconds(os.path.join(base, 'pretrain_train.log'))})
-  with open(os.path.join(base, 'fp_weights.json')) as f:
-    record['weights'][sde] = weights = json.load(f)
-  record['commands'].append({'what': f'{sde} FP weights on training data (balanced_weights)', 'command':
-                             f'python -c "import digits_study; digits_study.balanced_weights(...)"',
-                             'seconds': weights['seconds']})
-  eval_log = os.path.join(base, 'pretrain_eval.log')
-  if os.path.exists(os.path.join(pretrain, 'eval', 'report_1.npz')):
-    record['commands'].append({'what': f'{sde} evaluation of the pretrained model', 'command': _printable(main_args(
-        CONFIGS[sde], pretrain, 'eval', dict(EVAL_OVERRIDES, **eval_overrides(has_conservativity)))),
-                               'seconds': _logged_seconds(eval_log)})
-    record['pretrained'][sde] = read_results(pretrain, 1)
-  for seed in seeds:
-    for variant in ('dsm', 'fp'):
-      run_dir = os.path.join(base, f'{variant}_seed{seed}')
-      train_args, eval_args, overrides = _fine_tuning_args(sde, run_dir, variant, seed, weights, has_conservativity)
-      checkpoints = glob.glob(os.path.join(run_dir, 'checkpoints', 'checkpoint_*.pth'))
-      # The residual file is the last one an evaluation writes.
-      if not checkpoints or not glob.glob(os.path.join(run_dir, 'eval', 'ckpt_*_fp_residual.npz')):
-        logging.warning('%s: not finished; left out.', run_dir)
-        continue
-      seconds = {}
-      for what, args, log in (('fine-tuning', train_args, 'train.log'), ('evaluation', eval_args, 'eval.log')):
-        seconds[what] = _logged_seconds(os.path.join(run_dir, log))
-        record['commands'].append({'what': f'{sde} {variant} seed {seed} {what}', 'command': _printable(args),
-                                   'seconds': seconds[what]})
-      ckpt = int(os.path.basename(max(checkpoints, key=os.path.getmtime))[len('checkpoint_'):-4])
-      result = {'sde': sde, 'variant': variant, 'seed': seed, 'alpha': overrides['training.alpha'],
-                'beta': overrides['training.beta'], 'train_seconds': seconds['fine-tuning'],
-                'eval_seconds': seconds['evaluation']}
-      result.update(read_results(run_dir, ckpt))
-      record['runs'].append(result)
+def run_dir(workdir, setting, arm, seed):
+  return os.path.join(setting_dir(workdir, setting), f'{arm.name}_seed{seed}')
 
 
-def study_sde(sde, workdir, seeds, jobs, has_conservativity):
-  """Pretraining (kept if done), FP weights, the pretrained model's evaluation and the fine-tuning runs of one
-  SDE (those not evaluated yet), `jobs` at a time."""
-  base = os.path.join(workdir, sde)
-  pretrain = os.path.join(base, 'pretrain')
-  os.makedirs(pretrain, exist_ok=True)
-  checkpoint = os.path.join(pretrain, 'checkpoints', 'checkpoint_1.pth')  # the state at the last step
-  _wait_for_trainer(pretrain)
-  if not os.path.exists(checkpoint):
-    run_command(main_args(CONFIGS[sde], pretrain, 'train', {}), os.path.join(base, 'pretrain_train.log'))
-  weights_path = os.path.join(base, 'fp_weights.json')
-  if not os.path.exists(weights_path):
+def pretrained_checkpoint(workdir, setting):
+  """The pretraining's state at its last step (its one checkpoint)."""
+  return os.path.join(setting_dir(workdir, setting), 'pretrain', 'checkpoints', 'checkpoint_1.pth')
+
+
+def weights_path(workdir, setting, weighting):
+  return os.path.join(setting_dir(workdir, setting), f'fp_weights_{weighting}.json')
+
+
+def load_weights(workdir, setting, weighting):
+  with open(weights_path(workdir, setting, weighting)) as f:
+    return json.load(f)
+
+
+def final_checkpoint(arm):
+  """The number of the checkpoint an arm evaluates: the pretraining's one, or fine-tuning's last save
+  (checkpoint_{n_iters // snapshot_freq}, snapshot_freq being the arm's number of steps)."""
+  return 1 if arm.pretrained else (PRETRAINING_STEPS + arm.steps) // arm.steps
+
+
+def arm_overrides(setting, arm, seed, weights):
+  """The `--config.*` overrides of one cell's training (fine-tuning) command; `weights`: weighting -> the
+  balanced {'alpha', 'beta'} (only an FP arm reads it)."""
+  overrides = dict(setting.data_overrides(), seed=seed)
+  if arm.pretrained:
+    return overrides
+  chosen = weights[arm.weights_for] if arm.fp else {'alpha': 0., 'beta': 0.}
+  overrides.update({'training.alpha': chosen['alpha'], 'training.beta': chosen['beta']})
+  if not arm.likelihood_weighting:
+    overrides['training.likelihood_weighting'] = False
+  if arm.steps != FINE_TUNING_STEPS:
+    # One checkpoint at the end: the evaluation range of configs/fp/fp_finetuning follows both fields.
+    overrides.update({'training.n_iters': PRETRAINING_STEPS + arm.steps, 'training.snapshot_freq': arm.steps})
+  if arm.fp_every != 1:
+    overrides['training.fp_every'] = arm.fp_every
+  return overrides
+
+
+def cell_commands(workdir, setting, arm, seed, weights):
+  """(training args or None, evaluation args, training overrides) of one cell."""
+  overrides = arm_overrides(setting, arm, seed, weights)
+  directory = run_dir(workdir, setting, arm, seed)
+  config = CONFIGS[setting.sde] if arm.pretrained else FINE_TUNING_CONFIGS[setting.sde]
+  train_args = None if arm.pretrained else main_args(config, directory, 'train', overrides)
+  return train_args, main_args(config, directory, 'eval', dict(overrides, **eval_overrides())), overrides
+
+
+def is_evaluated(workdir, setting, arm, seed):
+  # The residual file is the last one an evaluation writes.
+  return os.path.exists(os.path.join(run_dir(workdir, setting, arm, seed), 'eval',
+                                     f'ckpt_{final_checkpoint(arm)}_fp_residual.npz'))
+
+
+def pretrain(workdir, setting):
+  """Pretrains a setting (kept if done; an interrupted one resumes from its preemption checkpoint)."""
+  directory = os.path.join(setting_dir(workdir, setting), 'pretrain')
+  os.makedirs(directory, exist_ok=True)
+  _wait_for_trainer(directory)
+  if not os.path.exists(pretrained_checkpoint(workdir, setting)):
+    run_command(main_args(CONFIGS[setting.sde], directory, 'train', setting.pretraining_overrides()),
+                os.path.join(setting_dir(workdir, setting), 'pretrain_train.log'))
+
+
+def choose_weights(workdir, setting):
+  """Balances alpha, beta for each loss weighting (kept if done)."""
+  for weighting, likelihood_weighting in (('likelihood', True), ('score_sde', False)):
+    path = weights_path(workdir, setting, weighting)
+    if os.path.exists(path):
+      continue
     start = time.time()
-    weights = balanced_weights(FINE_TUNING_CONFIGS[sde], checkpoint)
+    weights = balanced_weights(FINE_TUNING_CONFIGS[setting.sde], pretrained_checkpoint(workdir, setting),
+                               dict(setting.data_overrides(), **{'training.likelihood_weighting': likelihood_weighting}))
     weights['seconds'] = time.time() - start
-    with open(weights_path, 'w') as f:
+    with open(path, 'w') as f:
       json.dump(weights, f, indent=1)
-  tasks = []
-  if not os.path.exists(os.path.join(pretrain, 'eval', 'report_1.npz')):
-    overrides = dict(EVAL_OVERRIDES, **eval_overrides(has_conservativity))
-    tasks.append(functools.partial(run_command, main_args(CONFIGS[sde], pretrain, 'eval', overrides),
-                                   os.path.join(base, 'pretrain_eval.log')))
-  for seed in seeds:
-    for variant in ('fp', 'dsm'):
-      if not glob.glob(os.path.join(base, f'{variant}_seed{seed}', 'eval', 'ckpt_*_fp_residual.npz')):
-        tasks.append(functools.partial(fine_tune, workdir, sde, variant, seed, has_conservativity))
+
+
+def run_cell(workdir, setting, arm, seed):
+  """Fine-tunes (unless `arm` is `pretrained`) and evaluates one cell; a fine-tuned checkpoint is kept, an
+  interrupted fine-tuning resumes from its own preemption checkpoint."""
+  weights = {w: load_weights(workdir, setting, w) for w in ('likelihood', 'score_sde')}
+  directory = run_dir(workdir, setting, arm, seed)
+  train_args, eval_args, _ = cell_commands(workdir, setting, arm, seed, weights)
+  ckpt = os.path.join(directory, 'checkpoints', f'checkpoint_{final_checkpoint(arm)}.pth')
+  if arm.pretrained:
+    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+    shutil.copyfile(pretrained_checkpoint(workdir, setting), ckpt)
+  elif not os.path.exists(ckpt):
+    meta = os.path.join(directory, 'checkpoints-meta', 'checkpoint.pth')
+    if not os.path.exists(meta):
+      os.makedirs(os.path.dirname(meta), exist_ok=True)
+      shutil.copyfile(pretrained_checkpoint(workdir, setting), meta)
+    run_command(train_args, os.path.join(directory, 'train.log'))
+  run_command(eval_args, os.path.join(directory, 'eval.log'))
+
+
+def run_grid(workdir, cells, seeds, jobs):
+  """Pretrains the settings, balances their weights, then runs every cell not evaluated yet, `jobs` at a
+  time; returns the failures' messages (a failed task does not stop the others)."""
+  settings = settings_of(cells)
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    failures = [error for error, ok in pool.map(_failures_logged, tasks) if ok is None]
+    failures = [error for error, ok in pool.map(
+        _failures_logged, [functools.partial(pretrain, workdir, s) for s in settings]) if ok is None]
+  ready = [s for s in settings if os.path.exists(pretrained_checkpoint(workdir, s))]
+  for setting in ready:
+    choose_weights(workdir, setting)
+  tasks = [functools.partial(run_cell, workdir, setting, arm, seed)
+           for setting, arm in cells if setting in ready for seed in seeds
+           if not is_evaluated(workdir, setting, arm, seed)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    failures += [error for error, ok in pool.map(_failures_logged, tasks) if ok is None]
   return failures
 
 
@@ -297,92 +452,218 @@ def _failures_logged(task):
     return str(e), None
 
 
-def paired_differences(runs):
-  """Per SDE and metric: DSM + FP minus DSM alone, seed by seed (same data order, loss noise, dequantization and
-  probes), with the mean and 95% interval over the seeds both variants finished."""
-  by_key = {(r['sde'], r['variant'], r['seed']): r for r in runs}
-  out = {}
-  for sde in sorted({r['sde'] for r in runs}):
-    seeds = sorted(s for (e, v, s) in by_key if e == sde and v == 'fp' and (sde, 'dsm', s) in by_key)
-    rows = {}
-    for metric in ('nll_bpd', 'conservativity', 'fp_residual_mean'):
-      values = [by_key[(sde, 'fp', s)][metric] - by_key[(sde, 'dsm', s)][metric] for s in seeds
-                if by_key[(sde, 'fp', s)].get(metric) is not None and by_key[(sde, 'dsm', s)].get(metric) is not None]
-      if values:
+def run_record(setting, arm, seed, overrides, results, seconds):
+  """One run's settings, cost and results, as the JSON holds it."""
+  record = {'sde': setting.sde, 'setting': setting.name, 'arm': arm.name, 'seed': seed,
+            'pretrain_seed': setting.pretrain_seed, 'uniform_dequantization': setting.uniform_dequantization,
+            'likelihood_weighting': arm.likelihood_weighting, 'alpha': overrides.get('training.alpha', 0.),
+            'beta': overrides.get('training.beta', 0.), 'fp_every': arm.fp_every,
+            'fine_tuning_steps': 0 if arm.pretrained else arm.steps, 'train_seconds': seconds.get('fine-tuning', 0.),
+            'eval_seconds': seconds['evaluation']}
+  record['network_evals'] = network_evals(record)
+  record.update(results)
+  return record
+
+
+def collect(workdir, cells, seeds, record):
+  """Reads what the commands of `cells` wrote (results, and durations from their logs) into `record`."""
+  for setting in settings_of(cells):
+    base = setting_dir(workdir, setting)
+    log = os.path.join(base, 'pretrain_train.log')
+    if not os.path.exists(pretrained_checkpoint(workdir, setting)) or not os.path.exists(log):
+      logging.warning('%s: not pretrained; left out.', base)
+      continue
+    pretrain_args = main_args(CONFIGS[setting.sde], os.path.join(base, 'pretrain'), 'train',
+                              setting.pretraining_overrides())
+    record['commands'].append({'what': f'{setting.sde} {setting.name} DSM pretraining',
+                               'command': _printable(pretrain_args), 'seconds': _logged_seconds(log)})
+    weights = {}
+    for weighting in ('likelihood', 'score_sde'):
+      if os.path.exists(weights_path(workdir, setting, weighting)):
+        weights[weighting] = load_weights(workdir, setting, weighting)
+        record['commands'].append({'what': f'{setting.sde} {setting.name} FP weights for {weighting} weighting',
+                                   'command': 'python -c "import digits_study; digits_study.balanced_weights(...)"',
+                                   'seconds': weights[weighting]['seconds']})
+    record['settings'].append(dict(dataclasses.asdict(setting), name=setting.name,
+                                   description=setting.description, weights=weights))
+  for setting, arm in cells:
+    for seed in seeds:
+      directory = run_dir(workdir, setting, arm, seed)
+      if not is_evaluated(workdir, setting, arm, seed):
+        logging.warning('%s: not evaluated; left out.', directory)
+        continue
+      weights = {w: load_weights(workdir, setting, w) for w in ('likelihood', 'score_sde')}
+      train_args, eval_args, overrides = cell_commands(workdir, setting, arm, seed, weights)
+      seconds = {}
+      for what, args, log in (('fine-tuning', train_args, 'train.log'), ('evaluation', eval_args, 'eval.log')):
+        if args is not None:
+          seconds[what] = _logged_seconds(os.path.join(directory, log))
+          record['commands'].append({'what': f'{setting.sde} {setting.name} {arm.name} seed {seed} {what}',
+                                     'command': _printable(args), 'seconds': seconds[what]})
+      results = read_results(directory, final_checkpoint(arm))
+      record['runs'].append(run_record(setting, arm, seed, overrides, results, seconds))
+
+
+def summarize(runs):
+  """Mean and 95% interval (Student's t over seeds, `study.t_interval`) per (sde, setting, arm) and metric,
+  with the mean per-run standard error of bits/dim and the mean cost."""
+  groups = {}
+  for run in runs:
+    groups.setdefault((run['sde'], run['setting'], run['arm']), []).append(run)
+  summary = []
+  for (sde, setting, arm), members in groups.items():
+    row = {'sde': sde, 'setting': setting, 'arm': arm, 'num_seeds': len(members),
+           'nll_bpd_stderr_mean': float(np.mean([m.get('nll_bpd_stderr', np.nan) for m in members])),
+           'train_seconds': float(np.mean([m['train_seconds'] for m in members])),
+           'network_evals': float(np.mean([m['network_evals'] for m in members]))}
+    for metric in METRICS:
+      values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
+      if values.size:
         mean, half = study.t_interval(values)
-        rows[metric] = {'per_seed': values, 'mean': mean, 'ci95': half}
-    out[sde] = {'seeds': seeds, 'metrics': rows}
-  return out
+        row[metric] = {'mean': mean, 'ci95': half}
+    summary.append(row)
+  return summary
+
+
+def _comparison_groups(runs):
+  """label -> the (sde, setting)s whose pairs a comparison pools: each setting alone, and the settings that
+  differ only in the pretraining seed together."""
+  groups, pools = {}, {}
+  for run in runs:
+    key = (run['sde'], run['setting'])
+    groups.setdefault(f'{run["sde"]} {run["setting"]}', [key])
+    pool = pools.setdefault((run['sde'], run['uniform_dequantization']), [])
+    if key not in pool:
+      pool.append(key)
+  for (sde, dequantized), members in pools.items():
+    if len(members) > 1:
+      seeds = '+'.join(setting.rsplit('_p', 1)[1] for _, setting in members)
+      groups[f'{sde} {"dequantized" if dequantized else "levels"}_p{seeds}'] = members
+  return groups
+
+
+def paired_differences(runs):
+  """Per comparison of `COMPARISONS` and setting (and pooled over pretraining seeds): first arm minus second,
+  seed by seed (same data order, loss noise, dequantization and probes), with the mean and 95% interval over
+  the pairs both arms finished, and each arm's mean cost."""
+  by_key = {(r['sde'], r['setting'], r['arm'], r['seed']): r for r in runs}
+  rows = []
+  for label, members in _comparison_groups(runs).items():
+    for first, second, question in COMPARISONS:
+      pairs = [(by_key[(sde, s, first, seed)], by_key[(sde, s, second, seed)])
+               for sde, s in members for (e, t, a, seed) in sorted(by_key, key=str)
+               if (e, t, a) == (sde, s, first) and (sde, s, second, seed) in by_key]
+      if not pairs:
+        continue
+      row = {'group': label, 'first': first, 'second': second, 'question': question,
+             'pairs': [[a['setting'], a['seed']] for a, _ in pairs], 'metrics': {},
+             'cost': {key: [float(np.mean([p[i][key] for p in pairs])) for i in (0, 1)]
+                      for key in ('train_seconds', 'network_evals')}}
+      for metric in ('nll_bpd', 'conservativity', 'fp_residual_mean', 'digit_score', 'mmd'):
+        values = [a[metric] - b[metric] for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
+        if values:
+          mean, half = study.t_interval(values)
+          row['metrics'][metric] = {'per_pair': values, 'mean': mean, 'ci95': half}
+      rows.append(row)
+  return rows
 
 
 def _number(value, digits):
-  if value is None:
+  if value is None or (isinstance(value, float) and np.isnan(value)):
     return '-'
   return f'{value:.{digits}f}' if value == 0 or abs(value) >= 10 ** -digits else f'{value:.2e}'
 
 
+def _interval(entry, digits, signed=False):
+  if entry is None:
+    return '-'
+  sign = '+' if signed else ''
+  return f'{entry["mean"]:{sign}.{digits}f} ± {entry["ci95"]:.{digits}f}'
+
+
+def _ratio(pair):
+  return f'{_number(pair[0], 0)} / {_number(pair[1], 0)}'
+
+
 def format_report(record):
-  """The study as markdown: per run, per variant (mean ± 95% interval), paired differences, curves vs t, and
-  the commands with their durations."""
-  metrics = (('nll_bpd', 'test bits/dim (17 levels)', 4), ('fp_residual_mean', 'FP residual, mean over t', 1),
+  """The study as markdown: the arms, the settings and their FP weights, the paired comparisons (the control
+  cells) with their cost, per (setting, arm) means, every run, curves vs t, and the commands with durations."""
+  lines = [f'# DIGITS study ({record["written"]})', '', f'Seeds {record["seeds"]}; bits/dim for 17 levels on the '
+           f'360 test images, {BPD_REPEATS} passes per evaluation. Arms:', '', '| arm | what |', '| --- | --- |']
+  used = list(dict.fromkeys(r['arm'] for r in record['runs']))
+  lines += [f'| {name} | {ARMS[name].description} |' for name in used if name in ARMS]
+  lines += ['', '## Settings and FP weights (balanced on training data at the pretrained weights)', '',
+            '| setting | what | alpha, beta (likelihood weighting) | alpha, beta (Score SDE weighting) |',
+            '| --- | --- | --- | --- |']
+  for s in record['settings']:
+    cells = [f'{s["weights"][w]["alpha"]:.4g}, {s["weights"][w]["beta"]:.4g}' if w in s['weights'] else '-'
+             for w in ('likelihood', 'score_sde')]
+    lines.append(f'| {s["sde"]} {s["name"]} | {s["description"]} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '## Paired comparisons (first arm minus second, by seed: mean ± 95% interval)', '',
+            '| setting | comparison | question | pairs | Δ bits/dim | per pair | Δ conservativity | Δ digit score '
+            '| fine-tuning s (first / second) | network evals (first / second) |', '| --- ' * 10 + '|']
+  for row in record['paired']:
+    m = row['metrics']
+    per_pair = ', '.join(f'{v:+.3f}' for v in m['nll_bpd']['per_pair']) if 'nll_bpd' in m else '-'
+    lines.append(f'| {row["group"]} | {row["first"]} − {row["second"]} | {row["question"]} | {len(row["pairs"])} | '
+                 f'{_interval(m.get("nll_bpd"), 4, True)} | {per_pair} | {_interval(m.get("conservativity"), 4, True)} '
+                 f'| {_interval(m.get("digit_score"), 2, True)} | {_ratio(row["cost"]["train_seconds"])} | '
+                 f'{_ratio(row["cost"]["network_evals"])} |')
+  metrics = (('nll_bpd', 'bits/dim', 4), ('fp_residual_mean', 'residual', 1),
              ('fp_residual_weighted_mean', 'weighted residual', 2), ('conservativity', 'conservativity', 4),
-             ('mmd', 'mmd', 4), ('digit_score', 'digit score', 3))
-  lines = [f'# DIGITS study ({record["written"]})', '']
-  for sde in sorted({r['sde'] for r in record['runs']} | set(record['pretrained'])):
-    weights = record['weights'].get(sde, {})
-    lines += [f'## {sde.upper()}', '', f'FP weights (training data, pretrained weights): alpha = '
-              f'{weights.get("alpha", float("nan")):.4g}, beta = {weights.get("beta", float("nan")):.4g}; terms '
-              f'at the start: {weights.get("terms_at_start")}.', '',
-              '| model | seed | ' + ' | '.join(m[1] for m in metrics) + ' | fine-tuning s | eval s |',
-              '| --- ' * (len(metrics) + 4) + '|']
-    rows = [('pretrained (DSM)', '-', record['pretrained'][sde], None, None)] if sde in record['pretrained'] else []
-    rows += [('DSM fine-tuning' if r['variant'] == 'dsm' else 'DSM + FP', r['seed'], r, r['train_seconds'],
-              r['eval_seconds']) for r in sorted(record['runs'], key=lambda r: (r['variant'], r['seed']))
-             if r['sde'] == sde]
-    for name, seed, r, train_s, eval_s in rows:
-      cells = [_number(r.get(key), digits) for key, _, digits in metrics]
-      lines.append(f'| {name} | {seed} | ' + ' | '.join(cells) + f' | {_number(train_s, 0)} | {_number(eval_s, 0)} |')
-    lines += ['', 'Mean ± 95% interval (Student\'s t) over seeds:', '',
-              '| variant | seeds | ' + ' | '.join(m[1] for m in metrics) + ' |', '| --- ' * (len(metrics) + 2) + '|']
-    for row in record['summary']:
-      if row['sde'] == sde:
-        cells = [f'{row[key]["mean"]:.{digits}f} ± {row[key]["ci95"]:.{digits}f}' if key in row else '-'
-                 for key, _, digits in metrics]
-        lines.append(f'| {row["variant"]} | {row["num_seeds"]} | ' + ' | '.join(cells) + ' |')
-    paired = record.get('paired', {}).get(sde)
-    if paired and paired['metrics']:
-      lines += ['', f'Paired by seed ({paired["seeds"]}), DSM + FP minus DSM:', '']
-      for key, values in paired['metrics'].items():
-        per_seed = ', '.join(f'{v:+.4f}' for v in values['per_seed'])
-        lines.append(f'- {key}: {per_seed} (mean {values["mean"]:+.4f} ± {values["ci95"]:.4f})')
-    for curve, label in (('conservativity_vs_t', 'Conservativity'), ('fp_residual_vs_t', 'Score-FPE residual')):
-      lines += _curve_table(record, sde, curve, label)
+             ('mmd', 'mmd', 4), ('digit_score', 'digit score', 2))
+  lines += ['', '## Per arm (mean ± 95% interval over seeds)', '',
+            '| setting | arm | seeds | ' + ' | '.join(m[1] for m in metrics) +
+            ' | bits/dim stderr of a run | fine-tuning s | network evals |', '| --- ' * (len(metrics) + 6) + '|']
+  for row in record['summary']:
+    cells = [_interval(row.get(key), digits) for key, _, digits in metrics]
+    lines.append(f'| {row["sde"]} {row["setting"]} | {row["arm"]} | {row["num_seeds"]} | ' + ' | '.join(cells) +
+                 f' | {_number(row["nll_bpd_stderr_mean"], 4)} | {_number(row["train_seconds"], 0)} | '
+                 f'{_number(row["network_evals"], 0)} |')
+  lines += ['', '## Every run', '', '| setting | arm | seed | alpha | beta | bits/dim | ± stderr | residual | '
+            'conservativity | digit score | mmd | fine-tuning s | eval s | network evals |', '| --- ' * 14 + '|']
+  for r in record['runs']:
+    lines.append(f'| {r["sde"]} {r["setting"]} | {r["arm"]} | {r["seed"]} | {r["alpha"]:.4g} | {r["beta"]:.4g} | '
+                 f'{_number(r["nll_bpd"], 4)} | {_number(r.get("nll_bpd_stderr"), 4)} | '
+                 f'{_number(r["fp_residual_mean"], 1)} | {_number(r.get("conservativity"), 4)} | '
+                 f'{_number(r.get("digit_score"), 2)} | {_number(r.get("mmd"), 4)} | {_number(r["train_seconds"], 0)} '
+                 f'| {_number(r["eval_seconds"], 0)} | {r["network_evals"]} |')
+  for s in record['settings']:
+    for curve, label in (('fp_residual_vs_t', 'Score-FPE residual'), ('conservativity_vs_t', 'Conservativity')):
+      lines += _curve_table(record, s['sde'], s['name'], curve, label)
   lines += ['', '## Commands', '', '| what | command | seconds |', '| --- | --- | --- |']
   lines += [f'| {c["what"]} | `{c["command"]}` | {c["seconds"]:.0f} |' for c in record['commands']]
   return '\n'.join(lines) + '\n'
 
 
-def _curve_table(record, sde, curve, label):
-  """A curve against t (mean over seeds per model) as a markdown table."""
-  models = [('pretrained', [record['pretrained'][sde]] if sde in record['pretrained'] else [])]
-  models += [(name, [r for r in record['runs'] if r['sde'] == sde and r['variant'] == variant])
-             for variant, name in (('dsm', 'DSM fine-tuning'), ('fp', 'DSM + FP'))]
-  models = [(name, runs) for name, runs in models if runs and all(curve in r for r in runs)]
-  if not models:
+def _curve_table(record, sde, setting, curve, label):
+  """A curve against t (mean over seeds per arm) of one setting as a markdown table."""
+  runs = [r for r in record['runs'] if (r['sde'], r['setting']) == (sde, setting) and curve in r]
+  if not runs:
     return []
-  t = models[0][1][0]['fp_residual_vs_t']['t']
+  t = runs[0]['fp_residual_vs_t']['t']
   values = lambda r: r[curve]['residual'] if curve == 'fp_residual_vs_t' else r[curve]
-  lines = ['', f'{label} against t (mean over seeds):', '', '| t | ' + ' | '.join(f'{x:.3g}' for x in t) + ' |',
-           '| --- ' * (len(t) + 1) + '|']
-  for name, runs in models:
-    mean = np.mean([values(r) for r in runs], axis=0)
-    lines.append(f'| {name} | ' + ' | '.join(f'{v:.3g}' for v in mean) + ' |')
+  lines = ['', f'{label} against t, {sde} {setting} (mean over seeds):', '',
+           '| arm | ' + ' | '.join(f'{x:.3g}' for x in t) + ' |', '| --- ' * (len(t) + 1) + '|']
+  for arm in dict.fromkeys(r['arm'] for r in runs):
+    mean = np.mean([values(r) for r in runs if r['arm'] == arm], axis=0)
+    lines.append(f'| {arm} | ' + ' | '.join(f'{v:.3g}' for v in mean) + ' |')
   return lines
 
 
-def _write(workdir, record):
+def real_image_metrics(num_images=120):
+  """The sample metrics of `num_images` real training images (a fixed draw), as a reference for the models'."""
+  import torch  # pylint: disable=g-import-not-at-top
+  config = load_config(CONFIGS['ve'], {})
+  config.device = torch.device('cpu')
+  images = datasets.load_digits_splits()['train'][0]
+  chosen = images[np.random.default_rng(0).choice(len(images), num_images, replace=False)]
+  arrays = np.clip(chosen.astype(np.float64) / 16. * 255., 0, 255).astype(np.uint8)
+  return datasets.DigitsData(config).sample_quality([(arrays, None)], num_images)
+
+
+def write_outputs(workdir, record):
   """Writes `W/digits_study.json` and `W/digits_study.md`, each atomically (`checkpoints.atomic_write`)."""
-  sys.path.insert(0, ROOT)
   import checkpoints  # pylint: disable=g-import-not-at-top
   record['summary'] = summarize(record['runs'])
   record['paired'] = paired_differences(record['runs'])
@@ -395,31 +676,23 @@ def _write(workdir, record):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--sde', nargs='+', default=['ve'], choices=sorted(CONFIGS))
+  parser.add_argument('--sde', nargs='+', default=['vp', 've'], choices=sorted(CONFIGS),
+                      help='the SDEs whose cells of the grid to run')
   parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-  parser.add_argument('--jobs', type=int, default=3, help='fine-tuning runs at a time')
+  parser.add_argument('--jobs', type=int, default=2, help='commands at a time (one thread each)')
   parser.add_argument('--collect', action='store_true',
                       help='run nothing: write digits_study.json and .md from what the commands wrote in the workdir')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  sys.path.insert(0, ROOT)
-  from configs.fp_defaults import add_fp_diffusion_fields  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  probe = add_fp_diffusion_fields(ml_collections.ConfigDict(
-      {'training': {}, 'sampling': {}, 'eval': {}, 'data': {}}))
-  has_conservativity = 'enable_conservativity' in probe.eval
   os.makedirs(args.workdir, exist_ok=True)
-  failures = []
-  if not args.collect:
-    for sde in args.sde:
-      failures += study_sde(sde, args.workdir, args.seeds, args.jobs, has_conservativity)
+  cells = grid(args.sde)
+  start = time.time()
+  failures = [] if args.collect else run_grid(args.workdir, cells, args.seeds, args.jobs)
   record = {'written': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), 'seeds': args.seeds,
-            'conservativity_measured': has_conservativity, 'commands': [], 'pretrained': {}, 'weights': {},
-            'runs': [], 'failures': failures}
-  record['real_training_images'] = real_image_metrics()
-  for sde in args.sde:
-    collect(args.workdir, sde, args.seeds, has_conservativity, record)
-  _write(args.workdir, record)
+            'bpd_repeats': BPD_REPEATS, 'wall_seconds_this_call': time.time() - start, 'commands': [],
+            'settings': [], 'runs': [], 'failures': failures, 'real_training_images': real_image_metrics()}
+  collect(args.workdir, cells, args.seeds, record)
+  write_outputs(args.workdir, record)
   logging.info('Wrote %s (and digits_study.md).', os.path.join(args.workdir, 'digits_study.json'))
 
 

@@ -183,36 +183,3 @@ def test_pixel_mmd_is_zero_in_expectation_and_grows_with_a_shift():
   k = lambda d: math.exp(-d ** 2 / 2.)
   expected = k(1.) + k(2.) - 2. * (k(0.) + k(2.) + k(1.) + k(1.)) / 4.
   assert datasets.pixel_mmd(a, b, bandwidth=1.) == pytest.approx(expected)
-
-
-def test_study_summary_is_the_mean_and_students_t_interval_over_seeds():
-  import digits_study
-  runs = [{'sde': 've', 'variant': 'fp', 'nll_bpd': v, 'fp_residual_mean': 1., 'conservativity': None}
-          for v in (1., 2., 3.)]
-  (row,) = digits_study.summarize(runs)
-  assert row['num_seeds'] == 3 and 'conservativity' not in row
-  # std([1, 2, 3], ddof=1) = 1: half width t_{0.975, 2} / sqrt(3).
-  assert row['nll_bpd'] == {'mean': 2., 'ci95': pytest.approx(4.3026527 / math.sqrt(3), rel=1e-7)}
-  assert row['fp_residual_mean'] == {'mean': 1., 'ci95': 0.}
-
-
-def test_study_report_pairs_variants_by_seed_and_prints_every_run():
-  import digits_study
-  curve = {'t': [1e-5, 1.], 'residual': [2., 1.], 'residual_weighted': [1., 1.]}
-  runs = [{'sde': 've', 'variant': variant, 'seed': seed, 'alpha': 0.5 if variant == 'fp' else 0., 'beta': 0.,
-           'nll_bpd': 2. + seed + (0.1 * seed if variant == 'fp' else 0.), 'fp_residual_mean': 10.,
-           'fp_residual_weighted_mean': 1., 'conservativity': 0.1, 'conservativity_vs_t': [0.1, 0.1], 'mmd': 0.,
-           'digit_score': 5., 'fp_residual_vs_t': curve, 'train_seconds': 1., 'eval_seconds': 2.}
-          for variant in ('dsm', 'fp') for seed in (0, 1, 2)]
-  runs = runs[:-1]  # seed 2 of 'fp' did not finish: seed 2 is left out of the pairs
-  paired = digits_study.paired_differences(runs)['ve']
-  assert paired['seeds'] == [0, 1]
-  assert paired['metrics']['nll_bpd']['per_seed'] == pytest.approx([0., 0.1])
-  assert paired['metrics']['nll_bpd']['mean'] == pytest.approx(0.05)
-  assert paired['metrics']['conservativity']['per_seed'] == [0., 0.]
-  record = {'written': 'now', 'runs': runs, 'pretrained': {}, 'weights': {'ve': {'alpha': 0.5, 'beta': 0.}},
-            'summary': digits_study.summarize(runs), 'paired': {'ve': paired}, 'commands': []}
-  report = digits_study.format_report(record)
-  # The runs, then one row in each of the two curve tables.
-  assert report.count('| DSM fine-tuning |') == 3 + 2 and report.count('| DSM + FP |') == 2 + 2
-  assert 'nll_bpd: +0.0000, +0.1000 (mean +0.0500' in report

@@ -243,8 +243,12 @@ def memory_bytes():
     return None
 
 
-def _gib(n):
-  return f'{n / 2 ** 30:.3g} GiB'
+def byte_size(n):
+  """`n` bytes in the largest binary unit that keeps it >= 1, e.g. '3.75 KiB', '715 GiB', '192 bytes'."""
+  for power, unit in ((4, 'TiB'), (3, 'GiB'), (2, 'MiB'), (1, 'KiB')):
+    if n >= 1024 ** power:
+      return f'{n / 1024 ** power:.3g} {unit}'
+  return f'{int(n)} bytes'
 
 
 def check_npz_headers(path, image_size, num_channels):
@@ -296,8 +300,8 @@ def check_npz_headers(path, image_size, num_channels):
     total += size
   memory = memory_bytes()
   if memory is not None and total > memory:
-    raise ValueError(f'{path}: arrays {sorted(NPZ_ARRAYS.values())!r} take {_gib(total)} in memory, more than '
-                     f"this machine's {_gib(memory)}; data.dataset='NPZ' reads them into memory.")
+    raise ValueError(f'{path}: arrays {sorted(NPZ_ARRAYS.values())!r} take {byte_size(total)} in memory, more than '
+                     f"this machine's {byte_size(memory)}; data.dataset='NPZ' reads them into memory.")
   return sizes
 
 

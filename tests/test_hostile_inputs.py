@@ -106,10 +106,15 @@ def test_corrupt_member_data_behind_good_headers_names_the_file(tmp_path):
     datasets.load_npz_dataset(str(path), 8, 3)
 
 
+def test_byte_sizes_read_in_the_unit_that_fits():
+  assert [datasets.byte_size(n) for n in (0, 1000, 3840, 5 * 2 ** 20, 715 * 2 ** 30, 2 ** 42)] == [
+      '0 bytes', '1000 bytes', '3.75 KiB', '5 MiB', '715 GiB', '4 TiB']
+
+
 def test_arrays_larger_than_memory_are_refused_before_loading(tmp_path, monkeypatch):
   path = helpers.write_npz(tmp_path / 'data.npz')
   monkeypatch.setattr(datasets, 'memory_bytes', lambda: 1000)
-  with pytest.raises(ValueError, match=r"take 3.58e-06 GiB in memory, more than this machine's 9.31e-07 GiB"):
+  with pytest.raises(ValueError, match=r"take 3.75 KiB in memory, more than this machine's 1000 bytes"):
     _train(tmp_path, path)
 
 

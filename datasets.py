@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import os
-import stat
 import zipfile
 import zlib
 
@@ -142,55 +141,6 @@ def _batch_size(config, evaluation):
   return utils.config_value(config, 'training.batch_size')
 
 
-def file_kind(path):
-  """What `path` is, judged by its target when it is a symlink (`os.stat`), without opening it.
-
-  Returns:
-    'file', 'directory', 'FIFO (named pipe)', 'socket', 'character device', 'block device' or 'other'.
-
-  Raises:
-    FileNotFoundError: nothing is there, or a symlink whose target is missing (the message, which does not
-      name the path, says which).
-  """
-  try:
-    mode = os.stat(path).st_mode
-  except FileNotFoundError:
-    if os.path.lexists(path):
-      raise FileNotFoundError(f'a symlink to {os.readlink(path)!r}, which does not exist') from None
-    raise FileNotFoundError('no such file or directory') from None
-  for test, kind in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'directory'), (stat.S_ISFIFO, 'FIFO (named pipe)'),
-                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device')):
-    if test(mode):
-      return kind
-  return 'other'
-
-
-def check_input_path(path, what, expected='file'):
-  """Raises unless `path` is a regular file (or, with `expected='directory'`, a directory), judged by its target.
-
-  Called before any input is opened: a device such as /dev/zero reads forever and a FIFO blocks the open.
-
-  Args:
-    path: the path.
-    what: how the message names it, e.g. `'config.data.path'`.
-    expected: 'file' or 'directory'.
-
-  Returns:
-    `path`, unchanged.
-
-  Raises:
-    FileNotFoundError: nothing (or a dangling symlink) is there. ValueError: something else than `expected` is.
-  """
-  try:
-    kind = file_kind(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'{what}={path!r}: {e}.') from None
-  if kind != expected:
-    wanted = 'a regular file' if expected == 'file' else 'a directory'
-    raise ValueError(f'{what}={path!r} is {"an" if kind[0] in "aeiou" else "a"} {kind}, not {wanted}.')
-  return path
-
-
 # What a member's .npy header says: the array's shape and dtype, and the bytes the member holds after the header.
 NpyHeader = collections.namedtuple('NpyHeader', ('shape', 'dtype', 'data_bytes'))
 
@@ -212,7 +162,7 @@ def read_npz_headers(path, what='config.data.path'):
     FileNotFoundError: no such file. ValueError: not a regular file, or not a readable .npz file (empty,
       truncated, not a zip, a bad .npy header); one line naming the file.
   """
-  check_input_path(path, what)
+  utils.check_input_path(path, what)
   headers = {}
   try:
     with zipfile.ZipFile(path) as archive:
@@ -394,7 +344,7 @@ def _is_regular_file(path):
   """Whether `path` is a regular file (a symlink: its target); warns about, and so skips, anything else (a FIFO
   would block the read, a device never end it), without opening it."""
   try:
-    kind = file_kind(path)
+    kind = utils.file_kind(path)
   except FileNotFoundError as e:
     kind = str(e)
   if kind != 'file':
@@ -547,6 +497,9 @@ def _tfds_builder(name, config):
   if not isinstance(data_dir, str):
     raise ValueError(f'config.data.data_dir={data_dir!r} must be a string (a directory, or \'\' for the tfds '
                      'default).')
+  if data_dir and '://' not in data_dir and os.path.lexists(data_dir):
+    # tfds creates a missing directory when it prepares a data set; anything else there must be a directory.
+    utils.check_input_path(data_dir, 'config.data.data_dir', expected='directory')
   return tfds.builder(name, data_dir=data_dir or None)
 
 
@@ -633,8 +586,11 @@ def _image_resize_ops(config):
     if not isinstance(path, str) or not path:
       raise ValueError(f'config.data.tfrecords_path={path!r} must name the TFRecords file of data.dataset='
                        f'{dataset!r}.')
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f'config.data.tfrecords_path={path!r}: no such file (data.dataset={dataset!r}).')
+    if '://' in path:  # a remote file system (e.g. gs://) of tf.io.gfile
+      if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f'config.data.tfrecords_path={path!r}: no such file (data.dataset={dataset!r}).')
+    else:
+      utils.check_input_path(path, 'config.data.tfrecords_path')
     # One file, no held-out split: Score SDE evaluates on the training images.
     return tf.data.TFRecordDataset(path), 'train', 'train', None
   raise AssertionError(f'unhandled dataset {dataset!r}')  # get_dataset validated it

@@ -68,6 +68,9 @@ def get_inception_model(inceptionv3=False, *, config=None):
                        'holding the Inception SavedModel.')
   if inceptionv3 and handle == INCEPTION_TFHUB:
     handle = INCEPTION_V3_TFHUB
+  if '://' not in handle and os.path.lexists(handle):
+    # A local SavedModel is a directory; a FIFO or device there would block or never end TF-Hub's read.
+    utils.check_input_path(handle, 'config.eval.inception_model', expected='directory')
   tf_cpu.import_tensorflow()
   import tensorflow_hub as tfhub  # pylint: disable=g-import-not-at-top
   try:
@@ -134,10 +137,14 @@ def load_dataset_stats(config):
 
   Raises:
     FileNotFoundError: if the file does not exist; the message says how to compute it.
-    ValueError: if it holds no `pool_3` array.
+    ValueError: if something other than a regular file is at the path (a directory, FIFO, device), or the file
+      holds no `pool_3` array.
   """
   path = stats_path_from_config(config)
-  if not os.path.isfile(path):
+  if os.path.lexists(path):
+    # A directory, FIFO or device there is refused before np.load opens it (a FIFO would block it).
+    utils.check_input_path(path, 'config.eval.stats_path')
+  else:
     raise FileNotFoundError(
         f'Inception statistics file {path!r} does not exist (config.eval.stats_path='
         f'{config.eval.get("stats_path", "")!r}). Compute it with datasets.compute_dataset_stats(config, '

@@ -17,6 +17,8 @@ import functools
 import hashlib
 import math
 import numbers
+import os
+import stat
 
 import numpy as np
 import torch
@@ -240,3 +242,52 @@ class Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+def file_kind(path):
+  """What `path` is, judged by its target when it is a symlink (`os.stat`), without opening it.
+
+  Returns:
+    'file', 'directory', 'FIFO (named pipe)', 'socket', 'character device', 'block device' or 'other'.
+
+  Raises:
+    FileNotFoundError: nothing is there, or a symlink whose target is missing (the message, which does not
+      name the path, says which).
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    if os.path.lexists(path):
+      raise FileNotFoundError(f'a symlink to {os.readlink(path)!r}, which does not exist') from None
+    raise FileNotFoundError('no such file or directory') from None
+  for test, kind in ((stat.S_ISREG, 'file'), (stat.S_ISDIR, 'directory'), (stat.S_ISFIFO, 'FIFO (named pipe)'),
+                     (stat.S_ISSOCK, 'socket'), (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device')):
+    if test(mode):
+      return kind
+  return 'other'
+
+
+def check_input_path(path, what, expected='file'):
+  """Raises unless `path` is a regular file (or, with `expected='directory'`, a directory), judged by its target.
+
+  Called before any input is opened: a device such as /dev/zero reads forever and a FIFO blocks the open.
+
+  Args:
+    path: the path.
+    what: how the message names it, e.g. `'config.data.path'`.
+    expected: 'file' or 'directory'.
+
+  Returns:
+    `path`, unchanged.
+
+  Raises:
+    FileNotFoundError: nothing (or a dangling symlink) is there. ValueError: something else than `expected` is.
+  """
+  try:
+    kind = file_kind(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{what}={path!r}: {e}.') from None
+  if kind != expected:
+    wanted = 'a regular file' if expected == 'file' else 'a directory'
+    raise ValueError(f'{what}={path!r} is {"an" if kind[0] in "aeiou" else "a"} {kind}, not {wanted}.')
+  return path

@@ -139,3 +139,30 @@ def test_images_to_npz_skips_fifos_sockets_and_dangling_links(tmp_path, caplog):
   for name, kind in (('pipe.png', 'FIFO'), ('sock.png', 'socket'), ('dangling.png', 'symlink to'),
                      ('zero.png', 'character device')):
     assert any(name in r.getMessage() and kind in r.getMessage() for r in caplog.records), name
+
+
+@pytest.mark.parametrize('field, dataset', [('tfrecords_path', 'FFHQ'), ('data_dir', 'CIFAR10')])
+def test_data_set_paths_that_are_not_what_they_should_be_are_refused_before_reading(tmp_path, field, dataset):
+  config = configs_tiny.get_config()
+  config.data.dataset = dataset
+  if field == 'tfrecords_path':
+    path, what = _fifo(tmp_path, 'ffhq.tfrecords'), r'a FIFO \(named pipe\), not a regular file'
+  else:
+    path, what = tmp_path / 'tfds', 'a file, not a directory'
+    path.write_text('not a directory')
+  setattr(config.data, field, str(path))
+  with helpers.deadline(60), pytest.raises(ValueError, match=rf"^config.data.{field}='{path}' is {what}.$"):
+    datasets.get_dataset(config)
+
+
+def test_stats_file_and_inception_model_of_the_wrong_kind_are_refused_before_reading(tmp_path):
+  import evaluation
+  config = configs_tiny.get_config()
+  config.eval.stats_path = str(_fifo(tmp_path, 'stats.npz'))
+  with helpers.deadline(60), pytest.raises(ValueError, match=r"^config.eval.stats_path=.* is a FIFO"):
+    evaluation.load_dataset_stats(config)
+  config.eval.inception_model = str(tmp_path / 'inception.pb')
+  (tmp_path / 'inception.pb').write_bytes(b'')
+  with helpers.deadline(60), pytest.raises(ValueError, match=r"^config.eval.inception_model=.* is a file, not a "
+                                                               r"directory.$"):
+    evaluation.get_inception_model(config=config)

@@ -45,7 +45,7 @@ import trainer as trainer_lib
 import utils
 import models  # noqa: F401  (registers every architecture with models.utils)
 from models import utils as mutils
-from models.ema import ExponentialMovingAverage
+from models.ema import ExponentialMovingAverage, ema_weights
 
 
 def build_state(config):
@@ -294,15 +294,9 @@ def _save_sample_snapshot(run, step):
   """Snapshot samples with the EMA weights (rank 0 samples and writes; the other ranks go on)."""
   if not distributed.context().is_main:
     return
-  # The EMA weights copied in, not `ema_weights`: flipping `requires_grad` would make a compiled sampling
-  # model recompile at every snapshot.
-  ema, params = run.state['ema'], run.state['model'].parameters
-  ema.store(params())
-  ema.copy_to(params())
-  try:
+  # requires_grad left alone: flipping it would make a compiled sampling model recompile at every snapshot.
+  with ema_weights(run.state, freeze_grads=False):
     sample, _ = run.sampling_fn(run.sampling_model)
-  finally:
-    ema.restore(params())
   this_sample_dir = os.path.join(run.sample_dir, f'iter_{step}')
   # The data set writes the files (several, in its formats): a full disk is named by their folder.
   with checkpoints.write_errors(f'the snapshot samples of step {step} into {this_sample_dir}'):

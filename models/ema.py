@@ -131,25 +131,28 @@ class ExponentialMovingAverage:
 
 
 @contextlib.contextmanager
-def ema_weights(state):
-  """Runs the body with the EMA weights in the model, without parameter gradients, then puts back the
-  training weights and their `requires_grad` flags.
+def ema_weights(state, *, freeze_grads=True):
+  """Runs the body with the EMA weights in the model, then puts back the training weights.
 
   Args:
     state: Score SDE's training state, a dict with 'model' (a `torch.nn.Module`) and 'ema' (its
       `ExponentialMovingAverage`).
+    freeze_grads: turn off the parameters' `requires_grad` for the body (no parameter graph; the score-FPE term
+      enables autograd in x by itself) and restore the flags after. False leaves them alone: flipping them would
+      make a compiled model recompile at every use (the training loop's sampling snapshots).
   """
   model, ema = state['model'], state['ema']
   params = list(model.parameters())
   flags = [p.requires_grad for p in params]
   ema.store(params)
   ema.copy_to(params)
-  # No parameter graph; the score-FPE term enables autograd in x by itself.
-  for p in params:
-    p.requires_grad_(False)
+  if freeze_grads:
+    for p in params:
+      p.requires_grad_(False)
   try:
     yield
   finally:
-    for p, flag in zip(params, flags):
-      p.requires_grad_(flag)
+    if freeze_grads:
+      for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
     ema.restore(params)

@@ -128,3 +128,18 @@ def test_ema_weights_swaps_in_the_average_and_puts_back_the_training_weights():
   assert [p.requires_grad for p in model.parameters()] == flags
   for p, q in zip(model.parameters(), training):
     assert torch.equal(p, q)
+
+
+def test_ema_weights_can_leave_the_gradient_flags_alone():
+  model = _model()
+  ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
+  _perturb(model, 1.)
+  training = [p.detach().clone() for p in model.parameters()]
+  flags = [p.requires_grad for p in model.parameters()]
+  assert any(flags)
+  with ema_weights({'model': model, 'ema': ema}, freeze_grads=False):
+    for p, s in zip(_trainable(model), ema.shadow_params):
+      assert torch.equal(p, s)
+    assert [p.requires_grad for p in model.parameters()] == flags
+  for p, q in zip(model.parameters(), training):
+    assert torch.equal(p, q)

@@ -21,10 +21,10 @@ import os
 import re
 
 import numpy as np
-from scipy import stats
 
 import checkpoints
 import likelihood
+import utils
 
 
 class CompareError(ValueError):
@@ -82,12 +82,8 @@ def bpd_rounds(eval_dir, split, ckpt):
 
 def _interval(differences):
   """Mean, standard error and 95% Student-t interval of the mean of `differences` (NaN with one value)."""
-  n = len(differences)
-  mean = float(np.mean(differences))
-  if n < 2:
-    return mean, float('nan'), (float('nan'), float('nan'))
-  se = float(np.std(differences, ddof=1) / math.sqrt(n))
-  half = float(stats.t.ppf(0.975, n - 1)) * se
+  mean, half = utils.t_interval(differences)
+  se = float(np.std(differences, ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else float('nan')
   return mean, se, (mean - half, mean + half)
 
 

@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 import datasets
-import study
+import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {'ve': 'configs/digits/ve_ncsnpp_continuous.py', 'vp': 'configs/digits/vp_ddpmpp_continuous.py'}
@@ -505,7 +505,7 @@ def collect(workdir, cells, seeds, record):
 
 
 def summarize(runs):
-  """Mean and 95% interval (Student's t over seeds, `study.t_interval`) per (sde, setting, arm) and metric,
+  """Mean and 95% interval (Student's t over seeds, `utils.t_interval`) per (sde, setting, arm) and metric,
   with the mean per-run standard error of bits/dim and the mean cost."""
   groups = {}
   for run in runs:
@@ -519,7 +519,7 @@ def summarize(runs):
     for metric in METRICS:
       values = np.array([m[metric] for m in members if m.get(metric) is not None], dtype=np.float64)
       if values.size:
-        mean, half = study.t_interval(values)
+        mean, half = utils.t_interval(values)
         row[metric] = {'mean': mean, 'ci95': half}
     summary.append(row)
   return summary
@@ -562,7 +562,7 @@ def paired_differences(runs):
       for metric in ('nll_bpd', 'conservativity', 'fp_residual_mean', 'digit_score', 'mmd'):
         values = [a[metric] - b[metric] for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
         if values:
-          mean, half = study.t_interval(values)
+          mean, half = utils.t_interval(values)
           row['metrics'][metric] = {'per_pair': values, 'mean': mean, 'ci95': half}
       rows.append(row)
   return rows

@@ -22,7 +22,6 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
-from scipy import stats
 import torch
 
 import checkpoints
@@ -59,28 +58,6 @@ START_TERM_DRAWS = 10
 RUN_METRICS = ('nll_bpd', 'fp_residual_mean', 'conservativity', 'swd', 'mmd', 'dsm_loss')
 METRICS = ('nll_bpd', 'nll_gap_bpd', 'nll_vs_dsm_bpd', 'fp_residual_mean', 'conservativity', 'conservativity_vs_dsm',
            'swd', 'mmd', 'dsm_loss')
-
-
-def t_interval(values, confidence=0.95):
-  """Mean and half-width of the two-sided Student-t confidence interval of the mean (NaN half-width for one
-  value).
-
-  Args:
-    values: the per-seed numbers.
-    confidence: the interval's coverage.
-
-  Returns:
-    (mean, half_width): the interval is mean +- half_width.
-  """
-  values = np.asarray(values, dtype=np.float64)
-  n = values.size
-  if n == 0:
-    return float('nan'), float('nan')
-  mean = float(values.mean())
-  if n < 2:
-    return mean, float('nan')
-  quantile = stats.t.ppf(0.5 + confidence / 2, df=n - 1)
-  return mean, float(quantile * values.std(ddof=1) / math.sqrt(n))
 
 
 def _set(config, dotted, value):
@@ -223,7 +200,7 @@ def summarize(runs):
     row = dict(sde=sde, ablation=ablation or None, alpha=alpha, n=len(members))
     for metric in METRICS:
       values = [m[metric] for m in members if m.get(metric) is not None]
-      row[metric] = t_interval(values)
+      row[metric] = utils.t_interval(values)
     rows.append(row)
   return rows
 

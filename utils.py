@@ -21,6 +21,7 @@ import os
 import stat
 
 import numpy as np
+from scipy import stats
 import torch
 
 from checkpoints import restore_checkpoint, save_checkpoint  # noqa: F401  (Score SDE's names, kept here)
@@ -291,3 +292,25 @@ def check_input_path(path, what, expected='file'):
     wanted = 'a regular file' if expected == 'file' else 'a directory'
     raise ValueError(f'{what}={path!r} is {"an" if kind[0] in "aeiou" else "a"} {kind}, not {wanted}.')
   return path
+
+
+def t_interval(values, confidence=0.95):
+  """Mean and half-width of the two-sided Student-t confidence interval of the mean (NaN half-width for one
+  value).
+
+  Args:
+    values: the per-seed numbers.
+    confidence: the interval's coverage.
+
+  Returns:
+    (mean, half_width): the interval is mean +- half_width.
+  """
+  values = np.asarray(values, dtype=np.float64)
+  n = values.size
+  if n == 0:
+    return float('nan'), float('nan')
+  mean = float(values.mean())
+  if n < 2:
+    return mean, float('nan')
+  quantile = stats.t.ppf(0.5 + confidence / 2, df=n - 1)
+  return mean, float(quantile * values.std(ddof=1) / math.sqrt(n))

@@ -9,18 +9,19 @@ import pytest
 import torch
 
 import study
+import utils
 
 
 def test_t_interval_known_answers():
   # [1, 2, 3]: mean 2, sample sd 1, t_{0.975, 2} = 4.302652729749464 (tables of Student's t).
-  mean, hw = study.t_interval([1., 2., 3.])
+  mean, hw = utils.t_interval([1., 2., 3.])
   assert mean == pytest.approx(2.) and hw == pytest.approx(4.302652729749464 / math.sqrt(3.), rel=1e-12)
   # Two values a +- d: sd = d sqrt(2), t_{0.975, 1} = 12.706204736174698.
-  mean, hw = study.t_interval([0.5, 1.5])
+  mean, hw = utils.t_interval([0.5, 1.5])
   assert mean == pytest.approx(1.) and hw == pytest.approx(12.706204736174698 * math.sqrt(0.5) / math.sqrt(2.))
-  mean, hw = study.t_interval([7.])
+  mean, hw = utils.t_interval([7.])
   assert mean == 7. and math.isnan(hw)
-  assert study.t_interval([4., 4., 4.]) == (4., 0.)
+  assert utils.t_interval([4., 4., 4.]) == (4., 0.)
 
 
 def test_plan_spans_three_decades_with_zero_and_every_ablation():
@@ -55,7 +56,7 @@ def test_summarize_and_table():
   runs = [dict(sde='ve', alpha=0., seed=s, ablation=None, nll_bpd=v, fp_residual_mean=10. * v, conservativity=None,
                swd=0.1, mmd=1e-3, dsm_loss=0.5) for s, v in enumerate((1., 2., 3.))]
   (row,) = study.summarize(runs)
-  assert row['n'] == 3 and row['nll_bpd'] == study.t_interval([1., 2., 3.])
+  assert row['n'] == 3 and row['nll_bpd'] == utils.t_interval([1., 2., 3.])
   assert math.isnan(row['conservativity'][0])
   table = study.format_table([row], true_nll=0.8)
   assert f'2.0000 ± {4.302652729749464 / math.sqrt(3):.4f}' in table
@@ -100,7 +101,7 @@ def test_quick_study_end_to_end_and_resumes(tmp_path):
   # The table holds each group's mean and interval, as study.json's summary does.
   summary = saved['summary']
   row = next(r for r in summary if r['sde'] == 'vp' and r['alpha'] == 0. and r['ablation'] is None)
-  mean, hw = study.t_interval([r['nll_bpd'] for r in runs if r['sde'] == 'vp' and r['alpha'] == 0.
+  mean, hw = utils.t_interval([r['nll_bpd'] for r in runs if r['sde'] == 'vp' and r['alpha'] == 0.
                                and r['ablation'] is None])
   assert row['nll_bpd'] == pytest.approx([mean, hw])
   assert f'{mean:.4f} ± {hw:.4f}' in table

@@ -61,6 +61,8 @@ class Context:
   world_size: int = 1
   local_rank: int = 0
   device: torch.device = torch.device('cpu')
+  # Under torchrun's agent: the attempt's id that every rank of it shares (`attempt_store`); '' otherwise.
+  attempt: str = ''
 
   @property
   def is_main(self):
@@ -99,6 +101,7 @@ def init_from_env(device, timeout_seconds=None):
   """
   global _CONTEXT, _CPU_GROUP, _PEERS, _TIMEOUT_SECONDS
   device = torch.device(device)
+  attempt = ''
   world_size = _env_int('WORLD_SIZE', 1)
   if world_size <= 1:
     _CONTEXT = Context(device=device)
@@ -118,18 +121,32 @@ def init_from_env(device, timeout_seconds=None):
   timeout = None if timeout_seconds is None else datetime.timedelta(seconds=timeout_seconds)
   if not dist.is_initialized():
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-      store = attempt_store(rank, world_size, timeout or datetime.timedelta(minutes=30))
+      store, attempt = attempt_store(rank, world_size, timeout or datetime.timedelta(minutes=30))
       dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
       dist.init_process_group(backend=backend, timeout=timeout)
   _CPU_GROUP = dist.new_group(backend='gloo', timeout=timeout) if dist.get_backend() != 'gloo' else None
-  _CONTEXT = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+  _CONTEXT = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device, attempt=attempt)
   peers = [None] * world_size
   with _collective('joining the process group'):
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=_CPU_GROUP)
   _PEERS = tuple(peers)
   logging.info('Process group: rank %d of %d (%s, %s).', rank, world_size, backend, device)
   return _CONTEXT
+
+
+def elastic_attempt():
+  """`(TORCHELASTIC_RUN_ID, attempt id)` of this process under torchrun's agent, or None outside it.
+
+  The workdir lock records it: a lock that an earlier attempt of the same torchrun run left on another host is
+  stale (torchrun stops every worker of an attempt before it starts the next), which the lock cannot check
+  across hosts by itself.
+  """
+  run_id = os.environ.get('TORCHELASTIC_RUN_ID', '')
+  ctx = context()
+  if not run_id or not ctx.attempt:
+    return None
+  return run_id, ctx.attempt
 
 
 # Keys of the attempt handshake, in the agent's store (beside torch's own keys, which carry no such prefix).
@@ -143,6 +160,9 @@ def attempt_store(rank, world_size, timeout):
   each agent's own restarts), so rank 0 names the attempt with a fresh random id and hands it to each rank in
   reply to a fresh random id of that rank: a reply can only come from this attempt's rank 0 (torchrun stops
   every worker of an attempt before it starts the next). Rank 0 replies until every rank has confirmed.
+
+  Returns:
+    `(store, attempt)`: the prefixed store and the attempt's id.
 
   Raises:
     RankLost: not every rank joined (or rank 0 did not answer) within `timeout`.
@@ -171,7 +191,7 @@ def attempt_store(rank, world_size, timeout):
         raise RankLost(f'Only {joined} of the {world_size - 1} other ranks joined within '
                        f'{timeout.total_seconds():g} s (training.dist_timeout_seconds).')
       time.sleep(0.05)
-  return dist.PrefixStore(f'{ATTEMPT_KEYS}/{attempt}/', store)
+  return dist.PrefixStore(f'{ATTEMPT_KEYS}/{attempt}/', store), attempt
 
 
 def _first_line(error):

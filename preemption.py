@@ -7,7 +7,9 @@ on the same workdir is refused with an error naming the holder, instead of both 
 left by a process that no longer runs (SIGKILL, a machine reboot) is detected on the same host (the PID is
 gone, or belongs to a newer process) and taken over, with a warning; so is a lock that is a symbolic link to
 nothing (a copied or restored workdir). A lock held from another host cannot be checked from here: the trainer
-is refused and told to delete the file if that run is over. Under torchrun, rank 0 holds the lock. Evaluation
+is refused and told to delete the file if that run is over, unless the lock records an earlier attempt of the
+same torchrun run (same TORCHELASTIC_RUN_ID, another attempt id): torchrun stops every worker of an attempt
+before it starts the next, so such a lock is stale wherever rank 0 ran. Under torchrun, rank 0 holds the lock. Evaluation
 reads the lock to tell whether a trainer will still write the checkpoint it waits for (`trainer_status`).
 
 Stop on a signal. `StopOnSignal` turns the first SIGTERM (what Slurm and Kubernetes send before a kill), SIGINT
@@ -103,6 +105,9 @@ class Holder:
   start_time: int = None
   since: str = ''
   command: str = ''
+  # The torchrun run and attempt of the holder (`distributed.elastic_attempt`), '' outside torchrun's agent.
+  elastic_run: str = ''
+  elastic_attempt: str = ''
 
   def describe(self):
     text = f'PID {self.pid} on host {self.host}'
@@ -158,7 +163,8 @@ def read_holder(path):
     record = json.loads(data.decode())
     return Holder(pid=int(record['pid']), host=str(record['host']), token=str(record['token']),
                   start_time=record.get('start_time'), since=str(record.get('since', '')),
-                  command=str(record.get('command', '')))
+                  command=str(record.get('command', '')), elastic_run=str(record.get('elastic_run', '')),
+                  elastic_attempt=str(record.get('elastic_attempt', '')))
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     return Unreadable(f'it is not a lock record ({len(data)} bytes; {type(e).__name__})')
 
@@ -189,7 +195,8 @@ def _token(holder):
   return holder.token if isinstance(holder, Holder) else None
 
 
-def _own_record():
+def _own_record(elastic):
+  run, attempt = elastic or ('', '')
   return {
       'pid': os.getpid(),
       'host': socket.gethostname(),
@@ -197,15 +204,20 @@ def _own_record():
       'start_time': process_start_time(os.getpid()),
       'since': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
       'command': ' '.join(sys.argv)[:500],
+      'elastic_run': run,
+      'elastic_attempt': attempt,
   }
 
 
 class WorkdirLock:
   """`W/train.lock`, held by one trainer at a time (see the module docstring)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, elastic=None):
+    """`elastic`: `(TORCHELASTIC_RUN_ID, attempt id)` under torchrun's agent (`distributed.elastic_attempt`),
+    recorded so that a later attempt of the same run may take over the lock from another host."""
     self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_NAME)
+    self.elastic = elastic
     self.token = None
     self._created_workdir = False
 
@@ -224,7 +236,7 @@ class WorkdirLock:
       except OSError as e:
         raise type(e)(e.errno, f'Cannot create the workdir {self.workdir!r}: {e.strerror}') from e
       self._created_workdir = True
-    record = _own_record()
+    record = _own_record(self.elastic)
     tmp = os.path.join(self.workdir, f'.{LOCK_NAME}.{uuid.uuid4().hex}.tmp')
     try:
       try:
@@ -286,6 +298,12 @@ class WorkdirLock:
       raise WorkdirLocked(f'Another trainer runs on this workdir: {self.path} is held by {holder.describe()}. '
                           'Two trainers on one workdir overwrite each other\'s checkpoints; stop that one, or '
                           'use another --workdir.')
+    if alive is None and self._earlier_attempt_of_this_run(holder):
+      if self._remove_if(lambda moved: _token(read_holder(moved)) == holder.token):
+        logging.warning('Took over the workdir lock %s left by %s: an earlier attempt of this torchrun run '
+                        '(TORCHELASTIC_RUN_ID=%s), whose workers torchrun stopped before it started this one.',
+                        self.path, holder.describe(), holder.elastic_run)
+      return
     if alive is None:
       raise WorkdirLocked(f'The workdir lock {self.path} is held by {holder.describe()}, another machine: whether '
                           'that trainer still runs cannot be checked from here. If it has stopped, delete the '
@@ -293,6 +311,14 @@ class WorkdirLock:
     if self._remove_if(lambda moved: _token(read_holder(moved)) == holder.token):
       logging.warning('Took over the stale workdir lock %s left by %s: that process no longer runs (killed, or '
                       'its machine restarted).', self.path, holder.describe())
+
+  def _earlier_attempt_of_this_run(self, holder):
+    """Whether `holder` is a rank 0 of an earlier attempt of this process's torchrun run: same run id, another
+    attempt (attempt ids are random per attempt, `distributed.attempt_store`)."""
+    if not self.elastic or not holder.elastic_run or not holder.elastic_attempt:
+      return False
+    run, attempt = self.elastic
+    return holder.elastic_run == run and holder.elastic_attempt != attempt
 
   def _take_over_dangling_link(self):
     """Removes the lock if it is a symbolic link to nothing: no process can hold it (a copied workdir)."""

@@ -369,7 +369,8 @@ def train(config, workdir):
       the previous resume point is intact.
     preemption.TrainingInterrupted: a stop signal; the error says what was saved.
   """
-  lock = distributed.on_main_rank(lambda: preemption.WorkdirLock(workdir).acquire())
+  lock = distributed.on_main_rank(
+      lambda: preemption.WorkdirLock(workdir, elastic=distributed.elastic_attempt()).acquire())
   try:
     with preemption.StopOnSignal() as stop:
       run = setup_training(config, workdir, lock=lock)

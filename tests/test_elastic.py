@@ -32,11 +32,11 @@ QUICK = ['--config.training.snapshot_sampling=False', '--config.training.eval_fr
 
 def _attempt(world_size):
   """`attempt_store` on every rank of one attempt (threads); returns the stores, each after its rank set a key."""
-  stores, errors = [None] * world_size, []
+  stores, attempts, errors = [None] * world_size, [None] * world_size, []
 
   def rank(r):
     try:
-      stores[r] = distributed.attempt_store(r, world_size, datetime.timedelta(seconds=30))
+      stores[r], attempts[r] = distributed.attempt_store(r, world_size, datetime.timedelta(seconds=30))
       stores[r].set(f'from_rank_{r}', str(r))
     except Exception as e:  # pylint: disable=broad-except  (reported by the assertion below)
       errors.append(e)
@@ -47,6 +47,7 @@ def _attempt(world_size):
   for t in threads:
     t.join(60)
   assert not errors and all(stores), errors
+  assert len(set(attempts)) == 1 and attempts[0]  # one id, shared by every rank of the attempt
   return stores
 
 

@@ -314,6 +314,40 @@ def _write_lock(workdir, **record):
     json.dump(record, f)
 
 
+def test_lock_from_another_host_is_taken_over_only_from_an_earlier_attempt_of_the_same_torchrun_run(
+    tmp_path, caplog):
+  workdir = str(tmp_path / 'w')
+  path = os.path.join(workdir, preemption.LOCK_NAME)
+  ours = ('job-17', 'attempt-b')
+  # Refused: no run recorded (a plain run, or an older version), another run, the same attempt, or we are not
+  # under torchrun's agent.
+  for record, elastic in (({}, ours), ({'elastic_run': 'job-16', 'elastic_attempt': 'attempt-a'}, ours),
+                          ({'elastic_run': 'job-17', 'elastic_attempt': 'attempt-b'}, ours),
+                          ({'elastic_run': 'job-17', 'elastic_attempt': 'attempt-a'}, None)):
+    _write_lock(workdir, pid=1, host='node3', **record)
+    with pytest.raises(preemption.WorkdirLocked, match=r'host node3, .*another machine'):
+      preemption.WorkdirLock(workdir, elastic=elastic).acquire()
+    assert preemption.read_holder(path).host == 'node3'
+  # An earlier attempt of this run, whose rank 0 ran on node3: torchrun stopped it before starting ours.
+  _write_lock(workdir, pid=1, host='node3', elastic_run='job-17', elastic_attempt='attempt-a')
+  with caplog.at_level(logging.WARNING):
+    lock = preemption.WorkdirLock(workdir, elastic=ours).acquire()
+  assert 'an earlier attempt of this torchrun run (TORCHELASTIC_RUN_ID=job-17)' in caplog.text
+  holder = preemption.read_holder(path)
+  assert (holder.pid, holder.elastic_run, holder.elastic_attempt) == (os.getpid(), 'job-17', 'attempt-b')
+  lock.release()
+
+
+def test_elastic_attempt_is_the_run_id_and_the_attempt_every_rank_shares(monkeypatch):
+  import distributed
+  monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+  assert distributed.elastic_attempt() is None
+  monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-17')
+  assert distributed.elastic_attempt() is None  # not joined through the agent's store: no attempt id
+  monkeypatch.setattr(distributed, '_CONTEXT', distributed.Context(rank=0, world_size=2, attempt='a1'))
+  assert distributed.elastic_attempt() == ('job-17', 'a1')
+
+
 def test_workdir_lock_takes_over_dead_holders_and_refuses_live_remote_or_unreadable_ones(tmp_path, caplog):
   workdir = str(tmp_path / 'w')
   path = os.path.join(workdir, preemption.LOCK_NAME)

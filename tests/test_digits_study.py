@@ -263,8 +263,8 @@ def test_forward_passes_count_the_fp_terms_on_their_fraction_of_the_batch():
   batch, fraction = config.training.batch_size, config.training.fp_batch_fraction
   dsm_step, fp_step = ds.forward_passes_per_step(ds.FINE_TUNING_CONFIGS['vp'], ())
   assert dsm_step == batch
-  # The FP terms call the network twice per sample of their share (the vector term's shifted time, the
-  # scalar term's jvp); the DSM call is shared.
+  # The FP terms call the network twice more per sample of their share (the finite difference's evaluations
+  # at t - h and t + h); the evaluation at t serves the DSM term too, and the divergences are backward passes.
   assert fp_step == batch + 2 * int(batch * fraction)
 
 

@@ -553,8 +553,8 @@ def paired_differences(runs):
       pairs = [(by_key[(sde, s, first, seed)], by_key[(sde, s, second, seed)])
                for sde, s in members for (e, t, a, seed) in sorted(by_key, key=str)
                if (e, t, a) == (sde, s, first) and (sde, s, second, seed) in by_key]
-      if not pairs:
-        continue
+      if not pairs or (len(members) > 1 and len({a['setting'] for a, _ in pairs}) < 2):
+        continue  # a pooled row only where both pretrainings ran the pair (else it repeats a setting's row)
       row = {'group': label, 'first': first, 'second': second, 'question': question,
              'pairs': [[a['setting'], a['seed']] for a, _ in pairs], 'metrics': {},
              'cost': {key: [float(np.mean([p[i][key] for p in pairs])) for i in (0, 1)]

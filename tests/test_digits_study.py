@@ -175,6 +175,7 @@ def test_grid_runs_every_cell_once_resumes_and_records_each_runs_settings_and_co
   # Pooled over the two pretraining seeds: 6 pairs.
   assert len(rows[('vp levels_p42+43', 'fp', 'dsm')]['pairs']) == 6
   assert ('vp levels_p43', 'fp_sw', 'dsm_sw') not in rows  # not in the grid for that setting
+  assert ('vp levels_p42+43', 'fp_sw', 'dsm_sw') not in rows  # nor pooled: it would repeat levels_p42's row
 
   with open(os.path.join(str(tmp_path), 'digits_study.json')) as f:
     assert json.load(f)['runs'] == record['runs']

@@ -291,3 +291,43 @@ def test_pairs_leave_out_a_seed_one_arm_did_not_finish():
   assert row['metrics']['nll_bpd']['per_pair'] == pytest.approx([0., 0.1])
   assert row['metrics']['nll_bpd']['mean'] == pytest.approx(0.05)
   assert row['metrics']['conservativity']['per_pair'] == [0., 0.]
+
+
+def test_a_shrunk_cell_trains_evaluates_and_reads_back(tmp_path, monkeypatch):
+  """A grid cell's loss and data overrides through run_lib.train and run_lib.evaluate at tiny size (16 training
+  and 8 test images, nf 8, 4 steps), then `read_results` on what the evaluation wrote (its real file formats).
+  The cell with the most non-default settings: dequantized data, DSM + FP under Score SDE's weighting (lazy FP
+  steps are covered by tests/test_lazy_regularization.py)."""
+  setting_name, arm = 'dequantized_p42', 'fp_sw_bal'
+  import torch
+  import datasets
+  import run_lib
+  from tests import configs_tiny
+  full = datasets.load_digits_splits()
+  subset = {'train': tuple(a[:16] for a in full['train']), 'test': tuple(a[:8] for a in full['test'])}
+  monkeypatch.setattr(datasets, 'load_digits_splits', lambda: subset)
+  setting, arm = _cell('vp', setting_name, arm)
+  overrides = ds.arm_overrides(setting, arm, 1, WEIGHTS)
+  # The cell's loss and data settings, at tiny size: not its step counts.
+  overrides = {k: v for k, v in overrides.items() if k not in ('training.n_iters', 'training.snapshot_freq')}
+  eval_overrides = dict(ds.eval_overrides(), **{'eval.batch_size': 8, 'eval.num_samples': 8})
+  config = configs_tiny.tiny_schedule(ds.load_config(ds.FINE_TUNING_CONFIGS['vp'], dict(overrides, **eval_overrides)))
+  config.device = torch.device('cpu')
+  config.model.nf = 8
+  config.training.snapshot_sampling = False
+  config.training.alpha, config.training.beta = overrides['training.alpha'], overrides['training.beta']
+  config.eval.begin_ckpt = config.eval.end_ckpt = 2
+  config.eval.enable_sampling = True
+  config.eval.fp_residual_num_times = 2
+  config.sampling.corrector = 'none'
+  assert config.data.uniform_dequantization == setting.uniform_dequantization
+  assert config.training.likelihood_weighting == arm.likelihood_weighting and config.training.fp_every == arm.fp_every
+  workdir = str(tmp_path / 'w')
+  run_lib.train(config, workdir)
+  run_lib.evaluate(config, workdir)
+  results = ds.read_results(workdir, 2)
+  assert np.isfinite(results['nll_bpd']) and results['nll_bpd'] > 0
+  assert np.isfinite(results['nll_bpd_stderr']) and results['nll_bpd_stderr'] >= 0  # 2 passes: a standard error
+  assert np.isfinite(results['conservativity']) and len(results['conservativity_vs_t']) == 2
+  assert len(results['fp_residual_vs_t']['t']) == 2 and np.isfinite(results['fp_residual_mean'])
+  assert {'mmd', 'digit_score'} <= set(results)

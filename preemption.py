@@ -298,19 +298,17 @@ class WorkdirLock:
       raise WorkdirLocked(f'Another trainer runs on this workdir: {self.path} is held by {holder.describe()}. '
                           'Two trainers on one workdir overwrite each other\'s checkpoints; stop that one, or '
                           'use another --workdir.')
-    if alive is None and self._earlier_attempt_of_this_run(holder):
-      if self._remove_if(lambda moved: _token(read_holder(moved)) == holder.token):
-        logging.warning('Took over the workdir lock %s left by %s: an earlier attempt of this torchrun run '
-                        '(TORCHELASTIC_RUN_ID=%s), whose workers torchrun stopped before it started this one.',
-                        self.path, holder.describe(), holder.elastic_run)
-      return
     if alive is None:
-      raise WorkdirLocked(f'The workdir lock {self.path} is held by {holder.describe()}, another machine: whether '
-                          'that trainer still runs cannot be checked from here. If it has stopped, delete the '
-                          'file and start again.')
+      if not self._earlier_attempt_of_this_run(holder):
+        raise WorkdirLocked(f'The workdir lock {self.path} is held by {holder.describe()}, another machine: '
+                            'whether that trainer still runs cannot be checked from here. If it has stopped, '
+                            'delete the file and start again.')
+      why = (f'an earlier attempt of this torchrun run (TORCHELASTIC_RUN_ID={holder.elastic_run}), whose workers '
+             'torchrun stopped before it started this one')
+    else:
+      why = 'that process no longer runs (killed, or its machine restarted)'
     if self._remove_if(lambda moved: _token(read_holder(moved)) == holder.token):
-      logging.warning('Took over the stale workdir lock %s left by %s: that process no longer runs (killed, or '
-                      'its machine restarted).', self.path, holder.describe())
+      logging.warning('Took over the stale workdir lock %s left by %s: %s.', self.path, holder.describe(), why)
 
   def _earlier_attempt_of_this_run(self, holder):
     """Whether `holder` is a rank 0 of an earlier attempt of this process's torchrun run: same run id, another

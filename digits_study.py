@@ -40,8 +40,17 @@ import sys
 import time
 
 import numpy as np
+import torch
 
+import checkpoints
 import datasets
+import distributed
+import likelihood
+import losses
+from models import utils as mutils
+import preemption
+import run_lib
+import sde_lib
 import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -177,7 +186,6 @@ def _logged_seconds(log_path):
 
 def _wait_for_trainer(workdir):
   """Waits while a live trainer (e.g. of an interrupted study) holds the workdir's lock."""
-  import preemption  # pylint: disable=g-import-not-at-top
   while preemption.trainer_status(workdir)[0]:
     time.sleep(10)
 
@@ -228,7 +236,6 @@ def load_config(path, overrides):
 
 def read_results(workdir, ckpt):
   """The numbers `main.py --mode eval` wrote for checkpoint `ckpt` in `workdir/eval`."""
-  import likelihood  # pylint: disable=g-import-not-at-top
   eval_dir = os.path.join(workdir, 'eval')
   bpd_files = sorted(glob.glob(os.path.join(eval_dir, f'test_ckpt_{ckpt}_bpd_*.npz')),
                      key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
@@ -255,12 +262,6 @@ def balanced_weights(fine_tuning_config, checkpoint, overrides=None):
   `training.fp_batch_fraction` of each batch, the training reductions) on `ALPHA_BATCHES` training batches of
   seed 0; only training images are read.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import distributed  # pylint: disable=g-import-not-at-top
-  import losses  # pylint: disable=g-import-not-at-top
-  import run_lib  # pylint: disable=g-import-not-at-top
-  import sde_lib  # pylint: disable=g-import-not-at-top
-  import utils  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
   config = load_config(fine_tuning_config, dict(overrides or {}, **{'seed': 0, 'training.alpha': 1.,
                                                                      'training.beta': 1.}))
@@ -286,11 +287,6 @@ def forward_passes_per_step(fine_tuning_config, overrides):
   """Samples through the network in one fine-tuning step: `(dsm_step, fp_step)`, counted by a forward hook on
   the network in one call of the training loss on a training batch (a DSM-only step and a step with the FP
   terms; a `torch.func.jvp` through the network counts as one pass). `overrides`: a tuple of (key, value)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import distributed  # pylint: disable=g-import-not-at-top
-  import losses  # pylint: disable=g-import-not-at-top
-  import models.utils as mutils  # pylint: disable=g-import-not-at-top
-  import sde_lib  # pylint: disable=g-import-not-at-top
   counts = {}
   for name, weight in (('dsm', 0.), ('fp', 1.)):
     config = load_config(fine_tuning_config, dict(overrides, **{'training.alpha': weight, 'training.beta': weight}))
@@ -547,12 +543,12 @@ def paired_differences(runs):
   seed by seed (same data order, loss noise, dequantization and probes), with the mean and 95% interval over
   the pairs both arms finished, and each arm's mean cost."""
   by_key = {(r['sde'], r['setting'], r['arm'], r['seed']): r for r in runs}
+  seeds = sorted({r['seed'] for r in runs})
   rows = []
   for label, members in _comparison_groups(runs).items():
     for first, second, question in COMPARISONS:
-      pairs = [(by_key[(sde, s, first, seed)], by_key[(sde, s, second, seed)])
-               for sde, s in members for (e, t, a, seed) in sorted(by_key, key=str)
-               if (e, t, a) == (sde, s, first) and (sde, s, second, seed) in by_key]
+      pairs = [(by_key[(sde, s, first, seed)], by_key[(sde, s, second, seed)]) for sde, s in members for seed in seeds
+               if (sde, s, first, seed) in by_key and (sde, s, second, seed) in by_key]
       if not pairs or (len(members) > 1 and len({a['setting'] for a, _ in pairs}) < 2):
         continue  # a pooled row only where both pretrainings ran the pair (else it repeats a setting's row)
       row = {'group': label, 'first': first, 'second': second, 'question': question,
@@ -653,7 +649,6 @@ def _curve_table(record, sde, setting, curve, label):
 
 def real_image_metrics(num_images=120):
   """The sample metrics of `num_images` real training images (a fixed draw), as a reference for the models'."""
-  import torch  # pylint: disable=g-import-not-at-top
   config = load_config(CONFIGS['ve'], {})
   config.device = torch.device('cpu')
   images = datasets.load_digits_splits()['train'][0]
@@ -664,7 +659,6 @@ def real_image_metrics(num_images=120):
 
 def write_outputs(workdir, record):
   """Writes `W/digits_study.json` and `W/digits_study.md`, each atomically (`checkpoints.atomic_write`)."""
-  import checkpoints  # pylint: disable=g-import-not-at-top
   record['summary'] = summarize(record['runs'])
   record['paired'] = paired_differences(record['runs'])
   with checkpoints.atomic_write(os.path.join(workdir, 'digits_study.json')) as f:

@@ -79,12 +79,15 @@ def test_get_dataset_dequantizes_with_17_levels():
   assert builder is None
   images = np.concatenate([np.asarray(batch['image']) for batch in eval_ds])
   assert images.shape == (360, 8, 8, 1)
-  u = images * 17. - np.round(images * 17. - 0.5)  # the offset within each level's bin
-  assert images.min() >= 0 and images.max() < 1 and np.all((u >= -1e-5) & (u <= 1 + 1e-5))
-  # Every pixel in the bin of a level: the levels recovered are the test images' multiset of levels.
-  recovered = np.floor(images * 17. + 1e-6).clip(0, 16).astype(np.int64)
-  np.testing.assert_array_equal(np.bincount(recovered.ravel(), minlength=17),
-                                np.bincount(datasets.load_digits_splits()['test'][0].ravel(), minlength=17))
+  assert images.min() >= 0 and images.max() <= 1
+  # The pipeline shuffles (as Score SDE's does), so compare order statistics: if every pixel is (k + u) / 17 with
+  # u in [0, 1], the j-th smallest of 17 x lies between the j-th smallest test level and that plus 1. Per pixel
+  # recovery of k is ill-posed: in float32, k + u rounds to k + 1 for u within 2^-21 of 1 (CI met one such pixel).
+  levels = np.sort(datasets.load_digits_splits()['test'][0].ravel().astype(np.float64))
+  offsets = np.sort(images.ravel().astype(np.float64) * 17.) - levels
+  assert offsets.min() >= -1e-5 and offsets.max() <= 1 + 1e-5
+  # The noise is there and uniform on average (the sum of the offsets is the sum of the u; std of the mean 0.002).
+  assert abs(offsets.mean() - 0.5) < 0.02
 
 
 @pytest.mark.parametrize('field, value, message', [

@@ -115,7 +115,7 @@ def test_npz_uniform_dequantization(npz_file):
   _, eval_ds, _ = datasets.get_dataset(_config(dataset='NPZ', path=path), uniform_dequantization=True,
                                        evaluation=True)
   images = np.concatenate([np.asarray(b['image']) for b in eval_ds]).astype(np.float64)
-  assert images.min() >= 0. and images.max() < 1.
+  assert images.min() >= 0. and images.max() <= 1.
   # (255 x + u) / 256 with u in [0, 1): 256 y - 255 x is the noise u. (Not floor(256 y) == 255 x: in float32,
   # x * 255 + u rounds to the next integer for u within ~1e-5 of 1.) The pipeline shuffles, so each image is
   # matched to the one test image it lies within [0, 1) of, up to float32 rounding.

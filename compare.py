@@ -83,8 +83,7 @@ def bpd_rounds(eval_dir, split, ckpt):
 def _interval(differences):
   """Mean, standard error and 95% Student-t interval of the mean of `differences` (NaN with one value)."""
   mean, half = utils.t_interval(differences)
-  se = float(np.std(differences, ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else float('nan')
-  return mean, se, (mean - half, mean + half)
+  return mean, utils.standard_error(differences), (mean - half, mean + half)
 
 
 def paired_bpd(rounds, baseline_rounds, num_repeats, names=('W', 'B')):

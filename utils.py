@@ -294,6 +294,14 @@ def check_input_path(path, what, expected='file'):
   return path
 
 
+def standard_error(values):
+  """The standard error of the mean of `values` (sample standard deviation / sqrt(n)); NaN for fewer than two."""
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
+  if values.size < 2:
+    return float('nan')
+  return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
 def t_interval(values, confidence=0.95):
   """Mean and half-width of the two-sided Student-t confidence interval of the mean (NaN half-width for one
   value).
@@ -303,14 +311,13 @@ def t_interval(values, confidence=0.95):
     confidence: the interval's coverage.
 
   Returns:
-    (mean, half_width): the interval is mean +- half_width.
+    (mean, half_width): the interval is mean +- half_width (half_width = t quantile x `standard_error`).
   """
-  values = np.asarray(values, dtype=np.float64)
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
   n = values.size
   if n == 0:
     return float('nan'), float('nan')
   mean = float(values.mean())
   if n < 2:
     return mean, float('nan')
-  quantile = stats.t.ppf(0.5 + confidence / 2, df=n - 1)
-  return mean, float(quantile * values.std(ddof=1) / math.sqrt(n))
+  return mean, float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * standard_error(values))

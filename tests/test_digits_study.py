@@ -41,7 +41,8 @@ def test_grid_holds_every_control_cell_for_vp_and_the_deciding_ones_for_ve():
     assert ('vp', 'dequantized_p42', arm) in cells
   for arm in ('pretrained', 'dsm', 'fp', 'dsm_sw'):
     assert ('vp', 'levels_p43', arm) in cells
-  assert {('ve', 'dequantized_p42', a) for a in ('pretrained', 'dsm', 'fp')} <= cells
+  for name in ('dequantized_p42', 'levels_p42'):
+    assert {('ve', name, a) for a in ('pretrained', 'dsm', 'fp')} <= cells
   assert all(s.sde == 'vp' for s, _ in ds.grid(['vp']))
   assert len(cells) == len(ds.grid(['vp', 've']))  # no cell twice
 

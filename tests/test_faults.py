@@ -172,8 +172,10 @@ def _stop_with(workdir, signum, ignore_sighup=False):
   """Trains without end in main.py, sends `signum` at step 5 or later; returns (the process, its stderr)."""
   overrides = dict(QUICK, **{'training.n_iters': 10 ** 6, 'training.snapshot_freq': 10 ** 6,
                              'training.snapshot_freq_for_preemption': 10 ** 6, 'training.log_freq': 5})
-  # As nohup starts a command: SIGHUP ignored, which the child inherits across exec.
-  preexec = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_sighup else None
+  # As nohup starts a command: SIGHUP ignored, which the child inherits across exec. Otherwise its default, set
+  # explicitly: a suite itself started under nohup would pass SIG_IGN down and the plain case could not stop.
+  disposition = signal.SIG_IGN if ignore_sighup else signal.SIG_DFL
+  preexec = lambda: signal.signal(signal.SIGHUP, disposition)  # pylint: disable=unnecessary-lambda-assignment
   trainer = subprocess.Popen(_main_cmd(workdir, 'train', overrides), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
   try:

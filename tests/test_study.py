@@ -24,6 +24,12 @@ def test_t_interval_known_answers():
   assert utils.t_interval([4., 4., 4.]) == (4., 0.)
 
 
+def test_standard_error_known_answers():
+  assert utils.standard_error([1., 2., 3.]) == pytest.approx(1. / math.sqrt(3.), rel=1e-12)
+  assert utils.standard_error([0.5, 1.5]) == pytest.approx(math.sqrt(0.5) / math.sqrt(2.), rel=1e-12)
+  assert math.isnan(utils.standard_error([7.])) and math.isnan(utils.standard_error([]))
+
+
 def test_plan_spans_three_decades_with_zero_and_every_ablation():
   runs = study.plan_runs()
   grid = [r for r in runs if r['ablation'] is None]

@@ -14,8 +14,8 @@ torch.set_num_threads(2)
 
 def _drop_tensorflow_shutdown_noise(default_hook):
   """An unraisable hook that drops one known message and passes the rest to `default_hook`: at interpreter
-  shutdown TF 2.15's `AtomicFunction.__del__` (of functions tensorflow-gan traces at import) meets module
-  globals already set to None and prints an ignored TypeError each: a screenful after the test summary that
+  shutdown TF 2.15's `AtomicFunction.__del__` (of traced functions still alive, e.g. a loaded SavedModel's) meets
+  module globals already set to None and prints an ignored TypeError each: a screenful after the test summary that
   pushed a CI failure's report out of the log's tail."""
   def hook(unraisable):
     name = getattr(unraisable.object, '__qualname__', '')

@@ -396,8 +396,8 @@ def choose_weights(workdir, setting):
     if os.path.exists(path):
       continue
     start = time.time()
-    weights = balanced_weights(FINE_TUNING_CONFIGS[setting.sde], pretrained_checkpoint(workdir, setting),
-                               dict(setting.data_overrides(), **{'training.likelihood_weighting': likelihood_weighting}))
+    overrides = dict(setting.data_overrides(), **{'training.likelihood_weighting': likelihood_weighting})
+    weights = balanced_weights(FINE_TUNING_CONFIGS[setting.sde], pretrained_checkpoint(workdir, setting), overrides)
     weights['seconds'] = time.time() - start
     with open(path, 'w') as f:
       json.dump(weights, f, indent=1)

@@ -60,13 +60,8 @@ def choose_ckpt(eval_dir, ckpt, flag):
   return ckpt
 
 
-def _load(path):
-  with np.load(path) as f:
-    return {name: f[name] for name in f.files}
-
-
 def _optional(path):
-  return _load(path) if os.path.exists(path) else None
+  return utils.read_npz(path) if os.path.exists(path) else None
 
 
 def bpd_rounds(eval_dir, split, ckpt):
@@ -76,7 +71,7 @@ def bpd_rounds(eval_dir, split, ckpt):
   if rounds != list(range(len(rounds))):
     raise CompareError(f'{eval_dir!r}: the bits/dim files of checkpoint {ckpt} are rounds {rounds}, not 0..N-1: '
                        'an evaluation stopped part-way; run it again.')
-  return [np.asarray(_load(os.path.join(eval_dir, f'{split}_ckpt_{ckpt}_bpd_{r}.npz'))['arr_0'],
+  return [np.asarray(utils.read_npz(os.path.join(eval_dir, f'{split}_ckpt_{ckpt}_bpd_{r}.npz'))['arr_0'],
                      dtype=np.float64).reshape(-1) for r in rounds]
 
 

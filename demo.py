@@ -114,11 +114,6 @@ def _check_pretrain_steps(pretrain_dir, pretrain_iters):
                        'use another --workdir.')
 
 
-def _load(path):
-  with np.load(path) as f:
-    return {key: f[key] for key in f.files}
-
-
 def read_results(config, eval_dir):
   """Collects what `run_lib.evaluate` wrote for checkpoint `CKPT` into floats and arrays.
 
@@ -127,12 +122,13 @@ def read_results(config, eval_dir):
   """
   # The last bits/dim file holds every value of the evaluation (`all_bpds`): toy_eval_batches per repeat.
   last_round = config.data.toy_eval_batches * config.eval.bpd_num_repeats - 1
-  bpds = _load(os.path.join(eval_dir, f'{config.eval.bpd_dataset}_ckpt_{CKPT}_bpd_{last_round}.npz'))['all_bpds']
-  loss = _load(os.path.join(eval_dir, f'ckpt_{CKPT}_loss.npz'))
-  residual = _load(os.path.join(eval_dir, f'ckpt_{CKPT}_fp_residual.npz'))
-  report = _load(os.path.join(eval_dir, f'report_{CKPT}.npz'))
+  bpd_file = f'{config.eval.bpd_dataset}_ckpt_{CKPT}_bpd_{last_round}.npz'
+  bpds = utils.read_npz(os.path.join(eval_dir, bpd_file))['all_bpds']
+  loss = utils.read_npz(os.path.join(eval_dir, f'ckpt_{CKPT}_loss.npz'))
+  residual = utils.read_npz(os.path.join(eval_dir, f'ckpt_{CKPT}_fp_residual.npz'))
+  report = utils.read_npz(os.path.join(eval_dir, f'report_{CKPT}.npz'))
   num_rounds = math.ceil(config.eval.num_samples / config.eval.batch_size)
-  samples = np.concatenate([_load(os.path.join(eval_dir, f'ckpt_{CKPT}', f'samples_{r}.npz'))['samples']
+  samples = np.concatenate([utils.read_npz(os.path.join(eval_dir, f'ckpt_{CKPT}', f'samples_{r}.npz'))['samples']
                             .reshape(-1, 2) for r in range(num_rounds)])[:config.eval.num_samples]
   return {
       'nll_bpd': float(np.mean(bpds)),

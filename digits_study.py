@@ -240,17 +240,17 @@ def read_results(workdir, ckpt):
   eval_dir = os.path.join(workdir, 'eval')
   bpd_files = sorted(glob.glob(os.path.join(eval_dir, f'test_ckpt_{ckpt}_bpd_*.npz')),
                      key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
-  bpds = np.load(bpd_files[-1])['all_bpds']
+  bpds = utils.read_npz(bpd_files[-1])['all_bpds']
   mean, stderr = likelihood.bpd_summary(bpds, BPD_REPEATS)
-  residual = np.load(os.path.join(eval_dir, f'ckpt_{ckpt}_fp_residual.npz'))
+  residual = utils.read_npz(os.path.join(eval_dir, f'ckpt_{ckpt}_fp_residual.npz'))
   # The plain residual's mean over t is dominated by the smallest t; the lambda(t)-weighted one (what the loss
   # penalizes) is reported beside it.
   out = {'nll_bpd': mean, 'nll_bpd_stderr': stderr, 'fp_residual_mean': float(np.mean(residual['residual'])),
          'fp_residual_weighted_mean': float(np.mean(residual['residual_weighted'])),
          'fp_residual_vs_t': {'t': residual['t'].tolist(), 'residual': residual['residual'].tolist(),
                               'residual_weighted': residual['residual_weighted'].tolist()}}
-  report = np.load(os.path.join(eval_dir, f'report_{ckpt}.npz'))
-  out.update({name: float(report[name]) for name in report.files})
+  report = utils.read_npz(os.path.join(eval_dir, f'report_{ckpt}.npz'))
+  out.update({name: float(value) for name, value in report.items()})
   out['conservativity'] = float(np.mean(residual['conservativity']))
   out['conservativity_vs_t'] = residual['conservativity'].tolist()
   return out

@@ -294,6 +294,13 @@ def check_input_path(path, what, expected='file'):
   return path
 
 
+def read_npz(path):
+  """Every array of the `.npz` file `path`, by name, read into memory; the file is closed on return (and no
+  pickled object is loaded)."""
+  with np.load(path, allow_pickle=False) as f:
+    return {name: f[name] for name in f.files}
+
+
 def standard_error(values):
   """The standard error of the mean of `values` (sample standard deviation / sqrt(n)); NaN for fewer than two."""
   values = np.asarray(values, dtype=np.float64).reshape(-1)

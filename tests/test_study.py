@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,17 @@ def test_t_interval_known_answers():
   mean, hw = utils.t_interval([7.])
   assert mean == 7. and math.isnan(hw)
   assert utils.t_interval([4., 4., 4.]) == (4., 0.)
+
+
+def test_read_npz_reads_every_array_and_no_pickle(tmp_path):
+  path = str(tmp_path / 'a.npz')
+  np.savez(path, x=np.arange(3), y=np.eye(2))
+  arrays = utils.read_npz(path)
+  assert isinstance(arrays, dict) and sorted(arrays) == ['x', 'y']
+  assert arrays['x'].tolist() == [0, 1, 2] and arrays['y'].tolist() == [[1., 0.], [0., 1.]]
+  np.savez(path, obj=np.array([{'a': 1}], dtype=object))
+  with pytest.raises(ValueError, match='allow_pickle'):
+    utils.read_npz(path)
 
 
 def test_standard_error_known_answers():

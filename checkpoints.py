@@ -187,8 +187,9 @@ def _model_mismatch(model_state, loaded_state):
                 if k in loaded_state and tuple(getattr(loaded_state[k], 'shape', ())) != tuple(model_state[k].shape)]
   shapes = [(tuple(loaded_state[k].shape), tuple(model_state[k].shape)) for k in mismatched]
   problems = []
+  shape_mismatches = [f'{k}: checkpoint {c} vs model {m}' for k, (c, m) in zip(mismatched, shapes)]
   for name, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                     ('shape mismatches', [f'{k}: checkpoint {c} vs model {m}' for k, (c, m) in zip(mismatched, shapes)])):
+                     ('shape mismatches', shape_mismatches)):
     if keys:
       problems.append(f'{len(keys)} {name}: {_shown(keys)}')
   ckpt_prefixed = all(k.startswith('module.') for k in loaded_state)

@@ -497,9 +497,9 @@ def _tfds_builder(name, config):
   if not isinstance(data_dir, str):
     raise ValueError(f'config.data.data_dir={data_dir!r} must be a string (a directory, or \'\' for the tfds '
                      'default).')
-  if data_dir and '://' not in data_dir and os.path.lexists(data_dir):
+  if data_dir and not utils.is_remote(data_dir):
     # tfds creates a missing directory when it prepares a data set; anything else there must be a directory.
-    utils.check_input_path(data_dir, 'config.data.data_dir', expected='directory')
+    utils.check_input_path(data_dir, 'config.data.data_dir', expected='directory', missing_ok=True)
   return tfds.builder(name, data_dir=data_dir or None)
 
 
@@ -586,7 +586,7 @@ def _image_resize_ops(config):
     if not isinstance(path, str) or not path:
       raise ValueError(f'config.data.tfrecords_path={path!r} must name the TFRecords file of data.dataset='
                        f'{dataset!r}.')
-    if '://' in path:  # a remote file system (e.g. gs://) of tf.io.gfile
+    if utils.is_remote(path):  # e.g. gs://, read by tf.io.gfile
       if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f'config.data.tfrecords_path={path!r}: no such file (data.dataset={dataset!r}).')
     else:
@@ -755,11 +755,12 @@ class ImageData:
 
   Training batches of a data set held in memory (`in_memory`) come in an order that is a function of
   (`config.seed`, epoch), the others from the tf.data pipelines of `get_dataset`, in an order that is a function
-  of `config.seed` and of the step a training run starts at (`train_batches`); random flips and uniform dequantization are drawn in torch, for the
-  global batch, from generators seeded by the step, so that a batch is the same however it is split over
-  ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`), scored by FID/IS/KID of Inception
-  features against the data set's statistics file; bits/dim are Score SDE's: dequantized data, Rademacher
-  trace estimator, the 8-bit offset (the offset of `num_levels` levels: `DigitsData`).
+  of `config.seed` and of the step a training run starts at (`train_batches`); random flips and uniform
+  dequantization are drawn in torch, for the global batch, from generators seeded by the step, so that a batch
+  is the same however it is split over ranks. Samples are 8-bit images (uint8 NHWC in `samples_{r}.npz`),
+  scored by FID/IS/KID of Inception features against the data set's statistics file; bits/dim are Score SDE's:
+  dequantized data, Rademacher trace estimator, the 8-bit offset (the offset of `num_levels` levels:
+  `DigitsData`).
   """
 
   # Whether bits/dim are computed on dequantized data.

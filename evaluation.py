@@ -68,9 +68,10 @@ def get_inception_model(inceptionv3=False, *, config=None):
                        'holding the Inception SavedModel.')
   if inceptionv3 and handle == INCEPTION_TFHUB:
     handle = INCEPTION_V3_TFHUB
-  if '://' not in handle and os.path.lexists(handle):
-    # A local SavedModel is a directory; a FIFO or device there would block or never end TF-Hub's read.
-    utils.check_input_path(handle, 'config.eval.inception_model', expected='directory')
+  if not utils.is_remote(handle):
+    # A local SavedModel is a directory; a FIFO or device there would block or never end TF-Hub's read. A
+    # missing one is left to TF-Hub, whose error is worded below.
+    utils.check_input_path(handle, 'config.eval.inception_model', expected='directory', missing_ok=True)
   tf_cpu.import_tensorflow()
   import tensorflow_hub as tfhub  # pylint: disable=g-import-not-at-top
   try:
@@ -141,10 +142,9 @@ def load_dataset_stats(config):
       holds no `pool_3` array.
   """
   path = stats_path_from_config(config)
-  if os.path.lexists(path):
-    # A directory, FIFO or device there is refused before np.load opens it (a FIFO would block it).
-    utils.check_input_path(path, 'config.eval.stats_path')
-  else:
+  # A directory, FIFO or device there is refused before np.load opens it (a FIFO would block it).
+  utils.check_input_path(path, 'config.eval.stats_path', missing_ok=True)
+  if not os.path.lexists(path):
     raise FileNotFoundError(
         f'Inception statistics file {path!r} does not exist (config.eval.stats_path='
         f'{config.eval.get("stats_path", "")!r}). Compute it with datasets.compute_dataset_stats(config, '

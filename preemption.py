@@ -9,8 +9,8 @@ gone, or belongs to a newer process) and taken over, with a warning; so is a loc
 nothing (a copied or restored workdir). A lock held from another host cannot be checked from here: the trainer
 is refused and told to delete the file if that run is over, unless the lock records an earlier attempt of the
 same torchrun run (same TORCHELASTIC_RUN_ID, another attempt id): torchrun stops every worker of an attempt
-before it starts the next, so such a lock is stale wherever rank 0 ran. Under torchrun, rank 0 holds the lock. Evaluation
-reads the lock to tell whether a trainer will still write the checkpoint it waits for (`trainer_status`).
+before it starts the next, so such a lock is stale wherever rank 0 ran. Under torchrun, rank 0 holds the lock.
+Evaluation reads the lock to tell whether a trainer will still write the checkpoint it waits for (`trainer_status`).
 
 Stop on a signal. `StopOnSignal` turns the first SIGTERM (what Slurm and Kubernetes send before a kill), SIGINT
 (Ctrl-C) or SIGHUP (the terminal closed, an ssh session dropped) into a request that the training loop sees at

@@ -2,8 +2,9 @@
 
 `Trainer.train_step(state, batch)` does, in order: draw the step's noise, decide whether the step computes the
 regularizers' terms (lazy regularization, `training.fp_every`: `losses.LazyRegularization`), forward and
-backward pass of each micro-batch under the precision policy, average the gradients over ranks (torch.distributed), unscale (float16),
-clip, optimizer step, EMA update. `state` is Score SDE's dict `{'optimizer', 'model', 'ema', 'step'}`.
+backward pass of each micro-batch under the precision policy, average the gradients over ranks
+(torch.distributed), unscale (float16), clip, optimizer step, EMA update. `state` is Score SDE's dict
+`{'optimizer', 'model', 'ema', 'step'}`.
 `losses.get_step_fn` is the same step with Score SDE's numerics (float32, one batch, one process, the global
 random generator): both use the update and evaluation primitives of `losses` (`apply_update`, `eval_terms`).
 

@@ -268,15 +268,23 @@ def file_kind(path):
   return 'other'
 
 
-def check_input_path(path, what, expected='file'):
+def is_remote(path):
+  """Whether `path` has a `scheme://` prefix: a file system of tf.io.gfile (gs://, s3://, ...) or a URL (a TF-Hub
+  handle), which the local checks here cannot judge."""
+  return '://' in path
+
+
+def check_input_path(path, what, expected='file', missing_ok=False):
   """Raises unless `path` is a regular file (or, with `expected='directory'`, a directory), judged by its target.
 
   Called before any input is opened: a device such as /dev/zero reads forever and a FIFO blocks the open.
 
   Args:
-    path: the path.
+    path: a local path (`is_remote` paths are the caller's to check).
     what: how the message names it, e.g. `'config.data.path'`.
     expected: 'file' or 'directory'.
+    missing_ok: nothing at `path` is fine (the caller creates it, or reports it in its own words); a dangling
+      symlink still raises.
 
   Returns:
     `path`, unchanged.
@@ -284,6 +292,8 @@ def check_input_path(path, what, expected='file'):
   Raises:
     FileNotFoundError: nothing (or a dangling symlink) is there. ValueError: something else than `expected` is.
   """
+  if missing_ok and not os.path.lexists(path):
+    return path
   try:
     kind = file_kind(path)
   except FileNotFoundError as e:

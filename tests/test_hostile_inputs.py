@@ -11,6 +11,7 @@ import pytest
 
 import datasets
 import run_lib
+import utils
 from tests import configs_tiny
 from tests import helpers
 
@@ -166,3 +167,16 @@ def test_stats_file_and_inception_model_of_the_wrong_kind_are_refused_before_rea
   with helpers.deadline(60), pytest.raises(ValueError, match=r"^config.eval.inception_model=.* is a file, not a "
                                                                r"directory.$"):
     evaluation.get_inception_model(config=config)
+
+
+def test_check_input_path_missing_ok_still_refuses_a_dangling_symlink(tmp_path):
+  missing = str(tmp_path / 'nothing')
+  assert utils.check_input_path(missing, 'config.x', missing_ok=True) == missing
+  with pytest.raises(FileNotFoundError, match=r"^config.x='.*nothing': no such file or directory.$"):
+    utils.check_input_path(missing, 'config.x')
+  dangling = str(tmp_path / 'link')
+  os.symlink(missing, dangling)
+  with pytest.raises(FileNotFoundError, match=r"^config.x='.*link': a symlink to '.*nothing', which does not exist.$"):
+    utils.check_input_path(dangling, 'config.x', missing_ok=True)
+  assert utils.is_remote('gs://bucket/cifar10') and utils.is_remote('https://tfhub.dev/tensorflow/tfgan/eval/1')
+  assert not utils.is_remote('/data/cifar10') and not utils.is_remote('data/x:y')

@@ -135,8 +135,8 @@ ARMS = {arm.name: arm for arm in (
 # The grid, most decisive cells first (a rerun or a cut-short run fills it in this order). VP carries the gain
 # to explain. VE's likelihood weighting is Score SDE's times a constant, so its weighting cells would repeat
 # `dsm` and `fp`; the cell that could change its null result (DSM + FP = DSM on exact levels, docs/study.md) is
-# dequantized data, with the pretrained model paired by seed. VE on exact levels repeats the first run's null
-# result with the current code and the paired pretrained baseline (last: it was run after the 2-hour grid).
+# dequantized data, with the pretrained model paired by seed. VE on exact levels repeats the first run's cell
+# with the current code and the paired pretrained baseline (last: it was run after the 2-hour grid).
 GRID = (
     (Setting('vp'), ('pretrained', 'dsm', 'fp', 'dsm_sw', 'fp_sw', 'fp_sw_bal')),
     (Setting('vp', uniform_dequantization=True), ('pretrained', 'dsm', 'fp', 'dsm_sw', 'fp_sw_bal')),

@@ -108,38 +108,27 @@ def test_bad_decay_and_wrong_parameters():
     ema.update(torch.nn.Linear(3, 3).parameters())
 
 
-def test_ema_weights_swaps_in_the_average_and_puts_back_the_training_weights():
-  model = _model()
-  ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
-  _perturb(model, 1.)
-  training = [p.detach().clone() for p in model.parameters()]
-  flags = [p.requires_grad for p in model.parameters()]
-  with ema_weights({'model': model, 'ema': ema}):
-    for p, s in zip(_trainable(model), ema.shadow_params):
-      assert torch.equal(p, s)
-    assert not any(p.requires_grad for p in model.parameters())
-  for p, q in zip(model.parameters(), training):
-    assert torch.equal(p, q)
-  assert [p.requires_grad for p in model.parameters()] == flags
-  # Also when the body raises.
-  with pytest.raises(RuntimeError):
-    with ema_weights({'model': model, 'ema': ema}):
-      raise RuntimeError('body failed')
-  assert [p.requires_grad for p in model.parameters()] == flags
-  for p, q in zip(model.parameters(), training):
-    assert torch.equal(p, q)
-
-
-def test_ema_weights_can_leave_the_gradient_flags_alone():
+@pytest.mark.parametrize('freeze_grads', [True, False])
+def test_ema_weights_swaps_in_the_average_and_puts_back_the_training_weights(freeze_grads):
   model = _model()
   ema = ExponentialMovingAverage(model.parameters(), decay=0.9)
   _perturb(model, 1.)
   training = [p.detach().clone() for p in model.parameters()]
   flags = [p.requires_grad for p in model.parameters()]
   assert any(flags)
-  with ema_weights({'model': model, 'ema': ema}, freeze_grads=False):
+  state = {'model': model, 'ema': ema}
+  with ema_weights(state, freeze_grads=freeze_grads):
     for p, s in zip(_trainable(model), ema.shadow_params):
       assert torch.equal(p, s)
-    assert [p.requires_grad for p in model.parameters()] == flags
+    # Frozen: no parameter graph in the body. Not frozen: the flags untouched (a compiled model keeps its graph).
+    assert [p.requires_grad for p in model.parameters()] == ([False] * len(flags) if freeze_grads else flags)
+  for p, q in zip(model.parameters(), training):
+    assert torch.equal(p, q)
+  assert [p.requires_grad for p in model.parameters()] == flags
+  # Also when the body raises.
+  with pytest.raises(RuntimeError):
+    with ema_weights(state, freeze_grads=freeze_grads):
+      raise RuntimeError('body failed')
+  assert [p.requires_grad for p in model.parameters()] == flags
   for p, q in zip(model.parameters(), training):
     assert torch.equal(p, q)
